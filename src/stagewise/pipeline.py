@@ -1,0 +1,120 @@
+"""A two-stage pipeline: a first stage retrieves, an optional cross-encoder reranks the top ``depth``.
+
+Saved as ``pipeline.yaml`` (first-stage and reranker configs, depth) so every command loads the same pipeline.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from stagewise.cache import EmbeddingCache
+from stagewise.data import Document
+from stagewise.errors import StagewiseError
+from stagewise.rerankers import CrossEncoderReranker
+from stagewise.retrievers import FirstStage, build_first_stage
+
+
+@dataclass
+class Hit:
+    doc_id: str
+    score: float  # the final score: the reranker's where it reranked, else the first stage's
+    rank: int  # 1-based final rank
+    first_stage_score: float
+    first_stage_rank: int
+    rerank_score: float | None = None
+    title: str = ""
+    text: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StageTimings:
+    first_stage_s: float
+    rerank_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.first_stage_s + self.rerank_s
+
+
+class Pipeline:
+    def __init__(self, first_stage: FirstStage, reranker: CrossEncoderReranker | None = None, depth: int = 20):
+        if depth < 1:
+            raise StagewiseError(f"rerank depth must be at least 1, got {depth}")
+        self.first_stage, self.reranker, self.depth = first_stage, reranker, depth
+        self.corpus: dict[str, Document] | None = None
+
+    @property
+    def name(self) -> str:
+        if self.reranker is None:
+            return self.first_stage.name
+        return f"{self.first_stage.name} >> {self.reranker.name}@{self.depth}"
+
+    def index(self, corpus: dict[str, Document]) -> "Pipeline":
+        self.first_stage.index(corpus)
+        self.corpus = corpus
+        return self
+
+    def search(self, query: str, k: int = 10) -> list[Hit]:
+        return self.search_timed(query, k)[0]
+
+    def search_timed(self, query: str, k: int = 10) -> tuple[list[Hit], StageTimings]:
+        """Retrieve ``max(k, depth)``, rerank the top ``depth``, keep first-stage order below it."""
+        if self.corpus is None:
+            raise StagewiseError("the pipeline has no corpus yet: call index(corpus) first")
+        start = time.perf_counter()
+        candidates = self.first_stage.retrieve([query], max(k, self.depth if self.reranker else k))[0]
+        first_done = time.perf_counter()
+        first = {doc_id: (rank, score) for rank, (doc_id, score) in enumerate(candidates, start=1)}
+        if self.reranker is not None:
+            reranked = self.reranker.rerank(
+                query, [(d, self.corpus[d].full_text()) for d, _ in candidates], self.depth
+            )
+            order = [(d, s, s) for d, s in reranked] + [(d, s, None) for d, s in candidates[self.depth:]]
+        else:
+            order = [(d, s, None) for d, s in candidates]
+        timings = StageTimings(first_done - start, time.perf_counter() - first_done)
+        hits = []
+        for rank, (doc_id, score, rerank_score) in enumerate(order[:k], start=1):
+            doc = self.corpus[doc_id]
+            first_rank, first_score = first[doc_id]
+            hits.append(Hit(doc_id, score, rank, first_score, first_rank, rerank_score, doc.title, doc.text))
+        return hits, timings
+
+    # ---- persistence --------------------------------------------------------------------------
+
+    def config(self) -> dict:
+        return {
+            "version": 1,
+            "first_stage": self.first_stage.config(),
+            "reranker": self.reranker.config() if self.reranker else None,
+            "depth": self.depth,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, cache: EmbeddingCache | None = None, **options) -> "Pipeline":
+        path = Path(path)
+        try:
+            config = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise StagewiseError(f"{path}: cannot read pipeline ({e})") from None
+        if not isinstance(config, dict) or "first_stage" not in config:
+            raise StagewiseError(f"{path}: not a pipeline file (no 'first_stage')")
+        first_stage = build_first_stage(config["first_stage"], cache, **options)
+        reranker_config = config.get("reranker")
+        reranker = CrossEncoderReranker(reranker_config["model"]) if reranker_config else None
+        return cls(first_stage, reranker, int(config.get("depth", 20)))

@@ -1,0 +1,40 @@
+"""Second stage: a cross-encoder reads each (query, candidate) pair and reorders the top candidates."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from stagewise.models import ModelSpec, load_cross_encoder, resolve_model
+
+
+class CrossEncoderReranker:
+    """A sentence-transformers ``CrossEncoder``; one forward pass per pair, so it only sees the top ``depth``."""
+
+    def __init__(self, model: str | ModelSpec, batch_size: int = 32, max_length: int | None = 512,
+                 device: str | None = None):
+        self.spec = model if isinstance(model, ModelSpec) else resolve_model(model)
+        self.name = self.spec.name
+        self.batch_size = batch_size
+        self.model = load_cross_encoder(self.spec, device=device, max_length=max_length)
+
+    def config(self) -> dict:
+        return {"type": "cross-encoder", "model": self.spec.spec, "fingerprint": self.spec.fingerprint,
+                "max_length": self.model.max_length}
+
+    def score(self, query: str, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros(0, dtype=np.float32)
+        return np.asarray(
+            self.model.predict([(query, t) for t in texts], batch_size=self.batch_size, show_progress_bar=False,
+                               convert_to_numpy=True),
+            dtype=np.float32,
+        ).reshape(-1)
+
+    def rerank(self, query: str, candidates: Sequence[tuple[str, str]], depth: int) -> list[tuple[str, float]]:
+        """Score the first ``depth`` of ``(doc_id, text)`` candidates; return them best first with their scores."""
+        top = list(candidates)[:depth]
+        scores = self.score(query, [text for _, text in top])
+        order = np.argsort(-scores, kind="stable")
+        return [(top[i][0], float(scores[i])) for i in order]

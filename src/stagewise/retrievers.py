@@ -1,0 +1,206 @@
+"""First stages: retrieve candidates for a query from the whole corpus.
+
+Every first stage has ``index(corpus)`` and ``retrieve(queries, k) -> [[(doc_id, score), …], …]``, best first.
+``BM25Retriever`` (bm25s), ``DenseRetriever`` (a bi-encoder with exact search) and ``HybridRetriever``
+(reciprocal rank fusion of others).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from stagewise.cache import EmbeddingCache
+from stagewise.data import Document
+from stagewise.errors import StagewiseError
+from stagewise.models import ModelSpec, load_bi_encoder, resolve_model
+
+logger = logging.getLogger(__name__)
+
+Ranking = list[tuple[str, float]]
+
+
+class FirstStage(Protocol):
+    name: str
+
+    def index(self, corpus: dict[str, Document]) -> None: ...
+
+    def retrieve(self, queries: Sequence[str], k: int) -> list[Ranking]: ...
+
+    def config(self) -> dict: ...
+
+
+def _require_index(ids: list[str] | None, name: str) -> list[str]:
+    if ids is None:
+        raise StagewiseError(f"first stage '{name}' has no index yet: call index(corpus) first")
+    return ids
+
+
+class BM25Retriever:
+    """Lexical BM25 (bm25s, Lucene variant), English stop words removed: a strong, cheap baseline."""
+
+    def __init__(self, k1: float = 1.5, b: float = 0.75, stopwords: str | None = "en"):
+        self.name = "bm25"
+        self.k1, self.b, self.stopwords = k1, b, stopwords
+        self._ids: list[str] | None = None
+        self._indexed: dict | None = None
+
+    def config(self) -> dict:
+        return {"type": "bm25", "k1": self.k1, "b": self.b, "stopwords": self.stopwords}
+
+    def index(self, corpus: dict[str, Document]) -> None:
+        if self._indexed is corpus:
+            return
+        import bm25s
+        from bm25s.tokenization import Tokenizer
+
+        self._tokenizer = Tokenizer(stopwords=self.stopwords or [])
+        self._ids = list(corpus)
+        tokens = self._tokenizer.tokenize([d.full_text() for d in corpus.values()], return_as="ids", show_progress=False)
+        self._bm25 = bm25s.BM25(k1=self.k1, b=self.b)
+        self._bm25.index(tokens, show_progress=False)
+        self._indexed = corpus
+
+    def retrieve(self, queries: Sequence[str], k: int) -> list[Ranking]:
+        ids = _require_index(self._ids, self.name)
+        k = min(k, len(ids))
+        tokens = self._tokenizer.tokenize(list(queries), update_vocab=False, return_as="ids", show_progress=False)
+        docs, scores = self._bm25.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+        return [[(ids[d], float(s)) for d, s in zip(row_d, row_s)] for row_d, row_s in zip(docs, scores)]
+
+
+class DenseRetriever:
+    """A bi-encoder with exact search over cached corpus embeddings, using the similarity the model defines."""
+
+    def __init__(
+        self,
+        model: str | ModelSpec,
+        batch_size: int = 32,
+        max_seq_length: int | None = None,
+        device: str | None = None,
+        cache: EmbeddingCache | None = None,
+        show_progress: bool = True,
+    ):
+        self.spec = model if isinstance(model, ModelSpec) else resolve_model(model)
+        self.name = self.spec.name
+        self.batch_size, self.device, self.show_progress = batch_size, device, show_progress
+        self.model = load_bi_encoder(self.spec, device=device, max_seq_length=max_seq_length)
+        self.cache = cache or EmbeddingCache()
+        self.similarity = self.model.similarity_fn_name or "cosine"
+        self._ids: list[str] | None = None
+        self._indexed: dict | None = None
+        self.docs_per_second: float | None = None
+        self.from_cache = False
+
+    def config(self) -> dict:
+        return {"type": "dense", "model": self.spec.spec, "fingerprint": self.spec.fingerprint,
+                "similarity": self.similarity, "max_seq_length": self.model.max_seq_length}
+
+    def _normalize(self) -> bool:
+        return self.similarity == "cosine"
+
+    def encode_documents(self, texts: Sequence[str], show_progress: bool | None = None) -> np.ndarray:
+        return self.model.encode_document(
+            list(texts), batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=self._normalize(),
+            show_progress_bar=self.show_progress if show_progress is None else show_progress,
+        )
+
+    def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
+        return self.model.encode_query(
+            list(queries), batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=self._normalize(),
+            show_progress_bar=False,
+        )
+
+    def index(self, corpus: dict[str, Document]) -> None:
+        if self._indexed is corpus:
+            return
+        texts = [d.full_text() for d in corpus.values()]
+        options = {"max_seq_length": self.model.max_seq_length, "normalize": self._normalize(), "kind": "document"}
+        if len(texts) > 0:
+            logger.info("encoding %d documents with %s", len(texts), self.name)
+        result = self.cache.get_or_encode(self.spec.fingerprint, texts, options, self.encode_documents)
+        self._embeddings = result.embeddings
+        self.docs_per_second, self.from_cache = result.docs_per_second, result.from_cache
+        self._ids = list(corpus)
+        self._indexed = corpus
+
+    def retrieve(self, queries: Sequence[str], k: int) -> list[Ranking]:
+        ids = _require_index(self._ids, self.name)
+        k = min(k, len(ids))
+        q = self.encode_queries(queries)
+        if self.similarity in ("cosine", "dot"):
+            scores = q @ self._embeddings.T
+        else:
+            scores = self.model.similarity(q, self._embeddings).numpy()
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        out = []
+        for row, cand in zip(scores, top):
+            order = cand[np.argsort(-row[cand], kind="stable")]
+            out.append([(ids[i], float(row[i])) for i in order])
+        return out
+
+
+class HybridRetriever:
+    """Reciprocal rank fusion (Cormack et al. 2009): score = sum over stages of 1 / (rrf_k + rank).
+
+    Rank-based, so it needs no score calibration between lexical and dense stages.
+    """
+
+    def __init__(self, stages: Sequence[FirstStage], rrf_k: int = 60, fusion_depth: int = 100):
+        if len(stages) < 2:
+            raise StagewiseError("a hybrid first stage fuses at least two stages")
+        self.stages = list(stages)
+        self.rrf_k, self.fusion_depth = rrf_k, fusion_depth
+        self.name = "+".join(s.name for s in self.stages)
+
+    def config(self) -> dict:
+        return {"type": "hybrid", "rrf_k": self.rrf_k, "fusion_depth": self.fusion_depth,
+                "stages": [s.config() for s in self.stages]}
+
+    def index(self, corpus: dict[str, Document]) -> None:
+        for stage in self.stages:
+            stage.index(corpus)
+
+    def retrieve(self, queries: Sequence[str], k: int) -> list[Ranking]:
+        depth = max(k, self.fusion_depth)
+        per_stage = [stage.retrieve(queries, depth) for stage in self.stages]
+        fused = []
+        for rankings in zip(*per_stage):
+            scores: dict[str, float] = {}
+            for ranking in rankings:
+                for rank, (doc_id, _) in enumerate(ranking, start=1):
+                    scores[doc_id] = scores.get(doc_id, 0.0) + 1.0 / (self.rrf_k + rank)
+            fused.append(sorted(scores.items(), key=lambda x: (-x[1], x[0]))[:k])
+        return fused
+
+
+def build_first_stage(
+    spec: str | dict, cache: EmbeddingCache | None = None, shared: dict | None = None, **dense_options
+) -> FirstStage:
+    """``bm25`` | a model spec (dense) | ``a+b`` (hybrid of a and b), or a saved ``config()`` dict.
+
+    ``shared`` maps specs to stages already built, so ``minilm-l6`` and ``bm25+minilm-l6`` load one model.
+    """
+    shared = {} if shared is None else shared
+    if isinstance(spec, dict):
+        kind = spec.get("type")
+        if kind == "bm25":
+            return BM25Retriever(spec.get("k1", 1.5), spec.get("b", 0.75), spec.get("stopwords", "en"))
+        if kind == "dense":
+            options = {**dense_options, "max_seq_length": spec.get("max_seq_length")}
+            return DenseRetriever(spec["model"], cache=cache, **options)
+        if kind == "hybrid":
+            stages = [build_first_stage(s, cache, shared, **dense_options) for s in spec["stages"]]
+            return HybridRetriever(stages, spec.get("rrf_k", 60), spec.get("fusion_depth", 100))
+        raise StagewiseError(f"unknown first-stage type {kind!r} (expected bm25, dense or hybrid)")
+    spec = spec.strip()
+    if spec not in shared:
+        if "+" in spec:
+            shared[spec] = HybridRetriever([build_first_stage(p, cache, shared, **dense_options) for p in spec.split("+")])
+        elif spec.lower() == "bm25":
+            shared[spec] = BM25Retriever()
+        else:
+            shared[spec] = DenseRetriever(spec, cache=cache, **dense_options)
+    return shared[spec]

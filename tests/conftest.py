@@ -1,0 +1,103 @@
+"""Shared fixtures: tiny randomly initialised models (seconds on a CPU, no network) and a small BEIR dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own cache directory, so no test reads another's embeddings."""
+    monkeypatch.setenv("STAGEWISE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _tokenizer_dir() -> Path:
+    from stagewise.models import resolve_model
+
+    return resolve_model("minilm-l6").path
+
+
+def _tiny_bert_config(**extra):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=128, **extra)
+
+
+@pytest.fixture(scope="session")
+def tiny_bi_encoder(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BERT with mean pooling and normalisation, saved as a sentence-transformers model."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer, BertModel
+
+    torch.manual_seed(0)
+    base = tmp_path_factory.mktemp("tiny-base")
+    BertModel(_tiny_bert_config()).save_pretrained(base)
+    AutoTokenizer.from_pretrained(_tokenizer_dir()).save_pretrained(base)
+    transformer = models.Transformer(str(base), max_seq_length=64)
+    model = SentenceTransformer(modules=[transformer, models.Pooling(32, "mean"), models.Normalize()], device="cpu")
+    out = tmp_path_factory.mktemp("tiny-bi")
+    model.save(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory) -> Path:
+    """A random 2-layer BERT with a one-logit sequence-classification head: a cross-encoder's shape."""
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-cross")
+    BertForSequenceClassification(_tiny_bert_config(num_labels=1)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(_tokenizer_dir()).save_pretrained(out)
+    return out
+
+
+CORPUS = [
+    {"_id": "d1", "title": "Cats", "text": "Cats are small domesticated carnivorous mammals that purr."},
+    {"_id": "d2", "title": "Dogs", "text": "Dogs are loyal domesticated animals that bark at strangers."},
+    {"_id": "d3", "title": "Python", "text": "Python is a programming language with dynamic typing."},
+    {"_id": "d4", "title": "Rust", "text": "Rust is a systems programming language focused on memory safety."},
+    {"_id": "d5", "title": "Tea", "text": "Tea is an aromatic beverage prepared by pouring hot water over leaves."},
+    {"_id": "d6", "title": "Coffee", "text": "Coffee is a brewed drink made from roasted coffee beans."},
+]
+QUERIES = [
+    {"_id": "q1", "text": "which animal purrs"},
+    {"_id": "q2", "text": "animals that bark"},
+    {"_id": "q3", "text": "language with memory safety"},
+    {"_id": "q4", "text": "drink from roasted beans"},
+    {"_id": "q5", "text": "dynamic typing programming language"},
+]
+QRELS = {"dev": [("q1", "d1", 1), ("q2", "d2", 1), ("q3", "d4", 1)], "test": [("q4", "d6", 1), ("q5", "d3", 2)]}
+
+
+def write_beir(folder: Path, corpus=CORPUS, queries=QUERIES, qrels=QRELS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (folder / "qrels").mkdir(exist_ok=True)
+    for split, rows in qrels.items():
+        lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{s}" for q, d, s in rows]
+        (folder / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture
+def beir_dir(tmp_path) -> Path:
+    return write_beir(tmp_path / "toy")
+
+
+@pytest.fixture
+def scifact_dir() -> Path:
+    path = SHARED / "scifact"
+    if not (path / "corpus.jsonl").is_file():
+        pytest.skip("../shared/datasets/scifact is absent")
+    return path
