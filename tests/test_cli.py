@@ -39,7 +39,11 @@ def test_bm25_alone_finds_exact_term_matches(beir_dir, tmp_path):
     result = runner.invoke(app, ["eval", "--data", str(beir_dir), "-f", "bm25", "--out", str(out)])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "results.json").read_text())["systems"][0]["metrics"]
-    assert metrics["recall@10"] == 1.0 and metrics["ndcg@10"] > 0.9
+    per_query = json.loads((out / "per_query" / "bm25.json").read_text())
+    assert metrics["recall@10"] == 1.0
+    # 'bark' and 'memory safety' occur only in the relevant documents; 'purrs' is not stemmed to 'purr'
+    assert per_query["q2"]["ndcg@10"] == 1.0 and per_query["q3"]["ndcg@10"] == 1.0
+    assert per_query["q1"]["ndcg@10"] < 1.0
 
 
 def test_bad_data_is_one_line_and_exit_2(beir_dir, tmp_path):

@@ -22,6 +22,12 @@ from stagewise.models import (
 )
 
 
+@pytest.fixture(scope="module")
+def _static_cache(tmp_path_factory) -> Path:
+    """One cache for the tests that touch static-64, so its conversion (seconds) happens once per module."""
+    return tmp_path_factory.mktemp("static-cache")
+
+
 def _copy_model(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest)
     return dest
@@ -153,7 +159,8 @@ def test_load_bi_encoder_encodes(tiny_bi_encoder):
 # --------------------------------------------------------------------------------------------
 
 
-def test_model_table_has_a_row_per_alias():
+def test_model_table_has_a_row_per_alias(monkeypatch, _static_cache):
+    monkeypatch.setenv("STAGEWISE_CACHE", str(_static_cache))  # model_table locates (converts) static-64
     rows = model_table()
     assert [r["alias"] for r in rows] == list(ALIASES)
     fields = {"alias", "package", "description", "params", "dims", "size_mb", "installed", "install"}
@@ -167,7 +174,8 @@ def test_model_table_has_a_row_per_alias():
     assert {r["alias"] for r in rows if r["installed"]} == set(installed_aliases())
 
 
-def test_static_64_is_a_sentence_transformers_model_with_64_dim_unit_vectors():
+def test_static_64_is_a_sentence_transformers_model_with_64_dim_unit_vectors(monkeypatch, _static_cache):
+    monkeypatch.setenv("STAGEWISE_CACHE", str(_static_cache))
     if importlib.util.find_spec("static_model") is None:
         pytest.skip("tokenlearn-static-model is not installed")
     if importlib.util.find_spec("model2vec") is None:

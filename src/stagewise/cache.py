@@ -18,9 +18,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from stagewise.models import cache_dir
-
 logger = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Where Stagewise keeps derived files (unpacked models, embeddings, the default dataset):
+    ``$STAGEWISE_CACHE`` or ``~/.cache/stagewise``."""
+    return Path(os.environ.get("STAGEWISE_CACHE") or Path.home() / ".cache" / "stagewise")
 
 
 def texts_hash(texts: Sequence[str]) -> str:
@@ -61,7 +65,7 @@ class EmbeddingCache:
                 if emb.shape[0] == len(texts) and info.get("count") == len(texts):
                     logger.info("embeddings for %d texts read from cache %s", len(texts), vectors)
                     return CachedEmbeddings(np.asarray(emb), float(info.get("docs_per_second", 0.0)), True)
-            except (ValueError, OSError) as e:
+            except (ValueError, OSError, EOFError) as e:  # EOFError: a zero-byte .npy
                 logger.warning("ignoring unreadable cache entry %s (%s); re-encoding", vectors, e)
         start = time.perf_counter()
         emb = np.asarray(encode(texts), dtype=np.float32)

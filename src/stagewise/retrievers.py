@@ -8,6 +8,7 @@ Every first stage has ``index(corpus)`` and ``retrieve(queries, k) -> [[(doc_id,
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -176,6 +177,16 @@ class HybridRetriever:
         return fused
 
 
+def warn_if_changed(saved: dict, spec: ModelSpec) -> None:
+    """A saved config names a model by spec and fingerprint: say so when the files have changed since."""
+    if saved.get("fingerprint") and saved["fingerprint"] != spec.fingerprint:
+        warnings.warn(
+            f"model '{spec.spec}' has changed since this config was saved (fingerprint {saved['fingerprint']} "
+            f"→ {spec.fingerprint}): results may differ from the ones recorded",
+            stacklevel=3,
+        )
+
+
 def build_first_stage(
     spec: str | dict, cache: EmbeddingCache | None = None, shared: dict | None = None, **dense_options
 ) -> FirstStage:
@@ -190,7 +201,9 @@ def build_first_stage(
             return BM25Retriever(spec.get("k1", 1.5), spec.get("b", 0.75), spec.get("stopwords", "en"))
         if kind == "dense":
             options = {**dense_options, "max_seq_length": spec.get("max_seq_length")}
-            return DenseRetriever(spec["model"], cache=cache, **options)
+            stage = DenseRetriever(spec["model"], cache=cache, **options)
+            warn_if_changed(spec, stage.spec)
+            return stage
         if kind == "hybrid":
             stages = [build_first_stage(s, cache, shared, **dense_options) for s in spec["stages"]]
             return HybridRetriever(stages, spec.get("rrf_k", 60), spec.get("fusion_depth", 100))

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from stagewise.cache import cache_dir
 from stagewise.data import Document, RetrievalDataset
 from stagewise.errors import DataError
 
@@ -414,11 +415,6 @@ def assemble(apis: list[Api]) -> RetrievalDataset:
 # --------------------------------------------------------------------------------------------
 # Cache
 # --------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("STAGEWISE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "stagewise"
 
 
 def _cache_path(root: Path) -> Path:
