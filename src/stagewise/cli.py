@@ -146,11 +146,11 @@ def eval_command(
     started = time.perf_counter()
     dataset = load_dataset(data)
     dataset.split(split)  # a missing split fails now, before any model loads
-    run_dir = _setup_run_dir(out, "eval")
     shared: dict = {}
     stages = [build_first_stage(spec, shared=shared, batch_size=batch_size, max_seq_length=max_seq_length)
               for spec in first_stage]
     cross = CrossEncoderReranker(reranker, batch_size=batch_size) if reranker else None
+    run_dir = _setup_run_dir(out, "eval")  # only once every input has been checked
     results = evaluate(dataset, split, stages, cross, depths=depth, max_queries=max_queries)
     config = {
         "command": "eval", "data": data, "dataset_fingerprint": dataset.fingerprint(), "split": split,

@@ -291,10 +291,14 @@ def load_cross_encoder(spec: ModelSpec | str, device: str | None = None, max_len
             "(its pooling/normalisation modules are dropped), so its scores are meaningless until fine-tuned",
             stacklevel=2,
         )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = CrossEncoder(str(spec.path), num_labels=1, device=device, max_length=max_length, local_files_only=True)
-    return model
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # our warning above says it in one line; skip transformers' load report
+    try:
+        return CrossEncoder(str(spec.path), num_labels=1, device=device, max_length=max_length, local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def count_parameters(model) -> int:
