@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
-import platform
 import sys
-import time
-from datetime import datetime
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.table import Table
 
-from stagewise import __version__
 from stagewise.errors import StagewiseError
 from stagewise.progress import console
+from stagewise.rundir import RunDir, seed_everything
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Measure and choose two-stage neural search on your own data.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
 app.add_typer(data_app, name="data")
+train_app = typer.Typer(no_args_is_help=True, help="Fine-tune a bi-encoder or a cross-encoder.")
+app.add_typer(train_app, name="train")
 
 EXIT_USER_ERROR = 2
 
@@ -96,28 +94,6 @@ def describe_command(
     console.print(splits)
 
 
-def _setup_run_dir(out: Optional[Path], prefix: str) -> Path:
-    if out is None:
-        out = Path("runs") / f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "log.txt")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(logging.INFO)
-    return out
-
-
-def _seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 @app.command("eval")
 @user_errors
 def eval_command(
@@ -142,27 +118,23 @@ def eval_command(
 
     if any(d < 1 for d in depth):
         raise StagewiseError(f"--depth must be at least 1, got {min(depth)}")
-    _seed_everything(seed)
-    started = time.perf_counter()
+    seed_everything(seed)
     dataset = load_dataset(data)
     dataset.split(split)  # a missing split fails now, before any model loads
     shared: dict = {}
     stages = [build_first_stage(spec, shared=shared, batch_size=batch_size, max_seq_length=max_seq_length)
               for spec in first_stage]
     cross = CrossEncoderReranker(reranker, batch_size=batch_size) if reranker else None
-    run_dir = _setup_run_dir(out, "eval")  # only once every input has been checked
-    results = evaluate(dataset, split, stages, cross, depths=depth, max_queries=max_queries)
     config = {
         "command": "eval", "data": data, "dataset_fingerprint": dataset.fingerprint(), "split": split,
         "first_stages": [s.config() for s in stages], "reranker": cross.config() if cross else None,
-        "depths": depth, "max_queries": max_queries, "seed": seed, "stagewise": __version__,
-        "python": platform.python_version(), "wall_seconds": round(time.perf_counter() - started, 1),
+        "depths": depth, "max_queries": max_queries, "seed": seed,
     }
+    run = RunDir(out or RunDir.default_path("eval"), config)  # only once every input has been checked
+    results = evaluate(dataset, split, stages, cross, depths=depth, max_queries=max_queries)
     comparisons = [compare(next(x for x in results if x.name == r.first_stage), r) for r in results if r.first_stage]
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    path = save_results(results, run_dir, config)
-    if comparisons:
-        (run_dir / "comparisons.json").write_text(json.dumps([c.__dict__ for c in comparisons], indent=2))
+    path = save_results(results, run.path, {**run.config, "wall_seconds": run.wall_seconds}, comparisons)
+    run.close()
     console.print(results_table(results, f"{dataset.name} / {split}"))
     for c in comparisons:
         console.print(f"{c.b}: nDCG@10 {c.mean_diff:+.4f} vs first stage (95% CI {c.ci95[0]:+.4f}..{c.ci95[1]:+.4f}, "
@@ -184,6 +156,120 @@ def results_table(results, title: str) -> Table:
                       f"{m['recall@100']:.3f}", f"{m['map@100']:.4f}", ceiling, f"{lat['p50_ms']:.1f}",
                       f"{lat['p95_ms']:.1f}", rate_text)
     return table
+
+
+# ---- training ------------------------------------------------------------------------------
+
+_DATA = typer.Option("default", "--data", help="'default' or a BEIR folder: corpus, train and dev splits.")
+_TRAIN_FILE = typer.Option(None, "--train-file", help="JSONL/CSV/TSV pairs, tuples or scored pairs instead of "
+                                                      "the train split.")
+_DEV = typer.Option("dev", "--dev-split", help="Split to evaluate on during and after training ('' for none).")
+_OUT = typer.Option(None, "--out", help="Run directory (default runs/train-<kind>-<time>).")
+_RESUME = typer.Option(False, "--resume", help="Continue an interrupted run in --out.")
+
+
+def _print_training(result: dict, run_dir: Path) -> None:
+    train = result["train"]
+    console.print(f"trained {train['steps']} steps; loss {train['loss_first']} → {train['loss_last']}", highlight=False)
+    dev = result.get("dev") or {}
+    for name, metrics in dev.items():
+        if isinstance(metrics, dict) and "ndcg@10" in metrics:
+            console.print(f"dev {name}: nDCG@10 {metrics['ndcg@10']:.4f}  Recall@100 {metrics['recall@100']:.3f}",
+                          highlight=False)
+    health = dev.get("health")
+    if health and health["collapsed"]:
+        console.print("[bold yellow]warning:[/] the reranker did not learn to rerank: " + "; ".join(health["reasons"]))
+    console.print(f"model: {result['model']}\nrun: {run_dir}")
+
+
+@train_app.command("bi")
+@user_errors
+def train_bi_command(
+    model: str = typer.Option("minilm-l6", "--model", "-m", help="Base: alias, directory or hub id."),
+    data: str = _DATA,
+    train_split: str = typer.Option("train", "--train-split"),
+    train_file: Optional[str] = _TRAIN_FILE,
+    dev_split: str = _DEV,
+    loss: Optional[str] = typer.Option(None, "--loss", help="mnrl | cached-mnrl | gist | triplet | contrastive | "
+                                                            "online-contrastive | cosent | margin-mse (default: from "
+                                                            "the data's shape)."),
+    hard_negatives: str = typer.Option("model", "--hard-negatives", help="Mine negatives with: model | bm25 | none."),
+    num_negatives: int = typer.Option(1, "--num-negatives"),
+    range_min: int = typer.Option(10, "--range-min", help="Skip the top N candidates when mining."),
+    range_max: int = typer.Option(50, "--range-max", help="Mine among the top N candidates."),
+    relative_margin: Optional[float] = typer.Option(0.05, "--relative-margin",
+                                                    help="A negative must score under (1 - margin) × the positive."),
+    negative_filter: Optional[str] = typer.Option(None, "--negative-filter", help="Cross-encoder to drop false "
+                                                                                  "negatives when mining."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Cross-encoder teacher for margin-mse."),
+    epochs: float = typer.Option(1.0, "--epochs"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    learning_rate: float = typer.Option(5e-5, "--lr"),
+    max_seq_length: int = typer.Option(256, "--max-seq-length"),
+    eval_steps: Optional[int] = typer.Option(None, "--eval-steps", help="Evaluate and checkpoint every N steps "
+                                                                        "(default: every epoch)."),
+    patience: int = typer.Option(2, "--patience", help="Early stopping after N evaluations without gain (0: off)."),
+    dev_corpus_size: int = typer.Option(2000, "--dev-corpus-size", help="Documents in the dev corpus used during "
+                                                                        "training (judged ones + a fixed sample)."),
+    seed: int = typer.Option(42, "--seed"),
+    out: Optional[Path] = _OUT,
+    resume: bool = _RESUME,
+):
+    """Fine-tune a bi-encoder (contrastive by default, with mined hard negatives)."""
+    from stagewise.training import BiTrainConfig, train_bi
+
+    config = BiTrainConfig(
+        data=data, train_split=train_split, train_file=train_file, dev_split=dev_split or None, loss=loss,
+        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, eval_steps=eval_steps,
+        early_stopping_patience=patience or None, seed=seed, model=model, max_seq_length=max_seq_length,
+        hard_negatives=hard_negatives, num_negatives=num_negatives, range_min=range_min, range_max=range_max,
+        relative_margin=relative_margin, negative_filter=negative_filter, teacher=teacher,
+        dev_corpus_size=dev_corpus_size,
+    )
+    run_dir = out or RunDir.default_path("train-bi")
+    _print_training(train_bi(config, run_dir, resume=resume), run_dir)
+
+
+@train_app.command("cross")
+@user_errors
+def train_cross_command(
+    model: str = typer.Option("bert-tiny", "--model", "-m", help="Base for --init base: alias, directory or hub id."),
+    init: str = typer.Option("base", "--init", help="base | same-as-bi | from-finetuned-bi."),
+    bi_run: Optional[str] = typer.Option(None, "--bi-run", help="A train-bi run: its base (same-as-bi), its model "
+                                                                "(from-finetuned-bi), and the default first stage."),
+    data: str = _DATA,
+    train_split: str = typer.Option("train", "--train-split"),
+    train_file: Optional[str] = _TRAIN_FILE,
+    dev_split: str = _DEV,
+    first_stage: Optional[str] = typer.Option(None, "--first-stage", help="What mines negatives (default: the bi "
+                                                                          "run's model, else bm25)."),
+    depth: int = typer.Option(20, "--depth", help="The rerank depth to train (and evaluate) for."),
+    hard_negatives: int = typer.Option(7, "--hard-negatives", help="Negatives per query from the top --depth."),
+    random_negatives: int = typer.Option(2, "--random-negatives", help="Random negatives per query."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="bce | mse | cross-entropy | listnet | lambda "
+                                                            "(default: bce; mse for scored pairs)."),
+    epochs: float = typer.Option(1.0, "--epochs"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    learning_rate: float = typer.Option(5e-5, "--lr"),
+    max_length: int = typer.Option(256, "--max-length"),
+    eval_steps: Optional[int] = typer.Option(None, "--eval-steps"),
+    patience: int = typer.Option(2, "--patience"),
+    seed: int = typer.Option(42, "--seed"),
+    out: Optional[Path] = _OUT,
+    resume: bool = _RESUME,
+):
+    """Fine-tune a cross-encoder on negatives mined from the first stage it will rerank."""
+    from stagewise.training import CrossTrainConfig, train_cross
+
+    config = CrossTrainConfig(
+        data=data, train_split=train_split, train_file=train_file, dev_split=dev_split or None, loss=loss,
+        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, eval_steps=eval_steps,
+        early_stopping_patience=patience or None, seed=seed, model=model, init=init, bi_run=bi_run,
+        first_stage=first_stage, depth=depth, hard_negatives=hard_negatives, random_negatives=random_negatives,
+        max_length=max_length,
+    )
+    run_dir = out or RunDir.default_path("train-cross")
+    _print_training(train_cross(config, run_dir, resume=resume), run_dir)
 
 
 def main() -> None:

@@ -184,8 +184,9 @@ def _rerank(dataset, queries, qrels, stage_name, rankings, first_seconds, rerank
                         latency, depth=depth, first_stage=stage_name)
 
 
-def save_results(results: Sequence[SystemResult], out: str | Path, config: dict | None = None) -> Path:
-    """``results.json`` (metrics, latency, config), ``per_query/<system>.json`` and TREC runs for each system."""
+def save_results(results: Sequence[SystemResult], out: str | Path, config: dict | None = None,
+                 comparisons: Sequence[Comparison] = ()) -> Path:
+    """``results.json`` (metrics, latency, comparisons, config), ``per_query/<system>.json`` and TREC runs."""
     out = Path(out)
     (out / "per_query").mkdir(parents=True, exist_ok=True)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -197,7 +198,8 @@ def save_results(results: Sequence[SystemResult], out: str | Path, config: dict 
                 for rank, doc in enumerate(docs, start=1):
                     f.write(f"{qid} Q0 {doc} {rank} {len(docs) - rank + 1} {slug}\n")
     path = out / "results.json"
-    path.write_text(json.dumps({"config": config or {}, "systems": [r.summary() for r in results]}, indent=2))
+    path.write_text(json.dumps({"config": config or {}, "systems": [r.summary() for r in results],
+                                "comparisons": [asdict(c) for c in comparisons]}, indent=2))
     return path
 
 

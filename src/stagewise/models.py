@@ -12,6 +12,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -273,7 +274,7 @@ def load_bi_encoder(spec: ModelSpec | str, device: str | None = None, max_seq_le
     if model_kind(spec.path) == "cross-encoder":
         raise ModelError(f"'{spec.spec}' is a cross-encoder (it scores query-document pairs); a bi-encoder is needed here")
     model = SentenceTransformer(str(spec.path), device=device, local_files_only=True)
-    if max_seq_length:
+    if max_seq_length and math.isfinite(model.max_seq_length or math.inf):  # static embeddings have no limit
         model.max_seq_length = max_seq_length
     return model
 

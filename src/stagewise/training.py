@@ -1,0 +1,682 @@
+"""Fine-tune both stages with sentence-transformers' trainers, each with the objective that suits it.
+
+* ``train_bi``: a bi-encoder, contrastive by default (MultipleNegativesRankingLoss) with hard negatives
+  mined by ``mine_hard_negatives`` from the base model, or by BM25.
+* ``train_cross``: a cross-encoder, on negatives mined from the first stage it will rerank, at the
+  depth it will rerank, plus random ones, so it learns the mistakes it will actually see.
+
+Both write a :class:`RunDir` (config, data fingerprints, metrics per evaluation, the model) and can resume.
+Our part is choosing and wiring; losses, mining, trainers and model cards are sentence-transformers'.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import warnings
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from stagewise.data import RetrievalDataset, TrainingExamples, load_dataset, load_training_examples
+from stagewise.errors import DataError, StagewiseError
+from stagewise.evaluation import compute_metrics, run_from_rankings
+from stagewise.models import ModelSpec, load_bi_encoder, model_kind, resolve_model
+from stagewise.rundir import RunDir, seed_everything
+
+logger = logging.getLogger(__name__)
+
+MIN_EXAMPLES = 8
+
+BI_LOSSES = {
+    "mnrl": "MultipleNegativesRankingLoss: in-batch and hard negatives (contrastive); the default for pairs",
+    "cached-mnrl": "CachedMultipleNegativesRankingLoss: large effective batches in small memory",
+    "gist": "GISTEmbedLoss: the base model guides, dropping in-batch false negatives",
+    "triplet": "TripletLoss: (query, positive, negative) with a margin",
+    "contrastive": "ContrastiveLoss: labelled pairs (0/1)",
+    "online-contrastive": "OnlineContrastiveLoss: labelled pairs, hard pairs only; the default for 0/1 scores",
+    "cosent": "CoSENTLoss: scored pairs; the default for graded scores",
+    "margin-mse": "MarginMSELoss: distil a cross-encoder teacher's margins (needs --teacher)",
+}
+CROSS_LOSSES = {
+    "bce": "BinaryCrossEntropyLoss: relevant / not relevant pairs; the default",
+    "mse": "MSELoss: graded or scored pairs; the default for scored pairs",
+    "cross-entropy": "softmax cross-entropy over each query's list (cross-encoder MultipleNegativesRankingLoss)",
+    "listnet": "ListNetLoss: listwise, over each query's candidates",
+    "lambda": "LambdaLoss: listwise, NDCG-weighted",
+}
+INIT_STRATEGIES = ("base", "same-as-bi", "from-finetuned-bi")
+_PAIR_LOSSES = {"mnrl", "cached-mnrl", "gist", "triplet", "margin-mse"}
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainArgs:
+    """What both trainings share. CPU-friendly defaults; a GPU is used when present."""
+
+    data: str = "default"  # BEIR folder or 'default': corpus, train and dev splits
+    train_split: str = "train"
+    train_file: str | None = None  # JSONL/CSV/TSV pairs, tuples or scored pairs instead of the split
+    dev_split: str | None = "dev"
+    loss: str | None = None  # None: follows from the data's shape
+    epochs: float = 1.0
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    warmup_ratio: float = 0.1
+    eval_steps: int | None = None  # None: evaluate (and checkpoint) once per epoch
+    early_stopping_patience: int | None = 2
+    logging_steps: int = 10
+    seed: int = 42
+
+
+@dataclass
+class BiTrainConfig(TrainArgs):
+    model: str = "minilm-l6"
+    max_seq_length: int | None = 256
+    hard_negatives: str = "model"  # model | bm25 | none
+    num_negatives: int = 1
+    range_min: int = 10  # skip the very top candidates: most likely unlabelled positives
+    range_max: int = 50
+    relative_margin: float | None = 0.05  # a negative must score under 95% of the positive
+    negative_filter: str | None = None  # a cross-encoder that drops negatives it scores like positives
+    teacher: str | None = None  # a cross-encoder whose margins MarginMSELoss distils
+    dev_corpus_size: int = 2000  # dev evaluation during training: relevant docs + a fixed sample
+
+
+@dataclass
+class CrossTrainConfig(TrainArgs):
+    model: str = "bert-tiny"  # the base, for --init base
+    init: str = "base"  # base | same-as-bi | from-finetuned-bi
+    bi_run: str | None = None  # a train-bi run directory: its base and its fine-tuned model
+    first_stage: str | None = None  # what mines negatives; default: the bi run's model, else bm25
+    depth: int = 20  # mine where the reranker will work: the first stage's top `depth`
+    hard_negatives: int = 7  # per query, from the top `depth`
+    random_negatives: int = 2  # per query, from the whole corpus
+    max_length: int = 256
+    batch_size: int = 16
+    learning_rate: float = 5e-5
+    warmup_ratio: float = 0.1
+
+
+# --------------------------------------------------------------------------------------------
+# Training data
+# --------------------------------------------------------------------------------------------
+
+
+def pairs_from_split(dataset: RetrievalDataset, split: str) -> TrainingExamples:
+    """(query, relevant document) pairs from a qrels split; queries with no relevant document are skipped."""
+    queries, qrels = dataset.split(split)
+    anchors, positives = [], []
+    for qid in sorted(qrels):
+        for did, rel in sorted(qrels[qid].items()):
+            if rel > 0:
+                anchors.append(queries[qid])
+                positives.append(dataset.corpus[did].full_text())
+    return TrainingExamples("pairs", {"anchor": anchors, "positive": positives}, source=f"{dataset.source}:{split}")
+
+
+def load_train_examples(config: TrainArgs, dataset: RetrievalDataset) -> TrainingExamples:
+    examples = load_training_examples(config.train_file) if config.train_file else pairs_from_split(
+        dataset, config.train_split)
+    if len(examples) < MIN_EXAMPLES:
+        raise DataError(examples.source, f"only {len(examples)} training examples; at least {MIN_EXAMPLES} are needed")
+    return examples
+
+
+def _binary(scores: list[float]) -> bool:
+    return set(scores) <= {0.0, 1.0}
+
+
+def choose_bi_loss(examples: TrainingExamples, requested: str | None) -> str:
+    """The loss follows from the data's shape unless named; a named loss must fit the data."""
+    if requested is None:
+        if examples.kind == "scored":
+            return "online-contrastive" if _binary(examples.columns["score"]) else "cosent"
+        return "mnrl"
+    if requested not in BI_LOSSES:
+        raise StagewiseError(f"unknown bi-encoder loss '{requested}' (choose from {', '.join(BI_LOSSES)})")
+    if examples.kind == "scored" and requested in _PAIR_LOSSES:
+        raise StagewiseError(f"loss '{requested}' needs (query, positive) data; {examples.source} has scored pairs")
+    if examples.kind != "scored" and requested not in _PAIR_LOSSES:
+        raise StagewiseError(f"loss '{requested}' needs scored pairs (text1, text2, score); "
+                             f"{examples.source} has {examples.kind}")
+    if requested in ("contrastive", "online-contrastive") and not _binary(examples.columns["score"]):
+        raise StagewiseError(f"loss '{requested}' needs 0/1 labels; {examples.source} has graded scores (try cosent)")
+    return requested
+
+
+def _positives_by_anchor(examples: TrainingExamples) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = defaultdict(set)
+    for a, p in zip(examples.columns["anchor"], examples.columns["positive"]):
+        out[a].add(p)
+    return out
+
+
+def mine_from_first_stage(
+    examples: TrainingExamples,
+    first_stage,
+    corpus_texts: dict[str, str],
+    depth: int,
+    hard: int,
+    random_count: int,
+    seed: int,
+    range_min: int = 0,
+) -> dict[str, list[tuple[str, int]]]:
+    """Per query: its positives (label 1), up to ``hard`` non-positives from the first stage's ranks
+    ``range_min..depth`` and ``random_count`` random non-positives (label 0). Works with any first stage."""
+    rng = random.Random(seed)
+    positives = _positives_by_anchor(examples)
+    anchors = list(positives)
+    all_texts = list(corpus_texts.values())
+    rankings = []
+    from stagewise.progress import progress_bar
+
+    with progress_bar() as bar:
+        for anchor in bar.track(anchors, description=f"mining negatives with {first_stage.name}"):
+            rankings.append(first_stage.retrieve([anchor], depth)[0])
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for anchor, ranking in zip(anchors, rankings):
+        pos = positives[anchor]
+        candidates = [corpus_texts[d] for d, _ in ranking[range_min:depth] if corpus_texts[d] not in pos]
+        negatives = candidates[:hard]
+        for _ in range(random_count * 10):
+            if len(negatives) >= len(candidates[:hard]) + random_count:
+                break
+            text = rng.choice(all_texts)
+            if text not in pos and text not in negatives:
+                negatives.append(text)
+        groups[anchor] = [(p, 1) for p in sorted(pos)] + [(n, 0) for n in negatives]
+    return groups
+
+
+# --------------------------------------------------------------------------------------------
+# Dev evaluators: the core's IR metrics, inside the trainers' evaluation loop
+# --------------------------------------------------------------------------------------------
+
+
+def _base_evaluator():
+    from sentence_transformers.base.evaluation import BaseEvaluator
+
+    return BaseEvaluator
+
+
+def dev_corpus_subset(dataset: RetrievalDataset, qrels: dict, size: int, seed: int) -> dict[str, str]:
+    """All judged documents plus a fixed random sample of the rest: cheap to re-encode at every evaluation."""
+    judged = {d for docs in qrels.values() for d in docs}
+    others = sorted(set(dataset.corpus) - judged)
+    random.Random(seed).shuffle(others)
+    keep = sorted(judged) + others[: max(0, size - len(judged))]
+    return {d: dataset.corpus[d].full_text() for d in keep}
+
+
+def make_retrieval_evaluator(queries: dict[str, str], corpus: dict[str, str], qrels: dict,
+                             on_metrics: Callable[[dict], None] | None = None, batch_size: int = 32):
+    """Dense retrieval over ``corpus`` with the model being trained; nDCG@10 is the primary metric."""
+
+    class DevRetrievalEvaluator(_base_evaluator()):
+        def __init__(self):
+            super().__init__()
+            self.primary_metric = "ndcg@10"
+            self.name = "dev"
+
+        def __call__(self, model, output_path=None, epoch=-1, steps=-1):
+            ids = list(corpus)
+            docs = model.encode_document([corpus[d] for d in ids], batch_size=batch_size, convert_to_numpy=True,
+                                         normalize_embeddings=True, show_progress_bar=False)
+            qids = list(queries)
+            q = model.encode_query([queries[x] for x in qids], batch_size=batch_size, convert_to_numpy=True,
+                                   normalize_embeddings=True, show_progress_bar=False)
+            scores = q @ docs.T
+            top = np.argsort(-scores, axis=1)[:, :100]
+            rankings = {qid: [ids[i] for i in row] for qid, row in zip(qids, top)}
+            metrics, _ = compute_metrics(qrels, run_from_rankings(rankings))
+            if on_metrics:
+                on_metrics({"epoch": epoch, "steps": steps, **{f"dev_{k}": v for k, v in metrics.items()}})
+            return self.prefix_name_to_metrics(metrics, self.name)
+
+    return DevRetrievalEvaluator()
+
+
+def rerank_with(model, queries: dict[str, str], candidates: dict[str, list[str]], texts: dict[str, str],
+                depth: int, batch_size: int = 64) -> tuple[dict[str, list[str]], list[np.ndarray]]:
+    """Rerank each query's first-stage candidates (top ``depth``) with a CrossEncoder; return rankings and scores."""
+    rankings, all_scores = {}, []
+    for qid, ranked in candidates.items():
+        top = ranked[:depth]
+        scores = np.asarray(model.predict([(queries[qid], texts[d]) for d in top], batch_size=batch_size,
+                                          show_progress_bar=False, convert_to_numpy=True)).reshape(-1)
+        order = np.argsort(-scores, kind="stable")
+        rankings[qid] = [top[i] for i in order] + ranked[depth:]
+        all_scores.append(scores)
+    return rankings, all_scores
+
+
+def make_rerank_evaluator(queries, candidates, texts, qrels, depth, on_metrics=None):
+    """Reranking of the first stage's own dev candidates (never injected positives); nDCG@10 primary."""
+
+    class DevRerankEvaluator(_base_evaluator()):
+        def __init__(self):
+            super().__init__()
+            self.primary_metric = "ndcg@10"
+            self.name = "dev"
+
+        def __call__(self, model, output_path=None, epoch=-1, steps=-1):
+            rankings, scores = rerank_with(model, queries, candidates, texts, depth)
+            metrics, _ = compute_metrics(qrels, run_from_rankings(rankings), (depth,))
+            metrics["score_std"] = float(np.mean([s.std() for s in scores]))
+            if on_metrics:
+                on_metrics({"epoch": epoch, "steps": steps, **{f"dev_{k}": v for k, v in metrics.items()}})
+            return self.prefix_name_to_metrics(metrics, self.name)
+
+    return DevRerankEvaluator()
+
+
+def detect_collapse(scores: list[np.ndarray], reranked_ndcg: float, first_stage_ndcg: float,
+                    min_std: float = 1e-3) -> dict:
+    """The known failure of rerankers trained on hard negatives: near-constant scores, or no gain at all."""
+    spread = float(np.mean([s.std() for s in scores])) if scores else 0.0
+    reasons = []
+    if spread < min_std:
+        reasons.append(f"near-constant scores (mean per-query std {spread:.2e} < {min_std:g})")
+    if reranked_ndcg <= first_stage_ndcg:
+        reasons.append(f"dev nDCG@10 {reranked_ndcg:.4f} is no better than the first stage's {first_stage_ndcg:.4f}")
+    return {"collapsed": bool(reasons), "reasons": reasons, "mean_score_std": spread,
+            "reranked_ndcg@10": reranked_ndcg, "first_stage_ndcg@10": first_stage_ndcg}
+
+
+# --------------------------------------------------------------------------------------------
+# Shared trainer wiring
+# --------------------------------------------------------------------------------------------
+
+
+def _progress_with_loss():
+    """The trainer's progress bar (steps, rate, ETA) with the latest loss on it instead of printed dicts."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class LossProgressCallback(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}")
+
+    return LossProgressCallback
+
+
+def _training_arguments(cls, config: TrainArgs, run: RunDir, has_dev: bool, extra: dict):
+    strategy = "steps" if config.eval_steps else "epoch"
+    args = dict(
+        output_dir=str(run.path / "checkpoints"),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        warmup_ratio=config.warmup_ratio,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.logging_steps,
+        save_strategy=strategy,
+        save_total_limit=2,
+        report_to="none",
+        dataloader_num_workers=0,
+        **extra,
+    )
+    if config.eval_steps:
+        args.update(eval_steps=config.eval_steps, save_steps=config.eval_steps)
+    if has_dev:
+        args.update(eval_strategy=strategy, load_best_model_at_end=True, metric_for_best_model="eval_dev_ndcg@10",
+                    greater_is_better=True)
+    return cls(**args)
+
+
+def _fit(trainer_cls, model, args, train_dataset, loss, evaluator, config: TrainArgs, run: RunDir, resume: bool):
+    from transformers import EarlyStoppingCallback
+    from transformers.trainer_callback import ProgressCallback
+
+    callbacks = []
+    if evaluator is not None and config.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_dataset, loss=loss, evaluator=evaluator,
+                          callbacks=callbacks)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_progress_with_loss())
+    checkpoints = sorted((run.path / "checkpoints").glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=bool(resume and checkpoints) or None)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    return {
+        "steps": trainer.state.global_step,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "best_dev_ndcg@10": trainer.state.best_metric,
+        "loss_first": history[0]["loss"] if history else None,
+        "loss_last": history[-1]["loss"] if history else None,
+        "loss_history": [(h["step"], h["loss"]) for h in history],
+    }
+
+
+def _to_hf(columns: dict):
+    from datasets import Dataset
+
+    return Dataset.from_dict(columns)
+
+
+def _save_examples(run: RunDir, name: str, columns: dict) -> None:
+    """Mined data is kept in the run, so that a resumed run trains on exactly the same examples."""
+    run.write_json(name, columns)
+
+
+def _load_examples(run: RunDir, name: str) -> dict | None:
+    import json
+
+    path = run.path / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# --------------------------------------------------------------------------------------------
+# Bi-encoder
+# --------------------------------------------------------------------------------------------
+
+
+def _bi_loss(name: str, model, spec: ModelSpec, config: BiTrainConfig):
+    from sentence_transformers.sentence_transformer import losses
+
+    if name == "mnrl":
+        return losses.MultipleNegativesRankingLoss(model)
+    if name == "cached-mnrl":
+        return losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=8)
+    if name == "gist":
+        return losses.GISTEmbedLoss(model, guide=load_bi_encoder(spec, max_seq_length=config.max_seq_length))
+    if name == "triplet":
+        return losses.TripletLoss(model)
+    if name == "contrastive":
+        return losses.ContrastiveLoss(model)
+    if name == "online-contrastive":
+        return losses.OnlineContrastiveLoss(model)
+    if name == "cosent":
+        return losses.CoSENTLoss(model)
+    return losses.MarginMSELoss(model)
+
+
+def _bi_train_columns(config: BiTrainConfig, examples: TrainingExamples, loss: str, dataset: RetrievalDataset,
+                      spec: ModelSpec) -> tuple[dict, dict]:
+    """The training columns in sentence-transformers order, with mined negatives where asked; and mining stats."""
+    columns = dict(examples.columns)
+    stats: dict = {"examples": len(examples), "kind": examples.kind}
+    wants_negatives = loss in ("triplet", "margin-mse") or (config.hard_negatives != "none" and loss in _PAIR_LOSSES)
+    if examples.kind == "pairs" and wants_negatives:
+        if config.hard_negatives == "none":
+            raise StagewiseError(f"loss '{loss}' needs negatives: the data has none and --hard-negatives is none")
+        num = 1 if loss in ("triplet", "margin-mse") else config.num_negatives
+        corpus = {d: doc.full_text() for d, doc in dataset.corpus.items()}
+        if config.hard_negatives == "bm25":
+            from stagewise.retrievers import BM25Retriever
+
+            bm25 = BM25Retriever()
+            bm25.index(dataset.corpus)
+            groups = mine_from_first_stage(examples, bm25, corpus, config.range_max, num, 0, config.seed,
+                                           range_min=config.range_min)
+            columns = _tuples_from_groups(examples, groups, num)
+        else:
+            columns = _mine_with_model(config, examples, spec, list(corpus.values()), num)
+        stats.update(mined_from=config.hard_negatives, examples_with_negatives=len(columns["anchor"]))
+        if not columns["anchor"]:
+            raise StagewiseError("hard-negative mining kept no example: loosen --range-min/--range-max/--relative-margin")
+    if loss == "margin-mse":
+        columns = _teacher_margins(config, columns)
+    if loss == "triplet":
+        columns = {k: columns[k] for k in ("anchor", "positive", "negative_1")}
+    return columns, stats
+
+
+def _tuples_from_groups(examples: TrainingExamples, groups: dict, num: int) -> dict:
+    out: dict[str, list] = {"anchor": [], "positive": [], **{f"negative_{i}": [] for i in range(1, num + 1)}}
+    for a, p in zip(examples.columns["anchor"], examples.columns["positive"]):
+        negatives = [t for t, label in groups[a] if label == 0]
+        if len(negatives) < num:
+            continue
+        out["anchor"].append(a)
+        out["positive"].append(p)
+        for i in range(num):
+            out[f"negative_{i + 1}"].append(negatives[i])
+    return out
+
+
+def _mine_with_model(config: BiTrainConfig, examples: TrainingExamples, spec: ModelSpec, corpus: list[str],
+                     num: int) -> dict:
+    from sentence_transformers.util import mine_hard_negatives
+
+    from stagewise.cache import cache_dir, texts_hash
+    from stagewise.models import load_cross_encoder
+
+    model = load_bi_encoder(spec, max_seq_length=config.max_seq_length)
+    cross = load_cross_encoder(config.negative_filter) if config.negative_filter else None
+    # keyed by content, like every cache here: sentence-transformers names its files by corpus size only
+    folder = cache_dir() / "mining" / f"{spec.fingerprint}-{texts_hash(corpus)}-{config.max_seq_length}"
+    mined = mine_hard_negatives(
+        _to_hf({"anchor": examples.columns["anchor"], "positive": examples.columns["positive"]}), model,
+        corpus=corpus, cross_encoder=cross, range_min=config.range_min, range_max=config.range_max,
+        relative_margin=config.relative_margin, num_negatives=num, sampling_strategy="top",
+        output_format="n-tuple", batch_size=config.batch_size, cache_folder=str(folder), verbose=True,
+    )
+    return {name: list(mined[name]) for name in mined.column_names}
+
+
+def _teacher_margins(config: BiTrainConfig, columns: dict) -> dict:
+    """MarginMSE labels: the teacher cross-encoder's score(query, positive) - score(query, negative)."""
+    from stagewise.models import load_cross_encoder
+
+    if not config.teacher:
+        raise StagewiseError("loss 'margin-mse' distils a cross-encoder: pass --teacher MODEL")
+    teacher = load_cross_encoder(config.teacher)
+    pos = teacher.predict(list(zip(columns["anchor"], columns["positive"])), show_progress_bar=True)
+    neg = teacher.predict(list(zip(columns["anchor"], columns["negative_1"])), show_progress_bar=True)
+    return {"anchor": columns["anchor"], "positive": columns["positive"], "negative": columns["negative_1"],
+            "label": [float(p - n) for p, n in zip(pos, neg)]}
+
+
+def _check_bi_model(spec: ModelSpec) -> None:
+    if model_kind(spec.path) == "cross-encoder":
+        raise StagewiseError(f"'{spec.spec}' is a cross-encoder; train bi needs a bi-encoder or a base encoder")
+
+
+def train_bi(config: BiTrainConfig, out: str | Path, resume: bool = False) -> dict:
+    """Fine-tune a bi-encoder; return the run's result (dev metrics before and after, on the full corpus)."""
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers
+
+    if config.hard_negatives not in ("model", "bm25", "none"):
+        raise StagewiseError(f"--hard-negatives must be model, bm25 or none, not '{config.hard_negatives}'")
+    seed_everything(config.seed)
+    dataset = load_dataset(config.data)
+    examples = load_train_examples(config, dataset)
+    dev = dataset.split(config.dev_split) if config.dev_split else None
+    loss_name = choose_bi_loss(examples, config.loss)
+    spec = resolve_model(config.model)
+    _check_bi_model(spec)
+    run = RunDir(out, {"command": "train-bi", **asdict(config), "loss": loss_name, "model_fingerprint": spec.fingerprint,
+                       "dataset_fingerprint": dataset.fingerprint()}, resume=resume)
+    columns = _load_examples(run, "train_data.json") if resume else None
+    stats = {}
+    if columns is None:
+        columns, stats = _bi_train_columns(config, examples, loss_name, dataset, spec)
+        _save_examples(run, "train_data.json", columns)
+    model = load_bi_encoder(spec, max_seq_length=config.max_seq_length)
+    evaluator = None
+    if dev:
+        queries, qrels = dev
+        subset = dev_corpus_subset(dataset, qrels, config.dev_corpus_size, config.seed)
+        evaluator = make_retrieval_evaluator(queries, subset, qrels, lambda m: run.log_metrics(m),
+                                             batch_size=config.batch_size)
+    sampler = BatchSamplers.NO_DUPLICATES if loss_name in ("mnrl", "cached-mnrl", "gist") else BatchSamplers.BATCH_SAMPLER
+    args = _training_arguments(SentenceTransformerTrainingArguments, config, run, evaluator is not None,
+                               {"batch_sampler": sampler})
+    fit = _fit(SentenceTransformerTrainer, model, args, _to_hf(columns), _bi_loss(loss_name, model, spec, config),
+               evaluator, config, run, resume)
+    model_dir = run.path / "model"
+    model.save(str(model_dir))  # with sentence-transformers' generated model card (README.md)
+    result = {"model": str(model_dir), "loss": loss_name, "train": {**stats, **fit}}
+    if dev:
+        result["dev"] = _before_after_bi(dataset, config, spec, model_dir)
+    run.finish(result)
+    return result
+
+
+def _before_after_bi(dataset: RetrievalDataset, config: BiTrainConfig, spec: ModelSpec, model_dir: Path) -> dict:
+    """Zero-shot base and fine-tuned model on the dev split's full corpus (embeddings cached by content)."""
+    from stagewise.evaluation import evaluate
+    from stagewise.retrievers import DenseRetriever
+
+    before = DenseRetriever(spec, max_seq_length=config.max_seq_length)
+    after = DenseRetriever(str(model_dir), max_seq_length=config.max_seq_length)
+    after.name = "fine-tuned"
+    results = evaluate(dataset, config.dev_split, [before, after])
+    return {r.name if r.name == "fine-tuned" else "base": r.metrics for r in results}
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-encoder
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_cross_init(config: CrossTrainConfig) -> tuple[ModelSpec, str | None]:
+    """The starting checkpoint for each initialisation strategy, and the warning it deserves, if any."""
+    if config.init not in INIT_STRATEGIES:
+        raise StagewiseError(f"--init must be one of {', '.join(INIT_STRATEGIES)}, not '{config.init}'")
+    if config.init == "base":
+        spec = resolve_model(config.model)
+    else:
+        if not config.bi_run:
+            raise StagewiseError(f"--init {config.init} needs --bi-run: the train-bi run directory to start from")
+        bi_config = _read_bi_run(config.bi_run)
+        spec = resolve_model(bi_config["model"] if config.init == "same-as-bi" else str(Path(config.bi_run) / "model"))
+    warning = None
+    if model_kind(spec.path) == "bi-encoder":
+        warning = (f"the cross-encoder starts from a bi-encoder ('{spec.spec}'): sentence-transformers keeps its "
+                   "transformer weights, silently drops its pooling/normalisation modules and adds a fresh scoring "
+                   "head; its contrastive training did not teach it to read query and document together, so this "
+                   "start is usually worse than a plain base encoder")
+        warnings.warn(warning, stacklevel=2)
+    return spec, warning
+
+
+def _read_bi_run(path: str) -> dict:
+    import json
+
+    config = Path(path) / "config.json"
+    if not config.is_file() or not (Path(path) / "model").is_dir():
+        raise StagewiseError(f"{path}: not a finished train-bi run (needs config.json and model/)")
+    data = json.loads(config.read_text())
+    if data.get("command") != "train-bi":
+        raise StagewiseError(f"{config}: not a train-bi run (command is {data.get('command')!r})")
+    return data
+
+
+def _cross_columns(loss: str, groups: dict[str, list[tuple[str, int]]]) -> dict:
+    """Mined groups in the shape each cross-encoder loss reads."""
+    if loss in ("listnet", "lambda"):
+        return {"query": list(groups), "docs": [[t for t, _ in g] for g in groups.values()],
+                "labels": [[float(label) for _, label in g] for g in groups.values()]}
+    if loss == "cross-entropy":
+        width = min(sum(1 for _, label in g if label == 0) for g in groups.values())
+        out: dict[str, list] = {"query": [], "positive": [], **{f"negative_{i}": [] for i in range(1, width + 1)}}
+        for q, g in groups.items():
+            negatives = [t for t, label in g if label == 0][:width]
+            for p in (t for t, label in g if label == 1):
+                out["query"].append(q)
+                out["positive"].append(p)
+                for i, n in enumerate(negatives, start=1):
+                    out[f"negative_{i}"].append(n)
+        return out
+    rows = [(q, t, float(label)) for q, g in groups.items() for t, label in g]
+    return {"query": [r[0] for r in rows], "document": [r[1] for r in rows], "label": [r[2] for r in rows]}
+
+
+def _cross_loss(name: str, model, columns: dict):
+    import torch
+    from sentence_transformers.cross_encoder import losses
+
+    if name == "bce":
+        labels = columns["label"]
+        positives = max(1.0, sum(labels))
+        return losses.BinaryCrossEntropyLoss(model, pos_weight=torch.tensor((len(labels) - positives) / positives))
+    if name == "mse":
+        return losses.MSELoss(model)
+    if name == "cross-entropy":
+        return losses.MultipleNegativesRankingLoss(model)
+    if name == "listnet":
+        return losses.ListNetLoss(model)
+    return losses.LambdaLoss(model)
+
+
+def train_cross(config: CrossTrainConfig, out: str | Path, resume: bool = False) -> dict:
+    """Fine-tune a cross-encoder on the first stage's own mistakes; detect and report a collapsed reranker."""
+    from sentence_transformers import CrossEncoder
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
+
+    from stagewise.retrievers import build_first_stage
+
+    if config.depth < 1:
+        raise StagewiseError(f"--depth must be at least 1, got {config.depth}")
+    seed_everything(config.seed)
+    dataset = load_dataset(config.data)
+    examples = load_train_examples(config, dataset)
+    dev = dataset.split(config.dev_split) if config.dev_split else None
+    loss_name = config.loss or ("mse" if examples.kind == "scored" else "bce")
+    if loss_name not in CROSS_LOSSES:
+        raise StagewiseError(f"unknown cross-encoder loss '{loss_name}' (choose from {', '.join(CROSS_LOSSES)})")
+    if examples.kind == "scored" and loss_name != "mse" and loss_name != "bce":
+        raise StagewiseError(f"loss '{loss_name}' needs (query, positive) data to mine lists from; "
+                             f"{examples.source} has scored pairs")
+    spec, init_warning = resolve_cross_init(config)
+    if model_kind(spec.path) == "cross-encoder" and config.init == "base":
+        logger.info("continuing from a trained cross-encoder: %s", spec.spec)
+    first_stage_spec = config.first_stage or (str(Path(config.bi_run) / "model") if config.bi_run else "bm25")
+    run = RunDir(out, {"command": "train-cross", **asdict(config), "loss": loss_name, "first_stage": first_stage_spec,
+                       "init_model": spec.spec, "init_fingerprint": spec.fingerprint, "init_warning": init_warning,
+                       "dataset_fingerprint": dataset.fingerprint()}, resume=resume)
+    texts = {d: doc.full_text() for d, doc in dataset.corpus.items()}
+    first_stage = None
+    columns = _load_examples(run, "train_data.json") if resume else None
+    if columns is None:
+        if examples.kind == "scored":
+            columns = {"query": examples.columns["text1"], "document": examples.columns["text2"],
+                       "label": [float(s) for s in examples.columns["score"]]}
+        else:
+            first_stage = build_first_stage(first_stage_spec)
+            first_stage.index(dataset.corpus)
+            groups = mine_from_first_stage(examples, first_stage, texts, config.depth, config.hard_negatives,
+                                           config.random_negatives, config.seed)
+            columns = _cross_columns(loss_name, groups)
+        _save_examples(run, "train_data.json", columns)
+    model = CrossEncoder(str(spec.path), num_labels=1, max_length=config.max_length)
+    evaluator, candidates = None, None
+    if dev:
+        queries, qrels = dev
+        if first_stage is None:
+            first_stage = build_first_stage(first_stage_spec)
+            first_stage.index(dataset.corpus)
+        candidates = {q: [d for d, _ in first_stage.retrieve([queries[q]], max(100, config.depth))[0]] for q in queries}
+        evaluator = make_rerank_evaluator(queries, candidates, texts, qrels, config.depth, lambda m: run.log_metrics(m))
+    args = _training_arguments(CrossEncoderTrainingArguments, config, run, evaluator is not None, {})
+    fit = _fit(CrossEncoderTrainer, model, args, _to_hf(columns), _cross_loss(loss_name, model, columns), evaluator,
+               config, run, resume)
+    model_dir = run.path / "model"
+    model.save_pretrained(str(model_dir))
+    result = {"model": str(model_dir), "loss": loss_name, "init": config.init, "init_model": spec.spec,
+              "init_warning": init_warning, "first_stage": first_stage_spec, "depth": config.depth,
+              "train": {"examples": len(columns[next(iter(columns))]), **fit}}
+    if dev:
+        queries, qrels = dev
+        first_metrics, _ = compute_metrics(qrels, run_from_rankings(candidates), (config.depth,))
+        rankings, scores = rerank_with(model, queries, candidates, texts, config.depth)
+        reranked_metrics, _ = compute_metrics(qrels, run_from_rankings(rankings), (config.depth,))
+        health = detect_collapse(scores, reranked_metrics["ndcg@10"], first_metrics["ndcg@10"])
+        result["dev"] = {"first_stage": first_metrics, "reranked": reranked_metrics, "health": health}
+        if health["collapsed"]:
+            warnings.warn("the reranker did not learn to rerank: " + "; ".join(health["reasons"]), stacklevel=2)
+    run.finish(result)
+    return result
