@@ -90,7 +90,7 @@ def main() -> int:
         note = ""
         if "health" in result.get("dev", {}):
             health = result["dev"]["health"]
-            note = "collapsed: " + "; ".join(health["reasons"]) if health["collapsed"] else "healthy"
+            note = "; ".join(health["reasons"]) or "healthy"
         best = train.get("best_dev_ndcg@10")
         lines.append(f"| {name} | {seconds / 60:.1f} min | {train['steps']} | {'' if best is None else f'{best:.3f}'} | {note} |")
     table = "\n".join(lines)

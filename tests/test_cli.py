@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from stagewise.cli import app
@@ -84,3 +86,37 @@ def test_data_describe(beir_dir):
     assert info["documents"] == 6 and info["splits"]["dev"]["queries"] == 3
     result = runner.invoke(app, ["data", "describe", str(beir_dir / "missing")])
     assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_compare_two_systems_query_by_query(beir_dir, tiny_bi_encoder, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["eval", "--data", str(beir_dir), "-f", "bm25", "-f", str(tiny_bi_encoder),
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    files = sorted((out / "per_query").glob("*.json"))
+    bm25 = out / "per_query" / "bm25.json"
+    other = next(f for f in files if f != bm25)
+    result = runner.invoke(app, ["compare", str(bm25), str(other), "--metric", "recall@10"])
+    assert result.exit_code == 0, result.output
+    assert "recall@10" in result.output and "wins" in result.output
+    result = runner.invoke(app, ["compare", str(bm25), str(other), "--metric", "nope"])
+    assert result.exit_code == 2 and "available" in result.output
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    result = runner.invoke(app, ["compare", str(bm25), str(tmp_path / "bad.json")])
+    assert result.exit_code == 2 and "not a per-query results file" in result.output
+
+
+@pytest.mark.parametrize("file,content,expected", [
+    ("corpus.jsonl", b'{"_id": "d1", "title": "t", "text": "x"}\n{"_id": "d1", "text": "y"}\n', "corpus.jsonl:2: field '_id'"),
+    ("corpus.jsonl", b'{"_id": "d1", "text": "\xff\xfe"}\n', "corpus.jsonl:1:"),
+    ("corpus.jsonl", b'{"title": "t", "text": "x"}\n', "corpus.jsonl:1: field '_id': missing"),
+    ("queries.jsonl", b'{"_id": "q1", "text": "  "}\n', "queries.jsonl:1: field 'text': empty"),
+    ("qrels/dev.tsv", b"query-id\tcorpus-id\tscore\nq1\tnope\t1\n", "dev.tsv:2: field 'corpus-id'"),
+])
+def test_every_malformed_file_is_one_line_exit_2_and_untouched(beir_dir, file, content, expected):
+    (beir_dir / file).write_bytes(content)
+    snapshot = {p: p.read_bytes() for p in beir_dir.rglob("*") if p.is_file()}
+    result = runner.invoke(app, ["data", "describe", str(beir_dir)])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and "Traceback" not in result.output
+    assert {p: p.read_bytes() for p in beir_dir.rglob("*") if p.is_file()} == snapshot

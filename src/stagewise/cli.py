@@ -142,6 +142,22 @@ def eval_command(
     console.print(f"results: {path}")
 
 
+@app.command("compare")
+@user_errors
+def compare_command(
+    a: Path = typer.Argument(..., help="per_query/<system>.json of system A (from an eval run)."),
+    b: Path = typer.Argument(..., help="per_query/<system>.json of system B."),
+    metric: str = typer.Option("ndcg@10", "--metric"),
+):
+    """Compare two evaluated systems query by query: mean difference, 95% CI, paired p-value, wins/losses."""
+    from stagewise.evaluation import compare_per_query, load_per_query
+
+    c = compare_per_query(a.stem, load_per_query(a), b.stem, load_per_query(b), metric)
+    console.print(f"{c.metric}: {c.a} {c.mean_a:.4f} → {c.b} {c.mean_b:.4f}  diff {c.mean_diff:+.4f} "
+                  f"(95% CI {c.ci95[0]:+.4f}..{c.ci95[1]:+.4f}, paired t-test p={c.p_value:.3g}); "
+                  f"B wins {c.wins}, loses {c.losses}, ties {c.ties}", highlight=False)
+
+
 def results_table(results, title: str) -> Table:
     table = Table(title=title)
     for col in ("system", "nDCG@10", "MRR@10", "R@10", "R@100", "MAP@100", "R@depth", "p50 ms", "p95 ms", "docs/s"):
@@ -177,7 +193,7 @@ def _print_training(result: dict, run_dir: Path) -> None:
             console.print(f"dev {name}: nDCG@10 {metrics['ndcg@10']:.4f}  Recall@100 {metrics['recall@100']:.3f}",
                           highlight=False)
     health = dev.get("health")
-    if health and health["collapsed"]:
+    if health and (health["collapsed"] or health["no_gain"]):
         console.print("[bold yellow]warning:[/] the reranker did not learn to rerank: " + "; ".join(health["reasons"]))
     console.print(f"model: {result['model']}\nrun: {run_dir}")
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytrec_eval
 
 from stagewise.data import RetrievalDataset
+from stagewise.errors import StagewiseError
 from stagewise.pipeline import Pipeline
 from stagewise.progress import progress_bar
 from stagewise.rerankers import CrossEncoderReranker
@@ -108,21 +109,29 @@ class Comparison:
 
 
 def compare(a: SystemResult, b: SystemResult, metric: str = "ndcg@10", seed: int = 0) -> Comparison:
-    """Per-query differences, a paired t-test and a bootstrap 95% interval of the mean difference."""
+    """Per-query differences of b over a: paired t-test and a bootstrap 95% interval of the mean difference."""
+    return compare_per_query(a.name, a.per_query, b.name, b.per_query, metric, seed)
+
+
+def compare_per_query(name_a: str, per_query_a: dict, name_b: str, per_query_b: dict, metric: str = "ndcg@10",
+                      seed: int = 0) -> Comparison:
     from scipy import stats
 
-    qids = sorted(set(a.per_query) & set(b.per_query))
-    diff = np.array([b.per_query[q][metric] - a.per_query[q][metric] for q in qids])
-    rng = np.random.default_rng(seed)
-    boot = rng.choice(diff, size=(2000, len(diff)), replace=True).mean(axis=1) if len(diff) else np.zeros(1)
-    if len(diff) > 1 and np.any(diff != diff[0]):
-        p = float(stats.ttest_rel([b.per_query[q][metric] for q in qids], [a.per_query[q][metric] for q in qids]).pvalue)
-    else:
-        p = 1.0
+    qids = sorted(set(per_query_a) & set(per_query_b))
+    if not qids:
+        raise StagewiseError(f"'{name_a}' and '{name_b}' share no query: they were not run on the same split")
+    missing = [m for m in (metric,) if m not in per_query_a[qids[0]] or m not in per_query_b[qids[0]]]
+    if missing:
+        raise StagewiseError(f"metric '{metric}' is not in both per-query results "
+                             f"(available: {', '.join(sorted(per_query_a[qids[0]]))})")
+    va = np.array([per_query_a[q][metric] for q in qids])
+    vb = np.array([per_query_b[q][metric] for q in qids])
+    diff = vb - va
+    boot = np.random.default_rng(seed).choice(diff, size=(2000, len(diff)), replace=True).mean(axis=1)
+    p = float(stats.ttest_rel(vb, va).pvalue) if len(diff) > 1 and np.any(diff != diff[0]) else 1.0
     return Comparison(
-        metric, a.name, b.name, float(np.mean([a.per_query[q][metric] for q in qids])),
-        float(np.mean([b.per_query[q][metric] for q in qids])), float(diff.mean()) if len(diff) else 0.0,
-        (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))), p if not math.isnan(p) else 1.0,
+        metric, name_a, name_b, float(va.mean()), float(vb.mean()), float(diff.mean()),
+        (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))), 1.0 if math.isnan(p) else p,
         int((diff > 1e-12).sum()), int((diff < -1e-12).sum()), int((np.abs(diff) <= 1e-12).sum()),
     )
 
@@ -208,4 +217,13 @@ def _slug(name: str) -> str:
 
 
 def load_per_query(path: str | Path) -> dict[str, dict[str, float]]:
-    return json.loads(Path(path).read_text())
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StagewiseError(f"{path}: file not found") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StagewiseError(f"{path}: not a per-query results file ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise StagewiseError(f"{path}: not a per-query results file (expected {{query id: {{metric: value}}}})")
+    return data

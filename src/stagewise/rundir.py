@@ -103,3 +103,10 @@ class RunDir:
     def close(self) -> None:
         logging.getLogger().removeHandler(self._handler)
         self._handler.close()
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Stop logging into this run however the work ended (an error or Ctrl-C included)."""
+        self.close()

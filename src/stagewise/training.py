@@ -201,12 +201,6 @@ def mine_from_first_stage(
 # --------------------------------------------------------------------------------------------
 
 
-def _base_evaluator():
-    from sentence_transformers.base.evaluation import BaseEvaluator
-
-    return BaseEvaluator
-
-
 def dev_corpus_subset(dataset: RetrievalDataset, qrels: dict, size: int, seed: int) -> dict[str, str]:
     """All judged documents plus a fixed random sample of the rest: cheap to re-encode at every evaluation."""
     judged = {d for docs in qrels.values() for d in docs}
@@ -216,32 +210,41 @@ def dev_corpus_subset(dataset: RetrievalDataset, qrels: dict, size: int, seed: i
     return {d: dataset.corpus[d].full_text() for d in keep}
 
 
-def make_retrieval_evaluator(queries: dict[str, str], corpus: dict[str, str], qrels: dict,
-                             on_metrics: Callable[[dict], None] | None = None, batch_size: int = 32):
-    """Dense retrieval over ``corpus`` with the model being trained; nDCG@10 is the primary metric."""
+def _dev_evaluator(rank: Callable, qrels: dict, recall_cutoffs: tuple = (), on_metrics: Callable | None = None):
+    """A sentence-transformers evaluator whose numbers are the core's: ``rank(model)`` gives rankings (and
+    extra metrics), pytrec_eval scores them; nDCG@10 is the metric the trainer keeps the best checkpoint by."""
+    from sentence_transformers.base.evaluation import BaseEvaluator
 
-    class DevRetrievalEvaluator(_base_evaluator()):
+    class DevEvaluator(BaseEvaluator):
         def __init__(self):
             super().__init__()
             self.primary_metric = "ndcg@10"
             self.name = "dev"
 
         def __call__(self, model, output_path=None, epoch=-1, steps=-1):
-            ids = list(corpus)
-            docs = model.encode_document([corpus[d] for d in ids], batch_size=batch_size, convert_to_numpy=True,
-                                         normalize_embeddings=True, show_progress_bar=False)
-            qids = list(queries)
-            q = model.encode_query([queries[x] for x in qids], batch_size=batch_size, convert_to_numpy=True,
-                                   normalize_embeddings=True, show_progress_bar=False)
-            scores = q @ docs.T
-            top = np.argsort(-scores, axis=1)[:, :100]
-            rankings = {qid: [ids[i] for i in row] for qid, row in zip(qids, top)}
-            metrics, _ = compute_metrics(qrels, run_from_rankings(rankings))
+            rankings, extra = rank(model)
+            metrics = {**compute_metrics(qrels, run_from_rankings(rankings), recall_cutoffs)[0], **extra}
             if on_metrics:
                 on_metrics({"epoch": epoch, "steps": steps, **{f"dev_{k}": v for k, v in metrics.items()}})
             return self.prefix_name_to_metrics(metrics, self.name)
 
-    return DevRetrievalEvaluator()
+    return DevEvaluator()
+
+
+def make_retrieval_evaluator(queries: dict[str, str], corpus: dict[str, str], qrels: dict,
+                             on_metrics: Callable[[dict], None] | None = None, batch_size: int = 32):
+    """Exact dense retrieval over ``corpus`` with the model being trained."""
+
+    def rank(model):
+        ids, qids = list(corpus), list(queries)
+        docs = model.encode_document([corpus[d] for d in ids], batch_size=batch_size, convert_to_numpy=True,
+                                     normalize_embeddings=True, show_progress_bar=False)
+        q = model.encode_query([queries[x] for x in qids], batch_size=batch_size, convert_to_numpy=True,
+                               normalize_embeddings=True, show_progress_bar=False)
+        top = np.argsort(-(q @ docs.T), axis=1)[:, :100]
+        return {qid: [ids[i] for i in row] for qid, row in zip(qids, top)}, {}
+
+    return _dev_evaluator(rank, qrels, (), on_metrics)
 
 
 def rerank_with(model, queries: dict[str, str], candidates: dict[str, list[str]], texts: dict[str, str],
@@ -259,35 +262,31 @@ def rerank_with(model, queries: dict[str, str], candidates: dict[str, list[str]]
 
 
 def make_rerank_evaluator(queries, candidates, texts, qrels, depth, on_metrics=None):
-    """Reranking of the first stage's own dev candidates (never injected positives); nDCG@10 primary."""
+    """Reranking of the first stage's own dev candidates (never injected positives)."""
 
-    class DevRerankEvaluator(_base_evaluator()):
-        def __init__(self):
-            super().__init__()
-            self.primary_metric = "ndcg@10"
-            self.name = "dev"
+    def rank(model):
+        rankings, scores = rerank_with(model, queries, candidates, texts, depth)
+        return rankings, {"score_std": float(np.mean([s.std() for s in scores]))}
 
-        def __call__(self, model, output_path=None, epoch=-1, steps=-1):
-            rankings, scores = rerank_with(model, queries, candidates, texts, depth)
-            metrics, _ = compute_metrics(qrels, run_from_rankings(rankings), (depth,))
-            metrics["score_std"] = float(np.mean([s.std() for s in scores]))
-            if on_metrics:
-                on_metrics({"epoch": epoch, "steps": steps, **{f"dev_{k}": v for k, v in metrics.items()}})
-            return self.prefix_name_to_metrics(metrics, self.name)
-
-    return DevRerankEvaluator()
+    return _dev_evaluator(rank, qrels, (depth,), on_metrics)
 
 
 def detect_collapse(scores: list[np.ndarray], reranked_ndcg: float, first_stage_ndcg: float,
                     min_std: float = 1e-3) -> dict:
-    """The known failure of rerankers trained on hard negatives: near-constant scores, or no gain at all."""
+    """The known failure of rerankers trained on hard negatives, checked on dev.
+
+    ``collapsed``: near-constant scores (mean per-query spread of the sigmoid scores under ``min_std``).
+    ``no_gain``: reranking is no better than the first stage's own order (unless that order is already perfect).
+    """
     spread = float(np.mean([s.std() for s in scores])) if scores else 0.0
+    collapsed = spread < min_std
+    no_gain = reranked_ndcg <= first_stage_ndcg and first_stage_ndcg < 1.0
     reasons = []
-    if spread < min_std:
+    if collapsed:
         reasons.append(f"near-constant scores (mean per-query std {spread:.2e} < {min_std:g})")
-    if reranked_ndcg <= first_stage_ndcg:
+    if no_gain:
         reasons.append(f"dev nDCG@10 {reranked_ndcg:.4f} is no better than the first stage's {first_stage_ndcg:.4f}")
-    return {"collapsed": bool(reasons), "reasons": reasons, "mean_score_std": spread,
+    return {"collapsed": collapsed, "no_gain": no_gain, "reasons": reasons, "mean_score_std": spread,
             "reranked_ndcg@10": reranked_ndcg, "first_stage_ndcg@10": first_stage_ndcg}
 
 
@@ -309,6 +308,8 @@ def _progress_with_loss():
 
 
 def _training_arguments(cls, config: TrainArgs, run: RunDir, has_dev: bool, extra: dict):
+    import torch
+
     strategy = "steps" if config.eval_steps else "epoch"
     args = dict(
         output_dir=str(run.path / "checkpoints"),
@@ -324,6 +325,7 @@ def _training_arguments(cls, config: TrainArgs, run: RunDir, has_dev: bool, extr
         save_total_limit=2,
         report_to="none",
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         **extra,
     )
     if config.eval_steps:
@@ -495,33 +497,42 @@ def train_bi(config: BiTrainConfig, out: str | Path, resume: bool = False) -> di
     examples = load_train_examples(config, dataset)
     dev = dataset.split(config.dev_split) if config.dev_split else None
     loss_name = choose_bi_loss(examples, config.loss)
+    # input errors that would otherwise surface only after the run directory exists (and then block a rerun)
+    if loss_name == "margin-mse" and not config.teacher:
+        raise StagewiseError("loss 'margin-mse' distils a cross-encoder: pass --teacher MODEL")
+    if examples.kind == "pairs" and loss_name in ("triplet", "margin-mse") and config.hard_negatives == "none":
+        raise StagewiseError(f"loss '{loss_name}' needs negatives: the data has none and --hard-negatives is none")
     spec = resolve_model(config.model)
     _check_bi_model(spec)
-    run = RunDir(out, {"command": "train-bi", **asdict(config), "loss": loss_name, "model_fingerprint": spec.fingerprint,
-                       "dataset_fingerprint": dataset.fingerprint()}, resume=resume)
-    columns = _load_examples(run, "train_data.json") if resume else None
-    stats = {}
-    if columns is None:
-        columns, stats = _bi_train_columns(config, examples, loss_name, dataset, spec)
-        _save_examples(run, "train_data.json", columns)
-    model = load_bi_encoder(spec, max_seq_length=config.max_seq_length)
-    evaluator = None
-    if dev:
-        queries, qrels = dev
-        subset = dev_corpus_subset(dataset, qrels, config.dev_corpus_size, config.seed)
-        evaluator = make_retrieval_evaluator(queries, subset, qrels, lambda m: run.log_metrics(m),
-                                             batch_size=config.batch_size)
-    sampler = BatchSamplers.NO_DUPLICATES if loss_name in ("mnrl", "cached-mnrl", "gist") else BatchSamplers.BATCH_SAMPLER
-    args = _training_arguments(SentenceTransformerTrainingArguments, config, run, evaluator is not None,
-                               {"batch_sampler": sampler})
-    fit = _fit(SentenceTransformerTrainer, model, args, _to_hf(columns), _bi_loss(loss_name, model, spec, config),
-               evaluator, config, run, resume)
-    model_dir = run.path / "model"
-    model.save(str(model_dir))  # with sentence-transformers' generated model card (README.md)
-    result = {"model": str(model_dir), "loss": loss_name, "train": {**stats, **fit}}
-    if dev:
-        result["dev"] = _before_after_bi(dataset, config, spec, model_dir)
-    run.finish(result)
+    for extra in (config.teacher, config.negative_filter):
+        if extra:
+            resolve_model(extra)  # a wrong path fails now, not after mining
+    with RunDir(out, {"command": "train-bi", **asdict(config), "loss": loss_name,
+                      "model_fingerprint": spec.fingerprint, "dataset_fingerprint": dataset.fingerprint()},
+                resume=resume) as run:
+        columns = _load_examples(run, "train_data.json") if resume else None
+        stats = {}
+        if columns is None:
+            columns, stats = _bi_train_columns(config, examples, loss_name, dataset, spec)
+            _save_examples(run, "train_data.json", columns)
+        model = load_bi_encoder(spec, max_seq_length=config.max_seq_length)
+        evaluator = None
+        if dev:
+            queries, qrels = dev
+            evaluator = make_retrieval_evaluator(
+                queries, dev_corpus_subset(dataset, qrels, config.dev_corpus_size, config.seed), qrels,
+                run.log_metrics, batch_size=config.batch_size)
+        sampler = BatchSamplers.NO_DUPLICATES if loss_name in ("mnrl", "cached-mnrl", "gist") else BatchSamplers.BATCH_SAMPLER
+        args = _training_arguments(SentenceTransformerTrainingArguments, config, run, evaluator is not None,
+                                   {"batch_sampler": sampler})
+        fit = _fit(SentenceTransformerTrainer, model, args, _to_hf(columns), _bi_loss(loss_name, model, spec, config),
+                   evaluator, config, run, resume)
+        model_dir = run.path / "model"
+        model.save(str(model_dir))  # with sentence-transformers' generated model card (README.md)
+        result = {"model": str(model_dir), "loss": loss_name, "train": {**stats, **fit}}
+        if dev:
+            result["dev"] = _before_after_bi(dataset, config, spec, model_dir)
+        run.finish(result)
     return result
 
 
@@ -631,52 +642,50 @@ def train_cross(config: CrossTrainConfig, out: str | Path, resume: bool = False)
     if examples.kind == "scored" and loss_name != "mse" and loss_name != "bce":
         raise StagewiseError(f"loss '{loss_name}' needs (query, positive) data to mine lists from; "
                              f"{examples.source} has scored pairs")
+    if loss_name == "bce" and examples.kind == "scored" and not all(0.0 <= x <= 1.0 for x in examples.columns["score"]):
+        raise StagewiseError(f"loss 'bce' needs scores in [0, 1]; {examples.source} has others (use --loss mse)")
     spec, init_warning = resolve_cross_init(config)
-    if model_kind(spec.path) == "cross-encoder" and config.init == "base":
-        logger.info("continuing from a trained cross-encoder: %s", spec.spec)
     first_stage_spec = config.first_stage or (str(Path(config.bi_run) / "model") if config.bi_run else "bm25")
-    run = RunDir(out, {"command": "train-cross", **asdict(config), "loss": loss_name, "first_stage": first_stage_spec,
-                       "init_model": spec.spec, "init_fingerprint": spec.fingerprint, "init_warning": init_warning,
-                       "dataset_fingerprint": dataset.fingerprint()}, resume=resume)
+    first_stage = build_first_stage(first_stage_spec) if examples.kind != "scored" or dev else None
     texts = {d: doc.full_text() for d, doc in dataset.corpus.items()}
-    first_stage = None
-    columns = _load_examples(run, "train_data.json") if resume else None
-    if columns is None:
-        if examples.kind == "scored":
-            columns = {"query": examples.columns["text1"], "document": examples.columns["text2"],
-                       "label": [float(s) for s in examples.columns["score"]]}
-        else:
-            first_stage = build_first_stage(first_stage_spec)
+    with RunDir(out, {"command": "train-cross", **asdict(config), "loss": loss_name, "first_stage": first_stage_spec,
+                      "init_model": spec.spec, "init_fingerprint": spec.fingerprint, "init_warning": init_warning,
+                      "dataset_fingerprint": dataset.fingerprint()}, resume=resume) as run:
+        if first_stage is not None:
             first_stage.index(dataset.corpus)
-            groups = mine_from_first_stage(examples, first_stage, texts, config.depth, config.hard_negatives,
-                                           config.random_negatives, config.seed)
-            columns = _cross_columns(loss_name, groups)
-        _save_examples(run, "train_data.json", columns)
-    model = CrossEncoder(str(spec.path), num_labels=1, max_length=config.max_length)
-    evaluator, candidates = None, None
-    if dev:
-        queries, qrels = dev
-        if first_stage is None:
-            first_stage = build_first_stage(first_stage_spec)
-            first_stage.index(dataset.corpus)
-        candidates = {q: [d for d, _ in first_stage.retrieve([queries[q]], max(100, config.depth))[0]] for q in queries}
-        evaluator = make_rerank_evaluator(queries, candidates, texts, qrels, config.depth, lambda m: run.log_metrics(m))
-    args = _training_arguments(CrossEncoderTrainingArguments, config, run, evaluator is not None, {})
-    fit = _fit(CrossEncoderTrainer, model, args, _to_hf(columns), _cross_loss(loss_name, model, columns), evaluator,
-               config, run, resume)
-    model_dir = run.path / "model"
-    model.save_pretrained(str(model_dir))
-    result = {"model": str(model_dir), "loss": loss_name, "init": config.init, "init_model": spec.spec,
-              "init_warning": init_warning, "first_stage": first_stage_spec, "depth": config.depth,
-              "train": {"examples": len(columns[next(iter(columns))]), **fit}}
-    if dev:
-        queries, qrels = dev
-        first_metrics, _ = compute_metrics(qrels, run_from_rankings(candidates), (config.depth,))
-        rankings, scores = rerank_with(model, queries, candidates, texts, config.depth)
-        reranked_metrics, _ = compute_metrics(qrels, run_from_rankings(rankings), (config.depth,))
-        health = detect_collapse(scores, reranked_metrics["ndcg@10"], first_metrics["ndcg@10"])
-        result["dev"] = {"first_stage": first_metrics, "reranked": reranked_metrics, "health": health}
-        if health["collapsed"]:
-            warnings.warn("the reranker did not learn to rerank: " + "; ".join(health["reasons"]), stacklevel=2)
-    run.finish(result)
+        columns = _load_examples(run, "train_data.json") if resume else None
+        if columns is None:
+            if examples.kind == "scored":
+                columns = {"query": examples.columns["text1"], "document": examples.columns["text2"],
+                           "label": [float(s) for s in examples.columns["score"]]}
+            else:
+                groups = mine_from_first_stage(examples, first_stage, texts, config.depth, config.hard_negatives,
+                                               config.random_negatives, config.seed)
+                columns = _cross_columns(loss_name, groups)
+            _save_examples(run, "train_data.json", columns)
+        model = CrossEncoder(str(spec.path), num_labels=1, max_length=config.max_length)
+        evaluator, candidates = None, None
+        if dev:
+            queries, qrels = dev
+            candidates = {q: [d for d, _ in first_stage.retrieve([queries[q]], max(100, config.depth))[0]]
+                          for q in queries}
+            evaluator = make_rerank_evaluator(queries, candidates, texts, qrels, config.depth, run.log_metrics)
+        args = _training_arguments(CrossEncoderTrainingArguments, config, run, evaluator is not None, {})
+        fit = _fit(CrossEncoderTrainer, model, args, _to_hf(columns), _cross_loss(loss_name, model, columns),
+                   evaluator, config, run, resume)
+        model_dir = run.path / "model"
+        model.save_pretrained(str(model_dir))
+        result = {"model": str(model_dir), "loss": loss_name, "init": config.init, "init_model": spec.spec,
+                  "init_warning": init_warning, "first_stage": first_stage_spec, "depth": config.depth,
+                  "train": {"examples": len(columns[next(iter(columns))]), **fit}}
+        if dev:
+            queries, qrels = dev
+            first_metrics, _ = compute_metrics(qrels, run_from_rankings(candidates), (config.depth,))
+            rankings, scores = rerank_with(model, queries, candidates, texts, config.depth)
+            reranked_metrics, _ = compute_metrics(qrels, run_from_rankings(rankings), (config.depth,))
+            health = detect_collapse(scores, reranked_metrics["ndcg@10"], first_metrics["ndcg@10"])
+            result["dev"] = {"first_stage": first_metrics, "reranked": reranked_metrics, "health": health}
+            if health["collapsed"] or health["no_gain"]:
+                warnings.warn("the reranker did not learn to rerank: " + "; ".join(health["reasons"]), stacklevel=2)
+        run.finish(result)
     return result
