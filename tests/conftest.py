@@ -34,7 +34,8 @@ def _tiny_bert_config(**extra):
 def tiny_bi_encoder(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide random BERT with mean pooling and normalisation, saved as a sentence-transformers model."""
     import torch
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as models
     from transformers import AutoTokenizer, BertModel
 
     torch.manual_seed(0)

@@ -29,8 +29,6 @@ logger = logging.getLogger(__name__)
 
 Run = dict[str, dict[str, float]]  # query id -> doc id -> score (higher is better)
 
-HEADLINE = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
-
 
 def compute_metrics(
     qrels: dict[str, dict[str, int]], run: Run, recall_cutoffs: Sequence[int] = ()

@@ -76,11 +76,9 @@ def _static_64() -> Path | None:
     source = root / "model"
     target = cache_dir() / "models" / f"static-64-{_fingerprint_files(source)}"
     if not (target / "modules.json").is_file():
-        try:
-            from sentence_transformers import SentenceTransformer
-            from sentence_transformers.models import Normalize, StaticEmbedding
-        except ImportError as e:  # pragma: no cover - sentence-transformers is a dependency
-            raise ModelError(f"static-64 needs sentence-transformers: {e}") from e
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.modules import Normalize, StaticEmbedding
+
         try:
             embedding = StaticEmbedding.from_model2vec(str(source))
         except ImportError:
@@ -286,10 +284,10 @@ def load_cross_encoder(spec: ModelSpec | str, device: str | None = None, max_len
     spec = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
     kind = model_kind(spec.path)
     if kind != "cross-encoder":
-        what = "a bi-encoder" if kind == "bi-encoder" else "a base encoder"
+        dropped = " (its pooling/normalisation modules are dropped)" if kind == "bi-encoder" else ""
         warnings.warn(
-            f"'{spec.spec}' is {what}, not a trained cross-encoder: it gets a freshly initialised scoring head "
-            "(its pooling/normalisation modules are dropped), so its scores are meaningless until fine-tuned",
+            f"'{spec.spec}' is a {kind}, not a trained cross-encoder: it gets a freshly initialised scoring "
+            f"head{dropped}, so its scores are meaningless until fine-tuned",
             stacklevel=2,
         )
     from transformers.utils import logging as hf_logging
@@ -300,10 +298,6 @@ def load_cross_encoder(spec: ModelSpec | str, device: str | None = None, max_len
         return CrossEncoder(str(spec.path), num_labels=1, device=device, max_length=max_length, local_files_only=True)
     finally:
         hf_logging.set_verbosity(verbosity)
-
-
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def model_table() -> list[dict]:

@@ -73,9 +73,8 @@ class Pipeline:
         first_done = time.perf_counter()
         first = {doc_id: (rank, score) for rank, (doc_id, score) in enumerate(candidates, start=1)}
         if self.reranker is not None:
-            reranked = self.reranker.rerank(
-                query, [(d, self.corpus[d].full_text()) for d, _ in candidates], self.depth
-            )
+            top = [(d, self.corpus[d].full_text()) for d, _ in candidates[: self.depth]]
+            reranked = self.reranker.rerank(query, top, self.depth)
             order = [(d, s, s) for d, s in reranked] + [(d, s, None) for d, s in candidates[self.depth:]]
         else:
             order = [(d, s, None) for d, s in candidates]
