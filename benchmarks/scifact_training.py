@@ -27,6 +27,7 @@ from stagewise.training import BiTrainConfig, CrossTrainConfig, train_bi, train_
 CROSS = {
     "bert-tiny": dict(model="bert-tiny", init="base", epochs=3, learning_rate=1e-4, batch_size=16),
     "minilm-l6": dict(model="minilm-l6", init="base", epochs=1, learning_rate=5e-5, batch_size=16),
+    "minilm-l6-3ep": dict(model="minilm-l6", init="base", epochs=3, learning_rate=1e-4, batch_size=16),
 }
 
 
@@ -94,7 +95,7 @@ def main() -> int:
         best = train.get("best_dev_ndcg@10")
         lines.append(f"| {name} | {seconds / 60:.1f} min | {train['steps']} | {'' if best is None else f'{best:.3f}'} | {note} |")
     table = "\n".join(lines)
-    (out / "table.md").write_text(table + "\n")
+    (out / f"table-{'-'.join(args.cross)}.md").write_text(table + "\n")
     print(table)
     return 0
 

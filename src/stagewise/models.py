@@ -277,8 +277,10 @@ def load_bi_encoder(spec: ModelSpec | str, device: str | None = None, max_seq_le
     return model
 
 
-def load_cross_encoder(spec: ModelSpec | str, device: str | None = None, max_length: int | None = 512):
-    """A ``CrossEncoder``; warns when the directory holds no trained reranking head."""
+def load_cross_encoder(spec: ModelSpec | str, device: str | None = None, max_length: int | None = None):
+    """A ``CrossEncoder``; warns when the directory holds no trained reranking head.
+
+    ``max_length`` None keeps the model's own (what it was trained with), else its tokenizer's limit."""
     from sentence_transformers import CrossEncoder
 
     spec = spec if isinstance(spec, ModelSpec) else resolve_model(spec)

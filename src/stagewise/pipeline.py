@@ -117,6 +117,6 @@ class Pipeline:
         reranker_config = config.get("reranker")
         reranker = None
         if reranker_config:
-            reranker = CrossEncoderReranker(reranker_config["model"], max_length=reranker_config.get("max_length", 512))
+            reranker = CrossEncoderReranker(reranker_config["model"], max_length=reranker_config.get("max_length"))
             warn_if_changed(reranker_config, reranker.spec)
         return cls(first_stage, reranker, int(config.get("depth", 20)))

@@ -12,7 +12,7 @@ from stagewise.models import ModelSpec, load_cross_encoder, resolve_model
 class CrossEncoderReranker:
     """A sentence-transformers ``CrossEncoder``; one forward pass per pair, so it only sees the top ``depth``."""
 
-    def __init__(self, model: str | ModelSpec, batch_size: int = 32, max_length: int | None = 512,
+    def __init__(self, model: str | ModelSpec, batch_size: int = 32, max_length: int | None = None,
                  device: str | None = None):
         self.spec = model if isinstance(model, ModelSpec) else resolve_model(model)
         self.name = self.spec.name
