@@ -27,7 +27,6 @@ from stagewise.training import BiTrainConfig, CrossTrainConfig, train_bi, train_
 CROSS = {
     "bert-tiny": dict(model="bert-tiny", init="base", epochs=3, learning_rate=1e-4, batch_size=16),
     "minilm-l6": dict(model="minilm-l6", init="base", epochs=1, learning_rate=5e-5, batch_size=16),
-    "minilm-l6-3ep": dict(model="minilm-l6", init="base", epochs=3, learning_rate=1e-4, batch_size=16),
 }
 
 
