@@ -272,10 +272,11 @@ def make_rerank_evaluator(queries, candidates, texts, qrels, depth, on_metrics=N
 
 
 def detect_collapse(scores: list[np.ndarray], reranked_ndcg: float, first_stage_ndcg: float,
-                    min_std: float = 1e-3) -> dict:
+                    min_std: float = 0.02) -> dict:
     """The known failure of rerankers trained on hard negatives, checked on dev.
 
-    ``collapsed``: near-constant scores (mean per-query spread of the sigmoid scores under ``min_std``).
+    ``collapsed``: near-constant scores: the mean per-query standard deviation of the (sigmoid, 0..1) scores
+    is under ``min_std`` (a healthy reranker spreads a query's candidates by ~0.1 or more).
     ``no_gain``: reranking is no better than the first stage's own order (unless that order is already perfect).
     """
     spread = float(np.mean([s.std() for s in scores])) if scores else 0.0
