@@ -367,12 +367,8 @@ def _to_hf(columns: dict):
     return Dataset.from_dict(columns)
 
 
-def _save_examples(run: RunDir, name: str, columns: dict) -> None:
-    """Mined data is kept in the run, so that a resumed run trains on exactly the same examples."""
-    run.write_json(name, columns)
-
-
 def _load_examples(run: RunDir, name: str) -> dict | None:
+    """Training examples (mined negatives included) are kept in the run: a resumed run trains on the same ones."""
     import json
 
     path = run.path / name
@@ -515,7 +511,7 @@ def train_bi(config: BiTrainConfig, out: str | Path, resume: bool = False) -> di
         stats = {}
         if columns is None:
             columns, stats = _bi_train_columns(config, examples, loss_name, dataset, spec)
-            _save_examples(run, "train_data.json", columns)
+            run.write_json("train_data.json", columns)
         model = load_bi_encoder(spec, max_seq_length=config.max_seq_length)
         evaluator = None
         if dev:
@@ -663,7 +659,7 @@ def train_cross(config: CrossTrainConfig, out: str | Path, resume: bool = False)
                 groups = mine_from_first_stage(examples, first_stage, texts, config.depth, config.hard_negatives,
                                                config.random_negatives, config.seed)
                 columns = _cross_columns(loss_name, groups)
-            _save_examples(run, "train_data.json", columns)
+            run.write_json("train_data.json", columns)
         model = CrossEncoder(str(spec.path), num_labels=1, max_length=config.max_length)
         evaluator, candidates = None, None
         if dev:
