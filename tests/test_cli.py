@@ -120,3 +120,9 @@ def test_every_malformed_file_is_one_line_exit_2_and_untouched(beir_dir, file, c
     assert result.exit_code == 2, result.output
     assert expected in result.output and "Traceback" not in result.output
     assert {p: p.read_bytes() for p in beir_dir.rglob("*") if p.is_file()} == snapshot
+
+
+def test_error_text_with_brackets_is_printed_verbatim(tmp_path):
+    folder = tmp_path / "odd[data]"
+    result = runner.invoke(app, ["data", "describe", str(folder)])
+    assert result.exit_code == 2 and "odd[data]" in result.output

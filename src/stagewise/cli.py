@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from stagewise.errors import StagewiseError
@@ -33,10 +34,10 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except StagewiseError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]")
+            console.print("[yellow]interrupted[/] (a training run continues with --resume)")
             raise typer.Exit(130) from None
 
     return wrapper
