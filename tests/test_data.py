@@ -987,3 +987,20 @@ def test_describe_without_splits():
 def test_training_bare_carriage_return_in_cell(tmp_path, name, sep):
     path = _write(tmp_path / name, f"query{sep}positive\nq{sep}p\na\rb{sep}c\n")
     expect_error(lambda: load_training_examples(path), tmp_path, path, 3, contains=("malformed",))
+
+
+def test_qrels_duplicate_judgement_names_both_lines(tmp_path):
+    from conftest import write_beir
+
+    folder = write_beir(tmp_path / "dup", qrels={"dev": [("q1", "d1", 1), ("q2", "d2", 1), ("q1", "d1", 0)]})
+    with pytest.raises(DataError) as err:
+        load_beir(folder)
+    assert err.value.line == 4 and err.value.field == "corpus-id" and "first on line 2" in str(err.value)
+
+
+def test_qrels_trailing_tab_is_still_three_columns(tmp_path):
+    from conftest import write_beir
+
+    folder = write_beir(tmp_path / "tab", qrels={"dev": [("q1", "d1", 1)]})
+    (folder / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\t\nq2\td2\t1\t\n")
+    assert load_beir(folder).qrels["dev"] == {"q1": {"d1": 1}, "q2": {"d2": 1}}

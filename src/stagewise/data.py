@@ -163,10 +163,13 @@ def load_qrels(path: str | Path, corpus: dict[str, Document], queries: dict[str,
     """Read BEIR qrels (query-id, corpus-id, score; optional header) or TREC qrels (qid 0 docid rel)."""
     path = Path(path)
     qrels: dict[str, dict[str, int]] = {}
+    first_line: dict[tuple[str, str], int] = {}
     for number, line in _lines(path):
         if not line.strip():
             continue
         cols = line.split("\t") if "\t" in line else line.split()
+        if len(cols) == 4 and not cols[3].strip():  # a trailing tab, not TREC's four columns
+            cols = cols[:3]
         if number == 1 and cols[0].strip().lower() in ("query-id", "query_id", "qid"):
             continue
         if len(cols) == 4:
@@ -185,6 +188,10 @@ def load_qrels(path: str | Path, corpus: dict[str, Document], queries: dict[str,
             rel = int(value)
         except ValueError:
             raise DataError(path, f"expected an integer relevance, got '{score}'", line=number, field="score") from None
+        if (qid, did) in first_line:
+            raise DataError(path, f"duplicate judgement of '{did}' for '{qid}' (first on line "
+                                  f"{first_line[qid, did]})", line=number, field="corpus-id")
+        first_line[qid, did] = number
         qrels.setdefault(qid, {})[did] = rel
     if not any(rel > 0 for docs in qrels.values() for rel in docs.values()):
         raise DataError(path, "split has no queries with a relevant document")
