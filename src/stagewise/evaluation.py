@@ -118,8 +118,7 @@ def compare_per_query(name_a: str, per_query_a: dict, name_b: str, per_query_b: 
     qids = sorted(set(per_query_a) & set(per_query_b))
     if not qids:
         raise StagewiseError(f"'{name_a}' and '{name_b}' share no query: they were not run on the same split")
-    missing = [m for m in (metric,) if m not in per_query_a[qids[0]] or m not in per_query_b[qids[0]]]
-    if missing:
+    if metric not in per_query_a[qids[0]] or metric not in per_query_b[qids[0]]:
         raise StagewiseError(f"metric '{metric}' is not in both per-query results "
                              f"(available: {', '.join(sorted(per_query_a[qids[0]]))})")
     va = np.array([per_query_a[q][metric] for q in qids])

@@ -178,9 +178,13 @@ def mine_from_first_stage(
     rankings = []
     from stagewise.progress import progress_bar
 
+    batch = 64  # queries per retrieve call: a dense stage encodes them together
     with progress_bar() as bar:
-        for anchor in bar.track(anchors, description=f"mining negatives with {first_stage.name}"):
-            rankings.append(first_stage.retrieve([anchor], depth)[0])
+        task = bar.add_task(f"mining negatives with {first_stage.name}", total=len(anchors))
+        for start in range(0, len(anchors), batch):
+            chunk = anchors[start:start + batch]
+            rankings += first_stage.retrieve(chunk, depth)
+            bar.advance(task, len(chunk))
     groups: dict[str, list[tuple[str, int]]] = {}
     for anchor, ranking in zip(anchors, rankings):
         pos = positives[anchor]
