@@ -289,6 +289,55 @@ def train_cross_command(
     _print_training(train_cross(config, run_dir, resume=resume), run_dir)
 
 
+# ---- model selection ---------------------------------------------------------------------
+
+
+@app.command("select")
+@user_errors
+def select_command(
+    data: Optional[str] = typer.Option(None, "--data", help="'default' or a BEIR folder (train and dev splits)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="select.yaml: candidates per stage, budgets."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="quick (about 10 min on 2 CPU cores) | full."),
+    bi: Optional[List[str]] = typer.Option(None, "--bi", help="Candidate bi-encoder (repeatable)."),
+    cross: Optional[List[str]] = typer.Option(None, "--cross", help="Candidate cross-encoder base (repeatable)."),
+    depth: Optional[List[int]] = typer.Option(None, "--depth", "-d", help="Rerank depth to consider (repeatable)."),
+    latency_budget_ms: Optional[float] = typer.Option(None, "--latency-budget-ms",
+                                                      help="Per-query latency the pipeline must stay within."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Minutes for the whole selection."),
+    max_dev_queries: Optional[int] = typer.Option(None, "--max-dev-queries"),
+    query: Optional[str] = typer.Option(None, "--query", help="Example query to answer with the chosen pipeline "
+                                                              "(default: the first dev query)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/select-<time>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted selection in --out."),
+):
+    """Choose a pipeline stage by stage: first stages, then rerankers on the chosen one; report and verdict."""
+    from stagewise.data import load_dataset
+    from stagewise.pipeline import Pipeline
+    from stagewise.selection import load_select_config, select
+
+    settings = load_select_config(config, preset, data=data, bi_encoders=bi or None, cross_encoders=cross or None,
+                                  depths=depth or None, latency_budget_ms=latency_budget_ms,
+                                  time_budget_min=time_budget, max_dev_queries=max_dev_queries)
+    run_dir = out or RunDir.default_path("select")
+    result = select(settings, run_dir, resume=resume)
+    console.print("[bold]Verdict[/]")
+    for line in result["verdict"]["summary"]:
+        console.print(f"  {line}", highlight=False)
+    console.print(f"report: {run_dir / result['report']['html']}\npipeline: {run_dir / result['pipeline_yaml']}",
+                  highlight=False)
+    dataset = load_dataset(settings.data)
+    if query is None:
+        queries, _ = dataset.split(settings.dev_split)
+        query = queries[sorted(queries)[0]]
+    pipeline = Pipeline.load(run_dir / result["pipeline_yaml"]).index(dataset.corpus)
+    console.print(f"[bold]Example[/]: {pipeline.name} answers {query!r}", highlight=False)
+    for hit in pipeline.search(query, k=3):
+        rerank = "" if hit.rerank_score is None else f", rerank score {hit.rerank_score:.3f}"
+        console.print(f"  {hit.rank}. {hit.doc_id} (first stage rank {hit.first_stage_rank}, score "
+                      f"{hit.first_stage_score:.3f}{rerank}) {(hit.title + ': ' if hit.title else '') + hit.text[:90]}…",
+                      highlight=False, markup=False)
+
+
 def main() -> None:
     app()
 

@@ -141,17 +141,16 @@ def evaluate(
     depths: Sequence[int] = (20,),
     k: int = 100,
     max_queries: int | None = None,
+    recall_cutoffs: Sequence[int] = (),
 ) -> list[SystemResult]:
     """Evaluate each first stage alone and, with a reranker, each first stage reranked at each depth.
 
     Queries run one at a time, as a search service would see them, so stage latencies are per query.
+    ``recall_cutoffs`` adds Recall@c for each c (the rerank depths being considered: their ceilings).
     """
-    queries, qrels = dataset.split(split)
-    if max_queries:
-        keep = sorted(queries)[:max_queries]
-        queries, qrels = {q: queries[q] for q in keep}, {q: qrels[q] for q in keep}
-    retrieve_k = max([k, *depths]) if reranker else k
-    ceilings = tuple(depths) if reranker else ()
+    queries, qrels = split_queries(dataset, split, max_queries)
+    retrieve_k = max([k, *depths, *recall_cutoffs]) if reranker else max([k, *recall_cutoffs])
+    ceilings = tuple(recall_cutoffs) + (tuple(depths) if reranker else ())
     results = []
     for stage in first_stages:
         pipeline = Pipeline(stage).index(dataset.corpus)
@@ -169,6 +168,67 @@ def evaluate(
                                     {"first_stage": latency_summary(seconds)}, encoding=encoding))
         for depth in depths if reranker else ():
             results.append(_rerank(dataset, queries, qrels, stage.name, rankings, seconds, reranker, depth))
+    return results
+
+
+def split_queries(dataset: RetrievalDataset, split: str, max_queries: int | None = None) -> tuple[dict, dict]:
+    """The split's queries and qrels; with ``max_queries``, the first N by id (the same N every time)."""
+    queries, qrels = dataset.split(split)
+    if max_queries:
+        keep = sorted(queries)[:max_queries]
+        queries, qrels = {q: queries[q] for q in keep}, {q: qrels[q] for q in keep}
+    return queries, qrels
+
+
+def evaluate_depths(
+    dataset: RetrievalDataset,
+    split: str,
+    first: SystemResult,
+    pipeline: Pipeline,
+    depths: Sequence[int],
+    latency_queries: int = 20,
+    max_queries: int | None = None,
+) -> list[SystemResult]:
+    """Rerank ``first``'s own candidates at every depth, scoring each (query, candidate) pair once.
+
+    A cross-encoder scores each pair on its own, so reranking at depth d orders the top d by the same scores
+    that reranking the top ``max(depths)`` gives them: quality at every depth comes from one pass over all
+    queries. Latency is measured, not derived: ``pipeline`` (the first stage and this reranker) runs end to
+    end at each depth on the first ``latency_queries`` queries.
+    """
+    queries, qrels = split_queries(dataset, split, max_queries)
+    reranker, deepest = pipeline.reranker, max(depths)
+    scores: dict[str, list[tuple[str, float]]] = {}
+    with progress_bar() as bar:
+        for qid in bar.track(queries, description=f"{reranker.name}: score top {deepest}"):
+            top = first.rankings[qid][:deepest]
+            scores[qid] = list(zip(top, reranker.score(queries[qid], [dataset.corpus[d].full_text() for d in top])))
+    sample = sorted(queries)[:latency_queries]
+    timings: dict[int, list] = {d: [] for d in depths}
+    configured_depth = pipeline.depth
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task(f"{reranker.name}: latency at depths {list(depths)}", total=len(depths) * len(sample))
+            for depth in depths:
+                pipeline.depth = depth
+                for qid in sample:
+                    timings[depth].append(pipeline.search_timed(queries[qid], 10)[1])
+                    bar.advance(task)
+    finally:
+        pipeline.depth = configured_depth
+    results = []
+    for depth in depths:
+        reranked = {}
+        for qid in queries:
+            top = sorted(scores[qid][:depth], key=lambda x: -x[1])  # stable: ties keep first-stage order
+            reranked[qid] = [d for d, _ in top] + first.rankings[qid][depth:]
+        metrics, per_query = compute_metrics(qrels, run_from_rankings(reranked), (depth,))
+        t = timings[depth]
+        latency = {"first_stage": latency_summary([x.first_stage_s for x in t]),
+                   "rerank": latency_summary([x.rerank_s for x in t]), "total": latency_summary([x.total_s for x in t]),
+                   "queries": len(t)}
+        results.append(SystemResult(f"{first.name} >> {reranker.name}@{depth}", "pipeline", metrics, per_query,
+                                    reranked, latency, depth=depth, first_stage=first.name))
     return results
 
 

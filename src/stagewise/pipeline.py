@@ -97,10 +97,17 @@ class Pipeline:
         }
 
     def save(self, path: str | Path) -> Path:
+        """Write ``pipeline.yaml``; models inside its folder are named relative to it, so the folder can move."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        here = path.parent.resolve()
+
+        def relative(model: str) -> str:
+            p = Path(model)
+            return p.resolve().relative_to(here).as_posix() if p.is_dir() and p.resolve().is_relative_to(here) else model
+
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        tmp.write_text(yaml.safe_dump(_map_models(self.config(), relative), sort_keys=False))
         tmp.replace(path)
         return path
 
@@ -113,10 +120,22 @@ class Pipeline:
             raise StagewiseError(f"{path}: cannot read pipeline ({e})") from None
         if not isinstance(config, dict) or "first_stage" not in config:
             raise StagewiseError(f"{path}: not a pipeline file (no 'first_stage')")
+        here = path.parent
+        config = _map_models(config, lambda m: str(here / m) if not Path(m).is_absolute() and (here / m).is_dir() else m)
         first_stage = build_first_stage(config["first_stage"], cache, **options)
         reranker_config = config.get("reranker")
         reranker = None
         if reranker_config:
             reranker = CrossEncoderReranker(reranker_config["model"], max_length=reranker_config.get("max_length"))
+            reranker.name = reranker_config.get("name") or reranker.name
             warn_if_changed(reranker_config, reranker.spec)
         return cls(first_stage, reranker, int(config.get("depth", 20)))
+
+
+def _map_models(config, fn):
+    """A copy of a pipeline config with ``fn`` applied to every stage's ``model``."""
+    if isinstance(config, dict):
+        return {k: fn(v) if k == "model" and isinstance(v, str) else _map_models(v, fn) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_map_models(v, fn) for v in config]
+    return config

@@ -20,7 +20,7 @@ class CrossEncoderReranker:
         self.model = load_cross_encoder(self.spec, device=device, max_length=max_length)
 
     def config(self) -> dict:
-        return {"type": "cross-encoder", "model": self.spec.spec, "fingerprint": self.spec.fingerprint,
+        return {"type": "cross-encoder", "name": self.name, "model": self.spec.spec, "fingerprint": self.spec.fingerprint,
                 "max_length": self.model.max_length}
 
     def score(self, query: str, texts: Sequence[str]) -> np.ndarray:

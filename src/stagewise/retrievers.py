@@ -32,6 +32,8 @@ class FirstStage(Protocol):
 
     def config(self) -> dict: ...
 
+    def index_bytes(self) -> int: ...
+
 
 def _require_index(ids: list[str] | None, name: str) -> list[str]:
     if ids is None:
@@ -49,7 +51,7 @@ class BM25Retriever:
         self._indexed: dict | None = None
 
     def config(self) -> dict:
-        return {"type": "bm25", "k1": self.k1, "b": self.b, "stopwords": self.stopwords}
+        return {"type": "bm25", "name": self.name, "k1": self.k1, "b": self.b, "stopwords": self.stopwords}
 
     def index(self, corpus: dict[str, Document]) -> None:
         if self._indexed is corpus:
@@ -63,6 +65,11 @@ class BM25Retriever:
         self._bm25 = bm25s.BM25(k1=self.k1, b=self.b)
         self._bm25.index(tokens, show_progress=False)
         self._indexed = corpus
+
+    def index_bytes(self) -> int:
+        """Memory of the sparse score matrix that answers queries."""
+        _require_index(self._ids, self.name)
+        return int(sum(getattr(v, "nbytes", 0) for v in self._bm25.scores.values()))
 
     def retrieve(self, queries: Sequence[str], k: int) -> list[Ranking]:
         ids = _require_index(self._ids, self.name)
@@ -96,7 +103,7 @@ class DenseRetriever:
         self.from_cache = False
 
     def config(self) -> dict:
-        return {"type": "dense", "model": self.spec.spec, "fingerprint": self.spec.fingerprint,
+        return {"type": "dense", "name": self.name, "model": self.spec.spec, "fingerprint": self.spec.fingerprint,
                 "similarity": self.similarity, "max_seq_length": self.model.max_seq_length}
 
     def _normalize(self) -> bool:
@@ -126,6 +133,11 @@ class DenseRetriever:
         self.docs_per_second, self.from_cache = result.docs_per_second, result.from_cache
         self._ids = list(corpus)
         self._indexed = corpus
+
+    def index_bytes(self) -> int:
+        """Memory of the corpus embeddings (float32) searched exactly."""
+        _require_index(self._ids, self.name)
+        return int(self._embeddings.nbytes)
 
     def retrieve(self, queries: Sequence[str], k: int) -> list[Ranking]:
         ids = _require_index(self._ids, self.name)
@@ -157,12 +169,15 @@ class HybridRetriever:
         self.name = "+".join(s.name for s in self.stages)
 
     def config(self) -> dict:
-        return {"type": "hybrid", "rrf_k": self.rrf_k, "fusion_depth": self.fusion_depth,
+        return {"type": "hybrid", "name": self.name, "rrf_k": self.rrf_k, "fusion_depth": self.fusion_depth,
                 "stages": [s.config() for s in self.stages]}
 
     def index(self, corpus: dict[str, Document]) -> None:
         for stage in self.stages:
             stage.index(corpus)
+
+    def index_bytes(self) -> int:
+        return sum(stage.index_bytes() for stage in self.stages)
 
     def retrieve(self, queries: Sequence[str], k: int) -> list[Ranking]:
         depth = max(k, self.fusion_depth)
@@ -196,18 +211,9 @@ def build_first_stage(
     """
     shared = {} if shared is None else shared
     if isinstance(spec, dict):
-        kind = spec.get("type")
-        if kind == "bm25":
-            return BM25Retriever(spec.get("k1", 1.5), spec.get("b", 0.75), spec.get("stopwords", "en"))
-        if kind == "dense":
-            options = {**dense_options, "max_seq_length": spec.get("max_seq_length")}
-            stage = DenseRetriever(spec["model"], cache=cache, **options)
-            warn_if_changed(spec, stage.spec)
-            return stage
-        if kind == "hybrid":
-            stages = [build_first_stage(s, cache, shared, **dense_options) for s in spec["stages"]]
-            return HybridRetriever(stages, spec.get("rrf_k", 60), spec.get("fusion_depth", 100))
-        raise StagewiseError(f"unknown first-stage type {kind!r} (expected bm25, dense or hybrid)")
+        stage = _first_stage_from_config(spec, cache, shared, dense_options)
+        stage.name = spec.get("name") or stage.name
+        return stage
     spec = spec.strip()
     if spec not in shared:
         if "+" in spec:
@@ -217,3 +223,18 @@ def build_first_stage(
         else:
             shared[spec] = DenseRetriever(spec, cache=cache, **dense_options)
     return shared[spec]
+
+
+def _first_stage_from_config(spec: dict, cache, shared, dense_options) -> FirstStage:
+    kind = spec.get("type")
+    if kind == "bm25":
+        return BM25Retriever(spec.get("k1", 1.5), spec.get("b", 0.75), spec.get("stopwords", "en"))
+    if kind == "dense":
+        options = {**dense_options, "max_seq_length": spec.get("max_seq_length")}
+        stage = DenseRetriever(spec["model"], cache=cache, **options)
+        warn_if_changed(spec, stage.spec)
+        return stage
+    if kind == "hybrid":
+        stages = [build_first_stage(s, cache, shared, **dense_options) for s in spec["stages"]]
+        return HybridRetriever(stages, spec.get("rrf_k", 60), spec.get("fusion_depth", 100))
+    raise StagewiseError(f"unknown first-stage type {kind!r} (expected bm25, dense or hybrid)")

@@ -18,7 +18,7 @@ from pathlib import Path
 from stagewise.errors import StagewiseError
 
 # Settings that may differ between an interrupted run and its resumption.
-_RESUMABLE_KEYS = {"resume", "created"}
+_RESUMABLE_KEYS = {"resume", "created", "max_seconds", "time_budget_min"}
 
 
 def seed_everything(seed: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -74,6 +75,7 @@ class TrainArgs:
     early_stopping_patience: int | None = 2
     logging_steps: int = 10
     seed: int = 42
+    max_seconds: float | None = None  # stop training (with a last evaluation) once this much time has passed
 
 
 @dataclass
@@ -341,6 +343,26 @@ def _training_arguments(cls, config: TrainArgs, run: RunDir, has_dev: bool, extr
     return cls(**args)
 
 
+def _time_limit(seconds: float):
+    """Stop training once ``seconds`` have passed, evaluating and saving first so the best checkpoint is kept."""
+    from transformers import TrainerCallback
+
+    class TimeLimitCallback(TrainerCallback):
+        stopped_at_step: int | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.perf_counter() - self.start > seconds and not control.should_training_stop:
+                self.stopped_at_step = state.global_step
+                control.should_training_stop = True
+                control.should_evaluate = args.eval_strategy != "no"
+                control.should_save = True
+
+    return TimeLimitCallback()
+
+
 def _fit(trainer_cls, model, args, train_dataset, loss, evaluator, config: TrainArgs, run: RunDir, resume: bool):
     from transformers import EarlyStoppingCallback
     from transformers.trainer_callback import ProgressCallback
@@ -348,6 +370,9 @@ def _fit(trainer_cls, model, args, train_dataset, loss, evaluator, config: Train
     callbacks = []
     if evaluator is not None and config.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    limit = _time_limit(config.max_seconds) if config.max_seconds else None
+    if limit:
+        callbacks.append(limit)
     trainer = trainer_cls(model=model, args=args, train_dataset=train_dataset, loss=loss, evaluator=evaluator,
                           callbacks=callbacks)
     trainer.remove_callback(ProgressCallback)
@@ -357,6 +382,8 @@ def _fit(trainer_cls, model, args, train_dataset, loss, evaluator, config: Train
     history = [h for h in trainer.state.log_history if "loss" in h]
     return {
         "steps": trainer.state.global_step,
+        "max_steps": trainer.state.max_steps,
+        "stopped_at_time_limit": bool(limit and limit.stopped_at_step is not None),
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "best_dev_ndcg@10": trainer.state.best_metric,
         "loss_first": history[0]["loss"] if history else None,

@@ -1,0 +1,693 @@
+"""Model selection, stage by stage, measured on the user's data: the product's answer to "which pipeline?".
+
+1. **First stage.** BM25 and each candidate bi-encoder zero-shot on dev; the most promising bi-encoders
+   fine-tuned and measured again; BM25 fused with the best dense stage. Quality (nDCG@10, MRR@10, Recall at
+   every rerank depth) and cost (latency per query, encoding throughput, index memory). The best one within
+   the latency budget is chosen: on its own it is already a complete, deployable answer.
+2. **Second stage, on top of the chosen first stage.** Each cross-encoder base and initialisation strategy
+   (a different base, the bi-encoder's own base, the fine-tuned bi-encoder's weights) is fine-tuned on
+   negatives mined from that first stage and evaluated at every rerank depth, with latency measured.
+3. **Verdict.** The pipeline with the best dev nDCG@10 within the latency budget; a reranker only when its
+   gain is large enough and significant (paired test), explained in numbers.
+
+Everything lands in a run directory: each finished step in ``steps/`` (so ``resume`` never redoes one), each
+training run in ``train/``, the report (HTML, Markdown, JSON) and ``pipeline.yaml``. A wall-clock budget is
+shared out between the expensive steps by their measured cost; what does not fit is shortened or skipped,
+and the report says which and why.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from stagewise.cache import EmbeddingCache
+from stagewise.data import RetrievalDataset, load_dataset
+from stagewise.errors import StagewiseError
+from stagewise.evaluation import SystemResult, compare, evaluate, evaluate_depths, split_queries
+from stagewise.models import model_kind, resolve_model
+from stagewise.pipeline import Pipeline
+from stagewise.progress import console
+from stagewise.rerankers import CrossEncoderReranker
+from stagewise.retrievers import build_first_stage
+from stagewise.rundir import RunDir, seed_everything, versions
+from stagewise.training import INIT_STRATEGIES, BiTrainConfig, CrossTrainConfig, train_bi, train_cross
+
+logger = logging.getLogger(__name__)
+
+LATENCY_METRICS = ("p50_ms", "p95_ms", "mean_ms")
+
+
+@dataclass
+class SelectConfig:
+    """What ``select`` compares and under which budgets; a YAML file, a preset, or both (the file wins)."""
+
+    data: str = "default"
+    train_split: str = "train"
+    dev_split: str = "dev"
+    bm25: bool = True
+    bi_encoders: list[str] = field(default_factory=lambda: ["minilm-l6", "static-64"])
+    finetune_top: int = 2  # fine-tune the N best zero-shot bi-encoders
+    hybrid: bool = True  # BM25 fused with the best dense first stage
+    cross_encoders: list[str] = field(default_factory=lambda: ["bert-tiny", "minilm-l6"])
+    init_strategies: list[str] = field(default_factory=lambda: list(INIT_STRATEGIES))
+    depths: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])
+    bi_training: dict = field(default_factory=dict)  # BiTrainConfig fields, e.g. {epochs: 1}
+    cross_training: dict = field(default_factory=dict)  # CrossTrainConfig fields
+    latency_budget_ms: float | None = None  # per query, on this machine
+    latency_metric: str = "p95_ms"
+    time_budget_min: float | None = None  # wall clock for the whole selection
+    min_gain: float = 0.005  # a reranker must add at least this much nDCG@10 …
+    alpha: float = 0.05  # … with a paired t-test p-value under this
+    latency_queries: int = 20  # queries timed end to end at each rerank depth
+    max_dev_queries: int | None = None
+    seed: int = 42
+
+
+PRESETS: dict[str, dict] = {
+    # ~10 minutes on a 2-core CPU on the embedded default dataset
+    "quick": {
+        "bi_encoders": ["minilm-l6", "static-64"], "finetune_top": 1, "cross_encoders": ["bert-tiny"],
+        "init_strategies": ["base", "from-finetuned-bi"], "depths": [5, 10, 20, 50],
+        "bi_training": {"epochs": 1, "dev_corpus_size": 1000},
+        "cross_training": {"epochs": 2, "learning_rate": 1e-4, "hard_negatives": 3, "random_negatives": 1,
+                           "max_length": 128},
+        "time_budget_min": 9, "latency_queries": 10,
+    },
+    "full": {},
+}
+
+
+def load_select_config(path: str | Path | None = None, preset: str | None = None, **overrides) -> SelectConfig:
+    """Defaults, then the preset, then the YAML file, then explicit overrides (None values are ignored)."""
+    if preset is not None and preset not in PRESETS:
+        raise StagewiseError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+    values: dict = copy.deepcopy(PRESETS.get(preset or "full", {}))
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise StagewiseError(f"{path}: cannot read ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            raise StagewiseError(f"{path}:{'' if line is None else line + 1}: invalid YAML ({e.problem})") from None
+        if not isinstance(loaded, dict):
+            raise StagewiseError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+        known = {f.name for f in fields(SelectConfig)}
+        for key in loaded:
+            if key not in known:
+                raise StagewiseError(f"{path}: field '{key}': unknown setting (known: {', '.join(sorted(known))})")
+        _merge(values, loaded)
+    _merge(values, {k: v for k, v in overrides.items() if v is not None})
+    config = SelectConfig(**values)
+    _check_config(config, path)
+    return config
+
+
+def _merge(values: dict, new: dict) -> None:
+    """Later settings win; the training dicts are merged key by key (a file's epochs keeps a preset's lr)."""
+    for key, value in new.items():
+        if key in ("bi_training", "cross_training") and isinstance(value, dict):
+            values[key] = {**values.get(key, {}), **value}
+        else:
+            values[key] = value
+
+
+def _check_config(config: SelectConfig, path) -> None:
+    where = f"{path}: " if path else ""
+    for f in fields(SelectConfig):
+        value, kind = getattr(config, f.name), {"list": list, "dict": dict}.get(str(f.type).split("[")[0])
+        if kind and not isinstance(value, kind):
+            raise StagewiseError(f"{where}field '{f.name}': a {kind.__name__} is needed, got {value!r}")
+    if config.latency_queries < 1:
+        raise StagewiseError(f"{where}field 'latency_queries': at least 1 query must be timed")
+    if not config.depths or any(type(d) is not int or d < 1 for d in config.depths):
+        raise StagewiseError(f"{where}field 'depths': positive integers are needed, got {config.depths}")
+    config.depths = sorted(set(config.depths))
+    if config.latency_metric not in LATENCY_METRICS:
+        raise StagewiseError(f"{where}field 'latency_metric': one of {', '.join(LATENCY_METRICS)}, "
+                             f"not '{config.latency_metric}'")
+    for s in config.init_strategies:
+        if s not in INIT_STRATEGIES:
+            raise StagewiseError(f"{where}field 'init_strategies': '{s}' is not one of {', '.join(INIT_STRATEGIES)}")
+    for name, cls in (("bi_training", BiTrainConfig), ("cross_training", CrossTrainConfig)):
+        unknown = set(getattr(config, name)) - {f.name for f in fields(cls)}
+        if unknown:
+            raise StagewiseError(f"{where}field '{name}': unknown training settings {sorted(unknown)}")
+    if not config.bm25 and not config.bi_encoders:
+        raise StagewiseError(f"{where}no first stage to select from: enable bm25 or name bi_encoders")
+
+
+# --------------------------------------------------------------------------------------------
+# The time budget
+# --------------------------------------------------------------------------------------------
+
+
+class TimeBudget:
+    """Wall-clock time shared out between the remaining expensive steps in proportion to their estimated cost."""
+
+    def __init__(self, minutes: float | None, clock: Callable[[], float] = time.perf_counter):
+        self.seconds = None if minutes is None else minutes * 60.0
+        self.clock = clock
+        self.start = clock()
+
+    def remaining(self) -> float:
+        return math.inf if self.seconds is None else max(0.0, self.seconds - (self.clock() - self.start))
+
+    def plan(self, estimate: float, later: float = 0.0, minimum: float = 0.25) -> tuple[str, float | None]:
+        """``("run", None)`` when the step fits its share; ``("shorten", seconds)`` when at least ``minimum`` of
+        it fits; else ``("skip", share)``. ``later`` is the estimated cost of the steps still to come."""
+        if self.seconds is None:
+            return "run", None
+        share = self.remaining() * estimate / max(estimate + later, 1e-9)
+        if estimate <= share:
+            return "run", None
+        if share >= minimum * estimate:
+            return "shorten", share
+        return "skip", share
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+# --------------------------------------------------------------------------------------------
+# Steps: each finished one is stored, so a resumed selection never redoes it
+# --------------------------------------------------------------------------------------------
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-")
+
+
+class Steps:
+    def __init__(self, run: RunDir):
+        self.run = run
+
+    def get(self, name: str) -> dict | None:
+        path = self.run.path / "steps" / f"{_slug(name)}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def put(self, name: str, record: dict) -> dict:
+        """Store a finished step; return it as a resumed run will read it back (JSON types), so both runs agree."""
+        path = self.run.write_json(f"steps/{_slug(name)}.json", record)
+        return json.loads(path.read_text())
+
+
+def _result_record(result: SystemResult) -> dict:
+    return {**result.summary(), "per_query": result.per_query, "rankings": result.rankings}
+
+
+def _as_result(record: dict) -> SystemResult:
+    keep = {f.name for f in fields(SystemResult)}
+    return SystemResult(**{k: v for k, v in record.items() if k in keep})
+
+
+# --------------------------------------------------------------------------------------------
+# The selection
+# --------------------------------------------------------------------------------------------
+
+
+class Selection:
+    """One run of the staged strategy. ``select()`` is the entry point; this holds the shared state."""
+
+    def __init__(self, config: SelectConfig, run: RunDir, dataset: RetrievalDataset):
+        self.config, self.run, self.dataset = config, run, dataset
+        self.steps = Steps(run)
+        self.budget = TimeBudget(config.time_budget_min)
+        self.cache = EmbeddingCache()
+        self.shared: dict = {}  # first stages by spec: one model load per model
+        self.skipped: list[dict] = []
+        self.dev_queries, self.dev_qrels = split_queries(dataset, config.dev_split, config.max_dev_queries)
+        self.train_queries = len(dataset.split(config.train_split)[1])
+
+    # ---- stage 1 --------------------------------------------------------------------------
+
+    def first_stage(self, spec: str, name: str, kind: str, **extra) -> dict:
+        """Evaluate one first stage on dev (or reuse the stored step): quality, latency, throughput, memory."""
+        stored = self.steps.get(f"first-{name}")
+        if stored:
+            return stored
+        stage = self._stage(spec, name)
+        result = evaluate(self.dataset, self.config.dev_split, [stage], k=max(100, *self.config.depths),
+                          max_queries=self.config.max_dev_queries, recall_cutoffs=self.config.depths)[0]
+        record = {**_result_record(result), "name": name, "spec": spec, "kind": kind, "config": stage.config(),
+                  "status": "ok", "note": "", "docs_per_second": result.encoding.get("docs_per_second"),
+                  "index_bytes": stage.index_bytes(), "fine_tuned": False, "train_seconds": None, **extra}
+        console.print(f"  {name}: dev nDCG@10 {result.metrics['ndcg@10']:.4f}, "
+                      f"p50 {result.latency['first_stage']['p50_ms']:.1f} ms/query", highlight=False)
+        return self.steps.put(f"first-{name}", record)
+
+    def _stage(self, spec: str, name: str):
+        stage = build_first_stage(spec, self.cache, self.shared)
+        stage.name = name
+        return stage
+
+    def _bi_estimate(self, zero_shot: dict, training: BiTrainConfig) -> float:
+        """Seconds to fine-tune and re-measure a bi-encoder, from its measured corpus encoding rate."""
+        rate = zero_shot.get("docs_per_second") or 50.0
+        corpus = len(self.dataset.corpus)
+        steps = math.ceil(self.train_queries / training.batch_size) * training.epochs
+        texts_per_step = training.batch_size * (2 + training.num_negatives)
+        evals = min(training.dev_corpus_size, corpus) * math.ceil(training.epochs)
+        return (3 * steps * texts_per_step + evals + 2 * corpus) / rate  # forward+backward ≈ 3 forwards
+
+    def finetune_bi(self, zero_shot: dict, later: float) -> dict | None:
+        base, name = zero_shot["spec"], f"{zero_shot['name']} fine-tuned"
+        stored = self.steps.get(f"first-{name}")
+        if stored:
+            return stored
+        training = BiTrainConfig(**{**self.config.bi_training, "model": base, "data": self.config.data,
+                                    "train_split": self.config.train_split, "dev_split": self.config.dev_split,
+                                    "seed": self.config.seed})
+        estimate = self._bi_estimate(zero_shot, training)
+        decision, seconds = self.budget.plan(estimate, later)
+        if decision == "skip":
+            self._skip(name, f"estimated {_minutes(estimate)} to fine-tune; its share of the time budget is "
+                             f"{_minutes(seconds)}")
+            return None
+        training.max_seconds = seconds
+        run_dir = self.run.path / "train" / f"bi-{_slug(zero_shot['name'])}"
+        console.print(f"  fine-tuning {zero_shot['name']} (estimated {_minutes(estimate)}"
+                      + (f", limited to {_minutes(seconds)}" if seconds else "") + ")", highlight=False)
+        started = time.perf_counter()
+        trained = _train(train_bi, training, run_dir)
+        note = ""
+        if trained["train"].get("stopped_at_time_limit"):
+            note = (f"stopped after {trained['train']['steps']} of {trained['train']['max_steps']} steps at its "
+                    f"{_minutes(seconds)} share of the time budget")
+        record = self.first_stage(str(run_dir / "model"), name, "dense", fine_tuned=True, base=base,
+                                  bi_run=str(run_dir), train_seconds=round(time.perf_counter() - started, 1))
+        record.update(status="shortened" if note else "ok", note=note)
+        return self.steps.put(f"first-{name}", record)
+
+    def choose_first_stage(self, candidates: list[dict]) -> tuple[dict, str]:
+        budget, metric = self.config.latency_budget_ms, self.config.latency_metric
+        for c in candidates:
+            c["within_budget"] = budget is None or c["latency"]["first_stage"][metric] <= budget
+        fitting = [c for c in candidates if c["within_budget"]]
+        if not fitting:
+            fastest = min(candidates, key=lambda c: c["latency"]["first_stage"][metric])
+            return fastest, (f"no first stage meets the {budget:g} ms {metric[:3]} latency budget; "
+                             f"{fastest['name']} is the fastest")
+        best = max(fitting, key=lambda c: (round(c["metrics"]["ndcg@10"], 4), -c["latency"]["first_stage"][metric]))
+        within = f" within the {budget:g} ms {metric[:3]} latency budget" if budget is not None else ""
+        return best, f"highest dev nDCG@10 ({best['metrics']['ndcg@10']:.3f}) among first stages{within}"
+
+    # ---- stage 2 --------------------------------------------------------------------------
+
+    def reranker_candidates(self, chosen: dict, fine_tuned: dict[str, dict]) -> list[dict]:
+        """Each cross-encoder start to try on the chosen first stage, or the reason it cannot be tried."""
+        dense = chosen if chosen["kind"] == "dense" else chosen.get("dense")
+        bi_base = dense.get("base", dense["spec"]) if dense else None
+        bi_tuned = dense if dense and dense.get("fine_tuned") else fine_tuned.get(bi_base or "")
+        wanted = []
+        for strategy in self.config.init_strategies:
+            if strategy == "base":
+                wanted += [("same-as-bi" if base == bi_base else "base", base) for base in self.config.cross_encoders]
+            elif strategy == "same-as-bi":
+                wanted.append((strategy, bi_base))
+            else:
+                wanted.append((strategy, bi_tuned["spec"] if bi_tuned else None))
+        out, seen = [], set()
+        for strategy, model in wanted:
+            if (strategy, model) in seen:
+                continue
+            seen.add((strategy, model))
+            if strategy == "from-finetuned-bi":
+                cand = {"name": f"cross from {bi_tuned['name']}" if bi_tuned else "cross from the fine-tuned bi-encoder",
+                        "label": "initialised from the fine-tuned bi-encoder"}
+            elif model is None:
+                cand = {"name": "cross from the bi-encoder's base", "label": "same base as the bi-encoder"}
+            else:
+                cand = {"name": f"cross {display_name(model)}", "label": f"same base as the bi-encoder "
+                        f"({display_name(model)})" if strategy == "same-as-bi" else f"a different base ({display_name(model)})"}
+            cand.update(init=strategy, model=model)
+            if strategy != "base" and bi_base is None:
+                cand["skip"] = "the chosen first stage has no bi-encoder"
+            elif model is None:
+                cand["skip"] = "no fine-tuned bi-encoder (fine-tuning was skipped)"
+            elif not _has_transformer(model):
+                cand["skip"] = f"{model} has no transformer to read query and document together"
+            out.append(cand)
+        return out
+
+    def _cross_estimate(self, training: CrossTrainConfig, pairs_per_second: float) -> tuple[float, float]:
+        """Seconds to train (with its dev evaluations) and to evaluate every depth, from a measured scoring rate."""
+        dev = len(self.dev_queries)
+        pairs = self.train_queries * (1 + training.hard_negatives + training.random_negatives)
+        train = (3 * pairs * training.epochs + dev * training.depth * (math.ceil(training.epochs) + 1))
+        evaluation = dev * max(self.config.depths) + self.config.latency_queries * sum(self.config.depths)
+        return train / pairs_per_second, evaluation / pairs_per_second
+
+    def rerankers(self, chosen: dict, first_result: SystemResult, candidates: list[dict]) -> list[dict]:
+        records, todo = [], [c for c in candidates if "skip" not in c]
+        for c in candidates:
+            if "skip" in c:
+                self._skip(c["name"], c["skip"])
+                records.append({**c, "status": "skipped", "note": c.pop("skip"), "depths": [], "health": None,
+                                "train_seconds": None})
+        for i, cand in enumerate(todo):
+            stored = self.steps.get(f"rerank-{cand['name']}")
+            if stored:
+                records.append(stored)
+                continue
+            training = CrossTrainConfig(**{"depth": min(20, max(self.config.depths)), **self.config.cross_training,
+                                           "model": cand["model"], "init": "base", "data": self.config.data,
+                                           "train_split": self.config.train_split, "dev_split": self.config.dev_split,
+                                           "first_stage": chosen["spec"], "seed": self.config.seed})
+            rate = _pairs_per_second(cand["model"], training.max_length, self.dataset, self.dev_queries)
+            train_s, eval_s = self._cross_estimate(training, rate)
+            later = (len(todo) - i - 1) * (train_s + eval_s)  # the others' cost, guessed at this one's rate
+            records.append(self.reranker(cand, training, chosen, first_result, train_s, eval_s, later))
+        return records
+
+    def reranker(self, cand: dict, training: CrossTrainConfig, chosen: dict, first_result: SystemResult,
+                 train_s: float, eval_s: float, later: float) -> dict:
+        record = {**cand, "status": "ok", "note": "", "depths": [], "health": None, "train_seconds": None,
+                  "estimated_seconds": round(train_s + eval_s, 1)}
+        decision, seconds = self.budget.plan(train_s + eval_s, later)
+        if decision == "skip":  # not stored: a resumed selection with more time tries it again
+            reason = f"estimated {_minutes(train_s + eval_s)}; its share of the time budget is {_minutes(seconds)}"
+            self._skip(cand["name"], reason)
+            return {**record, "status": "skipped", "note": reason}
+        notes = []
+        if seconds is not None:
+            training.max_seconds = max(1.0, seconds * train_s / (train_s + eval_s))
+        console.print(f"  training {cand['name']} ({cand['label']}; estimated {_minutes(train_s + eval_s)}"
+                      + (f", limited to {_minutes(seconds)}" if seconds else "") + ")", highlight=False)
+        run_dir = self.run.path / "train" / _slug(cand["name"])
+        started = time.perf_counter()
+        trained = _train(train_cross, training, run_dir)
+        record.update(train_seconds=round(time.perf_counter() - started, 1), run=str(run_dir),
+                      model_dir=trained["model"], max_length=training.max_length, init_warning=trained.get("init_warning"),
+                      health=(trained.get("dev") or {}).get("health"))
+        if trained["train"].get("stopped_at_time_limit"):
+            notes.append(f"training stopped after {trained['train']['steps']} of {trained['train']['max_steps']} "
+                         "steps at its share of the time budget")
+        depths = self._affordable_depths(eval_s, seconds, started)
+        if len(depths) < len(self.config.depths):
+            dropped = sorted(set(self.config.depths) - set(depths))
+            notes.append(f"depths {dropped} not evaluated: they did not fit the time budget")
+        reranker = CrossEncoderReranker(trained["model"], max_length=training.max_length)
+        reranker.name = cand["name"]
+        pipeline = Pipeline(self._stage(chosen["spec"], chosen["name"]), reranker).index(self.dataset.corpus)
+        results = evaluate_depths(self.dataset, self.config.dev_split, first_result, pipeline, depths,
+                                  self.config.latency_queries, self.config.max_dev_queries)
+        record["depths"] = [self._depth_record(first_result, r) for r in results]
+        record.update(status="shortened" if notes else "ok", note="; ".join(notes))
+        return self.steps.put(f"rerank-{cand['name']}", record)
+
+    def _affordable_depths(self, eval_s: float, share: float | None, started: float) -> list[int]:
+        """Drop the deepest depths until scoring fits what is left of this candidate's share (keeping the
+        shallowest, so that the training is never wasted)."""
+        depths = list(self.config.depths)
+        if share is None:
+            return depths
+        left = share - (time.perf_counter() - started)
+
+        def pairs(ds):
+            return max(ds) * len(self.dev_queries) + self.config.latency_queries * sum(ds)
+
+        full = pairs(depths)
+        while len(depths) > 1 and eval_s * pairs(depths) / full > left:
+            depths.pop()
+        return depths
+
+    def _depth_record(self, first: SystemResult, result: SystemResult) -> dict:
+        c = compare(first, result)
+        return {**_result_record(result), "recall_ceiling": first.metrics.get(f"recall@{result.depth}"),
+                "comparison": asdict(c)}
+
+    def _skip(self, what: str, why: str) -> None:
+        console.print(f"  [yellow]skipped[/] {what}: {why}", highlight=False)
+        self.skipped.append({"what": what, "why": why})
+
+
+def _train(fn, training, run_dir: Path) -> dict:
+    """Run a training, resuming an interrupted one in the same directory, or read a finished one."""
+    if (run_dir / "result.json").is_file():
+        return json.loads((run_dir / "result.json").read_text())
+    return fn(training, run_dir, resume=(run_dir / "config.json").is_file())
+
+
+def display_name(model: str) -> str:
+    """An alias as is; a directory by its last component (its parent's, for a run's ``model/``)."""
+    spec = resolve_model(model)
+    if spec.alias:
+        return spec.alias
+    path = Path(model)
+    return path.parent.name if path.name == "model" and path.parent.name else path.name or model
+
+
+def _has_transformer(model: str) -> bool:
+    spec = resolve_model(model)
+    config = spec.path / "config.json"
+    return config.is_file() and "model_type" in json.loads(config.read_text())
+
+
+def _pairs_per_second(model: str, max_length: int, dataset: RetrievalDataset, queries: dict) -> float:
+    """Measure a cross-encoder's scoring rate on this machine on real (query, document) pairs."""
+    reranker = CrossEncoderReranker(model, max_length=max_length)
+    docs = [d.full_text() for d in list(dataset.corpus.values())[:32]]
+    query = next(iter(queries.values()))
+    reranker.score(query, docs[:4])  # warm-up
+    start = time.perf_counter()
+    reranker.score(query, docs)
+    return len(docs) / max(time.perf_counter() - start, 1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# The verdict
+# --------------------------------------------------------------------------------------------
+
+
+def _latency(row: dict, metric: str) -> float:
+    lat = row["latency"]
+    return (lat.get("total") or lat["first_stage"])[metric]
+
+
+def pareto_front(rows: list[dict]) -> None:
+    """Mark ``pareto``: no other row is at least as good on both nDCG@10 and latency and better on one."""
+    for r in rows:
+        r["pareto"] = not any(
+            o is not r and o["ndcg@10"] >= r["ndcg@10"] and o["latency_ms"] <= r["latency_ms"]
+            and (o["ndcg@10"] > r["ndcg@10"] or o["latency_ms"] < r["latency_ms"]) for o in rows)
+
+
+def verdict(config: SelectConfig, chosen: dict, rerankers: list[dict]) -> dict:
+    """The recommended pipeline and the numbers that explain it. A reranker must fit the latency budget, add at
+    least ``min_gain`` nDCG@10 with p < ``alpha``, and not be collapsed; otherwise the first stage alone."""
+    metric, budget = config.latency_metric, config.latency_budget_ms
+    first_ndcg = chosen["metrics"]["ndcg@10"]
+    options = []
+    for r in rerankers:
+        for d in r["depths"]:
+            d["within_budget"] = budget is None or _latency(d, metric) <= budget
+            if d["within_budget"]:
+                options.append((r, d))
+    healthy = [(r, d) for r, d in options if not (r.get("health") or {}).get("collapsed")]
+    best = max(healthy or options, key=lambda x: (round(x[1]["metrics"]["ndcg@10"], 4), -_latency(x[1], metric)),
+               default=None)  # a collapsed reranker is only shown when no healthy one fits
+    out: dict = {"first_stage": chosen["name"], "first_stage_ndcg@10": first_ndcg,
+                 "first_stage_latency_ms": _latency(chosen, metric), "reranker": None, "depth": None,
+                 "reranker_worth_it": False, "name": chosen["name"], "ndcg@10": first_ndcg,
+                 "latency_ms": _latency(chosen, metric)}
+    summary = []
+    if best is not None:
+        r, d = best
+        c = d["comparison"]
+        out.update(best_reranked=d["name"], gain=c["mean_diff"], ci95=c["ci95"], p_value=c["p_value"], wins=c["wins"],
+                   losses=c["losses"], ties=c["ties"], recall_ceiling=d["recall_ceiling"])
+        collapsed = bool((r.get("health") or {}).get("collapsed"))
+        worth = c["mean_diff"] >= config.min_gain and c["p_value"] < config.alpha and not collapsed
+        if worth:
+            out.update(reranker=r["name"], depth=d["depth"], reranker_worth_it=True, name=d["name"],
+                       **{"ndcg@10": d["metrics"]["ndcg@10"]}, latency_ms=_latency(d, metric))
+        out.update(_depth_curve(r, first_ndcg))
+        detail = (f"(95% CI {c['ci95'][0]:+.3f} to {c['ci95'][1]:+.3f}, "
+                     f"paired t-test p = {c['p_value']:.3g}; better on {c['wins']} queries, worse on {c['losses']})")
+        if worth:
+            summary.append(f"Recommended: {chosen['name']}, reranked by {r['name']} at depth {d['depth']} "
+                           f"(dev nDCG@10 {d['metrics']['ndcg@10']:.3f}, {metric[:3]} "
+                           f"{_latency(d, metric):.0f} ms per query).")
+            summary.append(f"Reranking adds {c['mean_diff']:+.3f} nDCG@10 {detail} over the first stage alone.")
+        else:
+            why = ("its scores collapsed" if collapsed else "the gain is below the "
+                   f"{config.min_gain:g} minimum" if c["mean_diff"] < config.min_gain else
+                   f"the gain is not significant (p ≥ {config.alpha:g})")
+            summary.append(f"Recommended: {chosen['name']} alone (dev nDCG@10 {first_ndcg:.3f}, {metric[:3]} "
+                           f"{_latency(chosen, metric):.0f} ms per query). The reranker is not worth it: {why}.")
+            summary.append(f"The best reranked pipeline within budget, {d['name']}, changes nDCG@10 by "
+                           f"{c['mean_diff']:+.3f} {detail}.")
+        if d["recall_ceiling"] is not None:
+            summary.append(f"At depth {d['depth']} the first stage retrieves {d['recall_ceiling']:.0%} of the "
+                           "relevant documents: the ceiling for reranking.")
+        if out.get("depth_90pct") is not None:
+            summary.append(f"Depth {out['depth_90pct']} reaches 90% of {r['name']}'s peak gain "
+                           f"({out['peak_gain']:+.3f} at depth {out['peak_depth']})"
+                           + ("; the gain then declines deeper." if out["peaks_and_declines"] else "."))
+    else:
+        reason = ("no reranker fits the latency budget" if any(r["depths"] for r in rerankers)
+                  else "no reranker was evaluated")
+        summary.append(f"Recommended: {chosen['name']} alone (dev nDCG@10 {first_ndcg:.3f}, {metric[:3]} "
+                       f"{_latency(chosen, metric):.0f} ms per query): {reason}.")
+    out["init_costs"] = _init_costs(rerankers)
+    for cost in out["init_costs"]:
+        if cost["vs_best_base"] is not None:
+            summary.append(f"Starting the cross-encoder {cost['label']} reached {cost['best_ndcg@10']:.3f} nDCG@10, "
+                           f"{cost['vs_best_base']:+.3f} against the best other start"
+                           + (f" ({cost['train_seconds']:.0f} s of training)" if cost["train_seconds"] else "")
+                           + (", and its scores collapsed." if cost["collapsed"] else "."))
+    out["summary"] = summary
+    return out
+
+
+def _depth_curve(reranker: dict, first_ndcg: float) -> dict:
+    gains = [(d["depth"], d["metrics"]["ndcg@10"] - first_ndcg) for d in reranker["depths"]]
+    peak_depth, peak = max(gains, key=lambda x: (x[1], -x[0]))
+    if peak <= 0:
+        return {"peak_depth": peak_depth, "peak_gain": peak, "depth_90pct": None, "peaks_and_declines": False}
+    depth_90 = min(d for d, g in gains if g >= 0.9 * peak)
+    return {"peak_depth": peak_depth, "peak_gain": peak, "depth_90pct": depth_90,
+            "peaks_and_declines": gains[-1][0] > peak_depth and gains[-1][1] < peak - 1e-3}
+
+
+def _init_costs(rerankers: list[dict]) -> list[dict]:
+    """Each shared-initialisation start (same-as-bi, from-finetuned-bi) against the best other start."""
+    def best(r):
+        return max((d["metrics"]["ndcg@10"] for d in r["depths"]), default=None)
+
+    out = []
+    for r in rerankers:
+        if r["init"] == "base":
+            continue
+        others = [best(o) for o in rerankers if o is not r and best(o) is not None]
+        mine = best(r)
+        out.append({"init": r["init"], "label": r["label"], "status": r["status"], "best_ndcg@10": mine,
+                    "vs_best_base": None if mine is None or not others else mine - max(others),
+                    "train_seconds": r.get("train_seconds"), "collapsed": bool((r.get("health") or {}).get("collapsed"))})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def select(config: SelectConfig, out: str | Path, resume: bool = False, report: bool = True) -> dict:
+    """Run the staged strategy; write steps, trainings, ``pipeline.yaml`` and the report into ``out``."""
+    seed_everything(config.seed)
+    dataset = load_dataset(config.data)
+    dataset.split(config.train_split), dataset.split(config.dev_split)  # a missing split fails before any work
+    for model in [*config.bi_encoders, *config.cross_encoders]:
+        resolve_model(model)  # a missing model fails now, not an hour in
+    for model in config.bi_encoders:
+        if model_kind(resolve_model(model).path) == "cross-encoder":
+            raise StagewiseError(f"bi_encoders: '{model}' is a cross-encoder")
+    run_config = {"command": "select", **asdict(config), "dataset_fingerprint": dataset.fingerprint()}
+    with RunDir(out, run_config, resume=resume) as run:
+        s = Selection(config, run, dataset)
+        console.print(f"[bold]Stage 1[/]: first stages on {dataset.name} / {config.dev_split} "
+                      f"({len(s.dev_queries)} queries, {len(dataset.corpus)} documents)")
+        candidates = [s.first_stage("bm25", "bm25", "bm25")] if config.bm25 else []
+        zero_shot = [s.first_stage(m, display_name(m), "dense", base=m) for m in config.bi_encoders]
+        candidates += zero_shot
+        promising = sorted(zero_shot, key=lambda c: -c["metrics"]["ndcg@10"])[: config.finetune_top]
+        estimates = [s._bi_estimate(z, BiTrainConfig(**config.bi_training)) for z in promising]
+        fine_tuned = {}
+        for i, z in enumerate(promising):
+            tuned = s.finetune_bi(z, later=sum(estimates[i + 1:]) + _stage2_guess(estimates[i], config))
+            if tuned:
+                fine_tuned[z["spec"]] = tuned
+                candidates.append(tuned)
+        dense = [c for c in candidates if c["kind"] == "dense"]
+        if config.hybrid and config.bm25 and dense:
+            best_dense = max(dense, key=lambda c: c["metrics"]["ndcg@10"])
+            hybrid = s.first_stage(f"bm25+{best_dense['spec']}", f"bm25+{best_dense['name']}", "hybrid")
+            hybrid["dense"] = best_dense
+            candidates.append(hybrid)
+        chosen, reason = s.choose_first_stage(candidates)
+        console.print(f"  chosen: [bold]{chosen['name']}[/] ({reason})", highlight=False)
+
+        console.print(f"[bold]Stage 2[/]: rerankers on {chosen['name']} at depths {config.depths}")
+        first_result = _as_result(chosen)
+        rerankers = s.rerankers(chosen, first_result, s.reranker_candidates(chosen, fine_tuned))
+        result = _assemble(s, candidates, chosen, reason, rerankers)
+        pipeline = _pipeline(s, chosen, rerankers, result["verdict"])
+        result["pipeline_yaml"] = str(pipeline.save(run.path / "pipeline.yaml").relative_to(run.path))
+        result["wall_seconds"] = run.wall_seconds
+        result["budget"]["used_s"] = run.wall_seconds
+        if report:
+            from stagewise.report import write_report
+
+            result["report"] = {k: str(Path(v).relative_to(run.path)) for k, v in write_report(result, run.path).items()}
+        run.finish({"verdict": result["verdict"], "report": result.get("report"), "pipeline": result["pipeline_yaml"]})
+    return result
+
+
+def _stage2_guess(bi_estimate: float, config: SelectConfig) -> float:
+    """Before any cross-encoder is measured, reserve for stage 2 about what one bi-encoder fine-tuning costs each."""
+    return bi_estimate * 0.5 * max(1, len(config.cross_encoders)) if config.cross_encoders else 0.0
+
+
+def _pipeline(s: Selection, chosen: dict, rerankers: list[dict], v: dict) -> Pipeline:
+    first = build_first_stage(chosen["config"], s.cache)
+    if not v["reranker_worth_it"]:
+        return Pipeline(first)
+    r = next(r for r in rerankers if r["name"] == v["reranker"])
+    return Pipeline(first, CrossEncoderReranker(r["model_dir"], max_length=r["max_length"]), depth=v["depth"])
+
+
+def _assemble(s: Selection, candidates: list[dict], chosen: dict, reason: str, rerankers: list[dict]) -> dict:
+    config, metric = s.config, s.config.latency_metric
+    v = verdict(config, chosen, rerankers)
+    systems = [{"name": c["name"], "stage": "first_stage", "ndcg@10": c["metrics"]["ndcg@10"],
+                "p50_ms": _latency(c, "p50_ms"), "p95_ms": _latency(c, "p95_ms"), "latency_ms": _latency(c, metric),
+                "within_budget": c.get("within_budget", True)} for c in candidates]
+    systems += [{"name": d["name"], "stage": "pipeline", "ndcg@10": d["metrics"]["ndcg@10"],
+                 "p50_ms": _latency(d, "p50_ms"), "p95_ms": _latency(d, "p95_ms"), "latency_ms": _latency(d, metric),
+                 "within_budget": d["within_budget"]} for r in rerankers for d in r["depths"]]
+    pareto_front(systems)
+    per_query = None
+    shown = v.get("best_reranked")
+    if shown:
+        d = next(d for r in rerankers for d in r["depths"] if d["name"] == shown)
+        per_query = {"a": chosen["name"], "b": shown, "metric": "ndcg@10",
+                     "diffs": {q: d["per_query"][q]["ndcg@10"] - chosen["per_query"][q]["ndcg@10"]
+                               for q in d["per_query"]}}
+    lean = ("per_query", "rankings", "config", "dense")
+    import torch
+
+    return {
+        "format": 1,
+        "title": f"Stagewise model selection: {s.dataset.name} ({config.dev_split})",
+        "created": s.run.config["created"],
+        "dataset": {"name": s.dataset.name, "source": str(s.dataset.source), "fingerprint": s.dataset.fingerprint(),
+                    "documents": len(s.dataset.corpus), "train_queries": s.train_queries,
+                    "dev_queries": len(s.dev_queries), "dev_split": config.dev_split, "train_split": config.train_split},
+        "machine": {"cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                    **versions()},
+        "config": asdict(config),
+        "budget": {"time_budget_s": None if config.time_budget_min is None else config.time_budget_min * 60,
+                   "latency_budget_ms": config.latency_budget_ms, "latency_metric": metric},
+        "first_stage": {"candidates": [{k: v for k, v in c.items() if k not in lean} for c in candidates],
+                        "chosen": chosen["name"], "reason": reason},
+        "rerankers": [{**{k: v for k, v in r.items() if k not in lean},
+                       "depths": [{k: v for k, v in d.items() if k not in lean} for d in r["depths"]]}
+                      for r in rerankers],
+        "systems": systems,
+        "verdict": v,
+        "per_query": per_query,
+        "skipped": s.skipped,
+    }

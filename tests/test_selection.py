@@ -1,0 +1,178 @@
+"""Model selection end to end with tiny models: the staged flow, the run directory, resume, budgets, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_beir
+from stagewise import selection
+from stagewise.cli import app
+from stagewise.errors import StagewiseError
+from stagewise.pipeline import Pipeline
+from stagewise.selection import SelectConfig, load_select_config, select
+
+TOPICS = ["cats purr", "dogs bark", "rust memory", "python typing", "tea leaves", "coffee beans", "rain clouds",
+          "sun heat", "moon tides", "trees roots", "fish gills", "birds wings", "cars engines", "ships sails",
+          "books pages", "songs notes", "bread yeast", "cheese milk", "glass sand", "steel iron", "paper wood",
+          "wind mills", "snow cold", "fire smoke"]
+
+
+@pytest.fixture(scope="module")
+def select_data(tmp_path_factory):
+    """24 documents; 16 training queries and 8 dev queries, one relevant document each."""
+    corpus = [{"_id": f"d{i}", "title": t.split()[0], "text": f"{t}, and more words about {t} here"}
+              for i, t in enumerate(TOPICS)]
+    queries = [{"_id": f"q{i:02d}", "text": f"what about {t.split()[1]}"} for i, t in enumerate(TOPICS)]
+    qrels = {"train": [(f"q{i:02d}", f"d{i}", 1) for i in range(16)],
+             "dev": [(f"q{i:02d}", f"d{i}", 1) for i in range(16, 24)]}
+    return write_beir(tmp_path_factory.mktemp("select") / "data", corpus, queries, qrels)
+
+
+def tiny_config(data, bi, cross, **extra) -> SelectConfig:
+    settings = dict(data=str(data), bi_encoders=[str(bi)], cross_encoders=[str(cross)], finetune_top=1,
+                    depths=[2, 5], latency_queries=3,
+                    bi_training={"epochs": 1, "batch_size": 8, "dev_corpus_size": 24, "hard_negatives": "bm25",
+                                 "range_min": 1, "range_max": 5},
+                    cross_training={"epochs": 1, "batch_size": 8, "hard_negatives": 2, "random_negatives": 1,
+                                    "max_length": 32})
+    return load_select_config(**{**settings, **extra})
+
+
+@pytest.fixture(scope="module")
+def dense_run(select_data, tiny_bi_encoder, tiny_cross_encoder, tmp_path_factory):
+    """A whole selection without BM25, so the chosen first stage is a bi-encoder and every start applies.
+    Shared by the tests below, which read it or resume it (leaving it as they found it)."""
+    config = tiny_config(select_data, tiny_bi_encoder, tiny_cross_encoder, bm25=False)
+    out = tmp_path_factory.mktemp("dense") / "run"
+    return config, out, select(config, out)
+
+
+def test_stage_one_measures_zero_shot_and_fine_tuned(dense_run, tiny_bi_encoder):
+    _, out, result = dense_run
+    cands = {c["name"]: c for c in result["first_stage"]["candidates"]}
+    base = tiny_bi_encoder.name
+    assert set(cands) == {base, f"{base} fine-tuned"}  # no bm25, so no hybrid either
+    tuned = cands[f"{base} fine-tuned"]
+    assert tuned["fine_tuned"] and tuned["train_seconds"] > 0 and (out / "train" / f"bi-{base}" / "model").is_dir()
+    for c in cands.values():
+        assert {"ndcg@10", "mrr@10", "recall@2", "recall@5", "recall@100"} <= set(c["metrics"])
+        assert c["latency"]["first_stage"]["p95_ms"] > 0 and c["index_bytes"] == 24 * 32 * 4
+    assert result["first_stage"]["chosen"] in cands
+
+
+def test_stage_two_tries_every_start_on_the_chosen_first_stage(dense_run, tiny_cross_encoder):
+    _, out, result = dense_run
+    chosen = result["first_stage"]["chosen"]
+    by_init = {r["init"]: r for r in result["rerankers"]}
+    assert set(by_init) == {"base", "same-as-bi", "from-finetuned-bi"}
+    for r in by_init.values():
+        assert r["status"] == "ok", r["note"]
+        assert [d["depth"] for d in r["depths"]] == [2, 5]
+        for d in r["depths"]:
+            assert d["name"] == f"{chosen} >> {r['name']}@{d['depth']}"
+            assert d["latency"]["queries"] == 3 and d["latency"]["rerank"]["p50_ms"] > 0
+            assert d["comparison"]["a"] == chosen and -1 <= d["comparison"]["mean_diff"] <= 1
+            assert d["recall_ceiling"] == result_first(result)["metrics"][f"recall@{d['depth']}"]
+        assert r["health"] is not None and (out / "train").is_dir()
+    assert by_init["from-finetuned-bi"]["model"].endswith("model")
+    # a bi-encoder start is warned about, a real base is not
+    assert by_init["same-as-bi"]["init_warning"] and not by_init["base"]["init_warning"]
+
+
+def result_first(result):
+    return next(c for c in result["first_stage"]["candidates"] if c["name"] == result["first_stage"]["chosen"])
+
+
+def test_run_directory_holds_report_steps_and_a_loadable_pipeline(dense_run, select_data):
+    from stagewise.data import load_dataset
+
+    _, out, result = dense_run
+    for name in ("config.json", "result.json", "log.txt", "report.html", "report.md", "selection.json"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "steps").glob("*.json"))) == 2 + 3
+    verdict = result["verdict"]
+    html = (out / "report.html").read_text()
+    assert f"{verdict['first_stage_ndcg@10']:.3f}" in html and verdict["summary"][0].split(" (")[0] in html
+    saved = json.loads((out / "selection.json").read_text())
+    assert saved["verdict"]["summary"] == verdict["summary"]
+    pipeline = Pipeline.load(out / result["pipeline_yaml"]).index(load_dataset(str(select_data)).corpus)
+    assert pipeline.first_stage.name == verdict["first_stage"]
+    assert (pipeline.reranker is not None) == verdict["reranker_worth_it"]
+    assert len(pipeline.search("what about purr", k=3)) == 3
+
+
+def test_resume_reuses_finished_steps(dense_run, monkeypatch):
+    config, out, result = dense_run
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished step was redone")
+
+    for name in ("train_bi", "train_cross", "evaluate", "evaluate_depths"):
+        monkeypatch.setattr(selection, name, fail)
+    again = select(config, out, resume=True)
+    assert again["verdict"] == result["verdict"]
+
+
+def test_resume_redoes_only_the_interrupted_step(dense_run, monkeypatch):
+    config, out, result = dense_run
+    step = out / "steps" / "rerank-cross-from-tiny-bi0-fine-tuned.json"
+    assert step.is_file(), sorted(p.name for p in (out / "steps").iterdir())
+    step.unlink()  # as if interrupted after training, before its evaluation was stored
+    calls = []
+    real = selection.evaluate_depths
+    monkeypatch.setattr(selection, "train_bi", lambda *a, **k: (_ for _ in ()).throw(AssertionError("bi redone")))
+    monkeypatch.setattr(selection, "evaluate_depths", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = select(config, out, resume=True)
+    assert calls == [1] and step.is_file()
+    assert [r["name"] for r in again["rerankers"]] == [r["name"] for r in result["rerankers"]]
+
+
+def test_an_existing_run_needs_resume(dense_run):
+    config, out, _ = dense_run
+    with pytest.raises(StagewiseError, match="--resume"):
+        select(config, out)
+
+
+def test_a_tiny_time_budget_skips_training_and_says_so(select_data, tiny_bi_encoder, tiny_cross_encoder, tmp_path):
+    config = tiny_config(select_data, tiny_bi_encoder, tiny_cross_encoder, time_budget_min=0.0001)
+    result = select(config, tmp_path / "run")
+    names = [c["name"] for c in result["first_stage"]["candidates"]]
+    assert not any(n.endswith("fine-tuned") for n in names)
+    skipped = {s["what"]: s["why"] for s in result["skipped"]}
+    assert f"{tiny_bi_encoder.name} fine-tuned" in skipped and "time budget" in skipped[f"{tiny_bi_encoder.name} fine-tuned"]
+    assert all(r["status"] == "skipped" for r in result["rerankers"])
+    assert not result["verdict"]["reranker_worth_it"]
+    assert "no reranker was evaluated" in result["verdict"]["summary"][0]
+    assert "time budget" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_a_missing_model_or_split_fails_before_any_work(select_data, tiny_bi_encoder, tiny_cross_encoder, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(StagewiseError):
+        select(tiny_config(select_data, tmp_path / "nope", tiny_cross_encoder), out)
+    with pytest.raises(StagewiseError, match="split"):
+        select(tiny_config(select_data, tiny_bi_encoder, tiny_cross_encoder, dev_split="validation"), out)
+    with pytest.raises(StagewiseError, match="cross-encoder"):
+        select(tiny_config(select_data, tiny_cross_encoder, tiny_cross_encoder), out)
+    assert not out.exists()
+
+
+def test_cli_select_prints_verdict_report_and_an_example(select_data, tiny_bi_encoder, tiny_cross_encoder, tmp_path):
+    config = tmp_path / "select.yaml"
+    config.write_text(json.dumps({
+        "bi_encoders": [str(tiny_bi_encoder)], "cross_encoders": [str(tiny_cross_encoder)], "finetune_top": 0,
+        "init_strategies": ["base"], "depths": [3], "latency_queries": 2,
+        "cross_training": {"epochs": 1, "batch_size": 8, "max_length": 32}}))
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["select", "--data", str(select_data), "--config", str(config), "--out", str(out),
+                                   "--query", "what about purr"])
+    assert res.exit_code == 0, res.output
+    assert "Verdict" in res.output and "report.html" in res.output and "what about purr" in res.output
+    assert "1. d" in res.output  # the example query's first hit
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("depth: [5]\n")
+    res = CliRunner().invoke(app, ["select", "--data", str(select_data), "--config", str(bad), "--out", str(out)])
+    assert res.exit_code == 2 and "bad.yaml" in res.output and "'depth'" in res.output
