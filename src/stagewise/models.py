@@ -277,15 +277,16 @@ def load_bi_encoder(spec: ModelSpec | str, device: str | None = None, max_seq_le
     return model
 
 
-def load_cross_encoder(spec: ModelSpec | str, device: str | None = None, max_length: int | None = None):
-    """A ``CrossEncoder``; warns when the directory holds no trained reranking head.
+def load_cross_encoder(spec: ModelSpec | str, device: str | None = None, max_length: int | None = None,
+                       warn_untrained: bool = True):
+    """A ``CrossEncoder``; warns when the directory holds no trained reranking head (unless it is about to be trained).
 
     ``max_length`` None keeps the model's own (what it was trained with), else its tokenizer's limit."""
     from sentence_transformers import CrossEncoder
 
     spec = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
     kind = model_kind(spec.path)
-    if kind != "cross-encoder":
+    if kind != "cross-encoder" and warn_untrained:
         dropped = " (its pooling/normalisation modules are dropped)" if kind == "bi-encoder" else ""
         warnings.warn(
             f"'{spec.spec}' is a {kind}, not a trained cross-encoder: it gets a freshly initialised scoring "

@@ -34,7 +34,7 @@ from stagewise.cache import EmbeddingCache
 from stagewise.data import RetrievalDataset, load_dataset
 from stagewise.errors import StagewiseError
 from stagewise.evaluation import SystemResult, compare, evaluate, evaluate_depths, split_queries
-from stagewise.models import model_kind, resolve_model
+from stagewise.models import installed_aliases, model_kind, resolve_model
 from stagewise.pipeline import Pipeline
 from stagewise.progress import console
 from stagewise.rerankers import CrossEncoderReranker
@@ -47,6 +47,12 @@ logger = logging.getLogger(__name__)
 LATENCY_METRICS = ("p50_ms", "p95_ms", "mean_ms")
 
 
+def _installed(*aliases: str) -> list[str]:
+    """The default candidates: those of ``aliases`` installed here."""
+    present = set(installed_aliases())
+    return [a for a in aliases if a in present]
+
+
 @dataclass
 class SelectConfig:
     """What ``select`` compares and under which budgets; a YAML file, a preset, or both (the file wins)."""
@@ -55,10 +61,10 @@ class SelectConfig:
     train_split: str = "train"
     dev_split: str = "dev"
     bm25: bool = True
-    bi_encoders: list[str] = field(default_factory=lambda: ["minilm-l6", "static-64"])
+    bi_encoders: list[str] = field(default_factory=lambda: _installed("minilm-l6", "static-64", "mpnet-base"))
     finetune_top: int = 2  # fine-tune the N best zero-shot bi-encoders
     hybrid: bool = True  # BM25 fused with the best dense first stage
-    cross_encoders: list[str] = field(default_factory=lambda: ["bert-tiny", "minilm-l6"])
+    cross_encoders: list[str] = field(default_factory=lambda: _installed("bert-tiny", "minilm-l6"))
     init_strategies: list[str] = field(default_factory=lambda: list(INIT_STRATEGIES))
     depths: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])
     bi_training: dict = field(default_factory=dict)  # BiTrainConfig fields, e.g. {epochs: 1}
@@ -458,13 +464,15 @@ def _has_transformer(model: str) -> bool:
 
 def _pairs_per_second(model: str, max_length: int, dataset: RetrievalDataset, queries: dict) -> float:
     """Measure a cross-encoder's scoring rate on this machine on real (query, document) pairs."""
-    reranker = CrossEncoderReranker(model, max_length=max_length)
-    docs = [d.full_text() for d in list(dataset.corpus.values())[:32]]
+    from stagewise.models import load_cross_encoder
+
+    cross = load_cross_encoder(model, max_length=max_length, warn_untrained=False)
     query = next(iter(queries.values()))
-    reranker.score(query, docs[:4])  # warm-up
+    pairs = [(query, d.full_text()) for d in list(dataset.corpus.values())[:32]]
+    cross.predict(pairs[:4], show_progress_bar=False)  # warm-up
     start = time.perf_counter()
-    reranker.score(query, docs)
-    return len(docs) / max(time.perf_counter() - start, 1e-6)
+    cross.predict(pairs, batch_size=32, show_progress_bar=False)
+    return len(pairs) / max(time.perf_counter() - start, 1e-6)
 
 
 # --------------------------------------------------------------------------------------------

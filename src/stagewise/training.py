@@ -653,8 +653,9 @@ def _cross_loss(name: str, model, columns: dict):
 
 def train_cross(config: CrossTrainConfig, out: str | Path, resume: bool = False) -> dict:
     """Fine-tune a cross-encoder on the first stage's own mistakes; detect and report a collapsed reranker."""
-    from sentence_transformers import CrossEncoder
     from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
+
+    from stagewise.models import load_cross_encoder
 
     from stagewise.retrievers import build_first_stage
 
@@ -691,7 +692,7 @@ def train_cross(config: CrossTrainConfig, out: str | Path, resume: bool = False)
                                                config.random_negatives, config.seed)
                 columns = _cross_columns(loss_name, groups)
             run.write_json("train_data.json", columns)
-        model = CrossEncoder(str(spec.path), num_labels=1, max_length=config.max_length)
+        model = load_cross_encoder(spec, max_length=config.max_length, warn_untrained=False)
         evaluator, candidates = None, None
         if dev:
             queries, qrels = dev
