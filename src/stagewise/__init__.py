@@ -8,13 +8,15 @@ from stagewise.models import ModelSpec, load_bi_encoder, load_cross_encoder, res
 from stagewise.pipeline import Hit, Pipeline
 from stagewise.rerankers import CrossEncoderReranker
 from stagewise.retrievers import BM25Retriever, DenseRetriever, HybridRetriever, build_first_stage
+from stagewise.selection import SelectConfig, load_select_config, select
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BM25Retriever", "CrossEncoderReranker", "DataError", "DenseRetriever", "Document", "EmbeddingCache", "Hit",
-    "HybridRetriever", "ModelError", "ModelSpec", "Pipeline", "RetrievalDataset", "StagewiseError", "SystemResult",
+    "HybridRetriever", "ModelError", "ModelSpec", "Pipeline", "RetrievalDataset", "SelectConfig", "StagewiseError",
+    "SystemResult",
     "TrainingExamples", "build_first_stage", "compare", "compute_metrics", "describe", "evaluate", "load_beir",
-    "load_bi_encoder", "load_cross_encoder", "load_dataset", "load_training_examples", "resolve_model",
-    "save_results",
+    "load_bi_encoder", "load_cross_encoder", "load_dataset", "load_select_config", "load_training_examples",
+    "resolve_model", "save_results", "select",
 ]

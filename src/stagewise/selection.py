@@ -259,14 +259,15 @@ class Selection:
         stage.name = name
         return stage
 
-    def _bi_estimate(self, zero_shot: dict, training: BiTrainConfig) -> float:
-        """Seconds to fine-tune and re-measure a bi-encoder, from its measured corpus encoding rate."""
+    def _bi_estimate(self, zero_shot: dict, training: BiTrainConfig) -> tuple[float, float]:
+        """Seconds to fine-tune a bi-encoder, and to mine, evaluate and re-encode around the training, from
+        its measured corpus encoding rate (a training step's forward and backward pass ≈ 3 forward passes)."""
         rate = zero_shot.get("docs_per_second") or 50.0
         corpus = len(self.dataset.corpus)
         steps = math.ceil(self.train_queries / training.batch_size) * training.epochs
         texts_per_step = training.batch_size * (2 + training.num_negatives)
         evals = min(training.dev_corpus_size, corpus) * math.ceil(training.epochs)
-        return (3 * steps * texts_per_step + evals + 2 * corpus) / rate  # forward+backward ≈ 3 forwards
+        return 3 * steps * texts_per_step / rate, (evals + 2 * corpus) / rate
 
     def finetune_bi(self, zero_shot: dict, later: float) -> dict | None:
         base, name = zero_shot["spec"], f"{zero_shot['name']} fine-tuned"
@@ -276,13 +277,14 @@ class Selection:
         training = BiTrainConfig(**{**self.config.bi_training, "model": base, "data": self.config.data,
                                     "train_split": self.config.train_split, "dev_split": self.config.dev_split,
                                     "seed": self.config.seed})
-        estimate = self._bi_estimate(zero_shot, training)
+        train_s, around_s = self._bi_estimate(zero_shot, training)
+        estimate = train_s + around_s
         decision, seconds = self.budget.plan(estimate, later)
         if decision == "skip":
             self._skip(name, f"estimated {_minutes(estimate)} to fine-tune; its share of the time budget is "
                              f"{_minutes(seconds)}")
             return None
-        training.max_seconds = seconds
+        training.max_seconds = None if seconds is None else max(1.0, seconds - around_s)
         run_dir = self.run.path / "train" / f"bi-{_slug(zero_shot['name'])}"
         console.print(f"  fine-tuning {zero_shot['name']} (estimated {_minutes(estimate)}"
                       + (f", limited to {_minutes(seconds)}" if seconds else "") + ")", highlight=False)
@@ -291,7 +293,7 @@ class Selection:
         note = ""
         if trained["train"].get("stopped_at_time_limit"):
             note = (f"stopped after {trained['train']['steps']} of {trained['train']['max_steps']} steps at its "
-                    f"{_minutes(seconds)} share of the time budget")
+                    "share of the time budget")
         record = self.first_stage(str(run_dir / "model"), name, "dense", fine_tuned=True, base=base,
                                   bi_run=str(run_dir), train_seconds=round(time.perf_counter() - started, 1))
         record.update(status="shortened" if note else "ok", note=note)
@@ -357,13 +359,14 @@ class Selection:
         return train / pairs_per_second, evaluation / pairs_per_second
 
     def rerankers(self, chosen: dict, first_result: SystemResult, candidates: list[dict]) -> list[dict]:
-        records, todo = [], [c for c in candidates if "skip" not in c]
-        for c in candidates:
-            if "skip" in c:
-                self._skip(c["name"], c["skip"])
-                records.append({**c, "status": "skipped", "note": c.pop("skip"), "depths": [], "health": None,
+        records, left = [], sum("skip" not in c for c in candidates)
+        for cand in candidates:
+            if "skip" in cand:
+                self._skip(cand["name"], cand["skip"])
+                records.append({**cand, "status": "skipped", "note": cand.pop("skip"), "depths": [], "health": None,
                                 "train_seconds": None})
-        for i, cand in enumerate(todo):
+                continue
+            left -= 1
             stored = self.steps.get(f"rerank-{cand['name']}")
             if stored:
                 records.append(stored)
@@ -374,7 +377,7 @@ class Selection:
                                            "first_stage": chosen["spec"], "seed": self.config.seed})
             rate = _pairs_per_second(cand["model"], training.max_length, self.dataset, self.dev_queries)
             train_s, eval_s = self._cross_estimate(training, rate)
-            later = (len(todo) - i - 1) * (train_s + eval_s)  # the others' cost, guessed at this one's rate
+            later = left * (train_s + eval_s)  # the others' cost, guessed at this one's rate
             records.append(self.reranker(cand, training, chosen, first_result, train_s, eval_s, later))
         return records
 
@@ -612,7 +615,7 @@ def select(config: SelectConfig, out: str | Path, resume: bool = False, report: 
         zero_shot = [s.first_stage(m, display_name(m), "dense", base=m) for m in config.bi_encoders]
         candidates += zero_shot
         promising = sorted(zero_shot, key=lambda c: -c["metrics"]["ndcg@10"])[: config.finetune_top]
-        estimates = [s._bi_estimate(z, BiTrainConfig(**config.bi_training)) for z in promising]
+        estimates = [sum(s._bi_estimate(z, BiTrainConfig(**config.bi_training))) for z in promising]
         fine_tuned = {}
         for i, z in enumerate(promising):
             tuned = s.finetune_bi(z, later=sum(estimates[i + 1:]) + _stage2_guess(estimates[i], config))
