@@ -221,7 +221,8 @@ def train_bi_command(
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Cross-encoder teacher for margin-mse."),
     epochs: float = typer.Option(1.0, "--epochs"),
     batch_size: int = typer.Option(32, "--batch-size"),
-    learning_rate: float = typer.Option(5e-5, "--lr"),
+    learning_rate: Optional[float] = typer.Option(None, "--lr", help="Default 5e-5 (0.2 for a static embedding "
+                                                                      "model)."),
     max_seq_length: int = typer.Option(256, "--max-seq-length"),
     eval_steps: Optional[int] = typer.Option(None, "--eval-steps", help="Evaluate and checkpoint every N steps "
                                                                         "(default: every epoch)."),
@@ -320,6 +321,16 @@ def select_command(
                                   time_budget_min=time_budget, max_dev_queries=max_dev_queries)
     run_dir = out or RunDir.default_path("select")
     result = select(settings, run_dir, resume=resume)
+    metric = settings.latency_metric
+    table = Table(title=f"{result['title']}: every system measured")
+    for col in ("system", "nDCG@10", f"{metric[:3]} ms/query", "within budget", "Pareto"):
+        table.add_column(col, justify="left" if col == "system" else "right")
+    for row in result["systems"]:
+        chosen = row["name"] == result["verdict"]["name"]
+        table.add_row(("▶ " if chosen else "") + escape(row["name"]), f"{row['ndcg@10']:.4f}",
+                      f"{row['latency_ms']:.1f}", "yes" if row["within_budget"] else "[red]no[/]",
+                      "✓" if row["pareto"] else "", style="bold" if chosen else None)
+    console.print(table)
     console.print("[bold]Verdict[/]")
     for line in result["verdict"]["summary"]:
         console.print(f"  {line}", highlight=False)

@@ -257,6 +257,12 @@ def model_kind(path: Path) -> str:
     return "base"
 
 
+def has_transformer(path: Path) -> bool:
+    """Whether a model directory holds a transformer (static embedding models do not: nothing to fine-tune as a
+    cross-encoder, and a different learning rate as a bi-encoder)."""
+    return "model_type" in _read_json(path / "config.json")
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())

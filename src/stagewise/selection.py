@@ -34,7 +34,7 @@ from stagewise.cache import EmbeddingCache
 from stagewise.data import RetrievalDataset, load_dataset
 from stagewise.errors import StagewiseError
 from stagewise.evaluation import SystemResult, compare, evaluate, evaluate_depths, split_queries
-from stagewise.models import installed_aliases, model_kind, resolve_model
+from stagewise.models import has_transformer, installed_aliases, model_kind, resolve_model
 from stagewise.pipeline import Pipeline
 from stagewise.progress import console
 from stagewise.rerankers import CrossEncoderReranker
@@ -345,7 +345,7 @@ class Selection:
                 cand["skip"] = "the chosen first stage has no bi-encoder"
             elif model is None:
                 cand["skip"] = "no fine-tuned bi-encoder (fine-tuning was skipped)"
-            elif not _has_transformer(model):
+            elif not has_transformer(resolve_model(model).path):
                 cand["skip"] = f"{model} has no transformer to read query and document together"
             out.append(cand)
         return out
@@ -457,12 +457,6 @@ def display_name(model: str) -> str:
         return spec.alias
     path = Path(model)
     return path.parent.name if path.name == "model" and path.parent.name else path.name or model
-
-
-def _has_transformer(model: str) -> bool:
-    spec = resolve_model(model)
-    config = spec.path / "config.json"
-    return config.is_file() and "model_type" in json.loads(config.read_text())
 
 
 def _pairs_per_second(model: str, max_length: int, dataset: RetrievalDataset, queries: dict) -> float:

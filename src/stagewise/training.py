@@ -16,7 +16,7 @@ import random
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +25,7 @@ import numpy as np
 from stagewise.data import RetrievalDataset, TrainingExamples, load_dataset, load_training_examples
 from stagewise.errors import DataError, StagewiseError
 from stagewise.evaluation import compute_metrics, run_from_rankings
-from stagewise.models import ModelSpec, load_bi_encoder, model_kind, resolve_model
+from stagewise.models import ModelSpec, has_transformer, load_bi_encoder, model_kind, resolve_model
 from stagewise.rundir import RunDir, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class TrainArgs:
     loss: str | None = None  # None: follows from the data's shape
     epochs: float = 1.0
     batch_size: int = 32
-    learning_rate: float = 5e-5
+    learning_rate: float | None = None  # None: 5e-5, or 0.2 for a static embedding model (no transformer)
     warmup_ratio: float = 0.1
     eval_steps: int | None = None  # None: evaluate (and checkpoint) once per epoch
     early_stopping_patience: int | None = 2
@@ -103,7 +103,6 @@ class CrossTrainConfig(TrainArgs):
     random_negatives: int = 2  # per query, from the whole corpus
     max_length: int = 256
     batch_size: int = 16
-    learning_rate: float = 5e-5
     warmup_ratio: float = 0.1
 
 
@@ -323,7 +322,7 @@ def _training_arguments(cls, config: TrainArgs, run: RunDir, has_dev: bool, extr
         num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
+        learning_rate=config.learning_rate or 5e-5,
         warmup_ratio=config.warmup_ratio,
         seed=config.seed,
         data_seed=config.seed,
@@ -532,6 +531,10 @@ def train_bi(config: BiTrainConfig, out: str | Path, resume: bool = False) -> di
         raise StagewiseError(f"loss '{loss_name}' needs negatives: the data has none and --hard-negatives is none")
     spec = resolve_model(config.model)
     _check_bi_model(spec)
+    if config.learning_rate is None and not has_transformer(spec.path):
+        # an embedding table's loss surface is much flatter than a pretrained encoder's (sentence-transformers'
+        # recipes use 5e-2..2e-1); on the default dataset, 5 epochs: 0.237 -> 0.257 nDCG@10 at 5e-2, 0.284 at 0.2
+        config = replace(config, learning_rate=0.2)
     for extra in (config.teacher, config.negative_filter):
         if extra:
             resolve_model(extra)  # a wrong path fails now, not after mining
