@@ -575,3 +575,28 @@ def test_cli_bad_training_input_is_one_line_and_exit_2(args, message, toy, tiny_
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("eval_steps", [None, 1000])  # evaluating per epoch, or every N steps
+def test_a_time_limit_stops_training_after_a_last_evaluation(eval_steps, toy, tiny_bi_encoder, tmp_path):
+    """``max_seconds`` (model selection's share of its time budget) stops the loop, evaluates and keeps the best."""
+    config = bi_config(toy, tiny_bi_encoder, epochs=20, max_seconds=1e-6, eval_steps=eval_steps)
+    result = train_bi(config, tmp_path / "run")
+    train = result["train"]
+    assert train["stopped_at_time_limit"] and train["steps"] == 1 < train["max_steps"]
+    evaluations = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["steps"] for e in evaluations] == [1]  # the last evaluation, at the step it stopped
+    assert train["best_dev_ndcg@10"] == pytest.approx(evaluations[0]["dev_ndcg@10"])
+    unlimited = train_bi(bi_config(toy, tiny_bi_encoder, epochs=1), tmp_path / "unlimited")["train"]
+    assert not unlimited["stopped_at_time_limit"] and unlimited["steps"] == unlimited["max_steps"]
+
+
+def test_a_static_embedding_model_trains_at_its_own_learning_rate(toy, tmp_path):
+    from stagewise.models import resolve_model
+
+    try:
+        resolve_model("static-64")
+    except StagewiseError:
+        pytest.skip("static-64 is not installed")
+    train_bi(bi_config(toy, "static-64", epochs=1, learning_rate=None, max_seq_length=None), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["learning_rate"] == 0.2

@@ -356,8 +356,8 @@ def _time_limit(seconds: float):
             if time.perf_counter() - self.start > seconds and not control.should_training_stop:
                 self.stopped_at_step = state.global_step
                 control.should_training_stop = True
-                control.should_evaluate = args.eval_strategy != "no"
-                control.should_save = True
+                if args.eval_strategy == "steps":  # per epoch, the epoch's end (which comes next) evaluates and saves
+                    control.should_evaluate = control.should_save = True
 
     return TimeLimitCallback()
 
