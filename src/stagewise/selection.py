@@ -520,16 +520,16 @@ def verdict(config: SelectConfig, chosen: dict, rerankers: list[dict]) -> dict:
             out.update(reranker=r["name"], depth=d["depth"], reranker_worth_it=True, name=d["name"],
                        **{"ndcg@10": d["metrics"]["ndcg@10"]}, latency_ms=_latency(d, metric))
         out.update(_depth_curve(r, first_ndcg))
-        detail = (f"(95% CI {c['ci95'][0]:+.3f} to {c['ci95'][1]:+.3f}, "
-                     f"paired t-test p = {c['p_value']:.3g}; better on {c['wins']} queries, worse on {c['losses']})")
+        detail = (f"(95% CI {c['ci95'][0]:+.3f} to {c['ci95'][1]:+.3f}, paired t-test p = {c['p_value']:.3g}; "
+                  f"better on {c['wins']} queries, worse on {c['losses']})")
         if worth:
             summary.append(f"Recommended: {chosen['name']}, reranked by {r['name']} at depth {d['depth']} "
                            f"(dev nDCG@10 {d['metrics']['ndcg@10']:.3f}, {metric[:3]} "
                            f"{_latency(d, metric):.0f} ms per query).")
             summary.append(f"Reranking adds {c['mean_diff']:+.3f} nDCG@10 {detail} over the first stage alone.")
         else:
-            why = ("its scores collapsed" if collapsed else "the gain is below the "
-                   f"{config.min_gain:g} minimum" if c["mean_diff"] < config.min_gain else
+            why = ("its scores collapsed" if collapsed else "reranking lowers nDCG@10" if c["mean_diff"] < 0 else
+                   f"the gain is below the {config.min_gain:g} minimum" if c["mean_diff"] < config.min_gain else
                    f"the gain is not significant (p ≥ {config.alpha:g})")
             summary.append(f"Recommended: {chosen['name']} alone (dev nDCG@10 {first_ndcg:.3f}, {metric[:3]} "
                            f"{_latency(chosen, metric):.0f} ms per query). The reranker is not worth it: {why}.")
@@ -550,7 +550,7 @@ def verdict(config: SelectConfig, chosen: dict, rerankers: list[dict]) -> dict:
     out["init_costs"] = _init_costs(rerankers)
     for cost in out["init_costs"]:
         if cost["vs_best_base"] is not None:
-            summary.append(f"Starting the cross-encoder {cost['label']} reached {cost['best_ndcg@10']:.3f} nDCG@10, "
+            summary.append(f"The {cost['init']} start ({cost['label']}) reached {cost['best_ndcg@10']:.3f} nDCG@10, "
                            f"{cost['vs_best_base']:+.3f} against the best other start"
                            + (f" ({cost['train_seconds']:.0f} s of training)" if cost["train_seconds"] else "")
                            + (", and its scores collapsed." if cost["collapsed"] else "."))
