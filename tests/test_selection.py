@@ -92,7 +92,7 @@ def test_run_directory_holds_report_steps_and_a_loadable_pipeline(dense_run, sel
     _, out, result = dense_run
     for name in ("config.json", "result.json", "log.txt", "report.html", "report.md", "selection.json"):
         assert (out / name).is_file(), name
-    assert len(list((out / "steps").glob("*.json"))) == 2 + 3
+    assert len(list((out / "steps").glob("[!_]*.json"))) == 2 + 3
     verdict = result["verdict"]
     html = (out / "report.html").read_text()
     assert f"{verdict['first_stage_ndcg@10']:.3f}" in html and verdict["summary"][0].split(" (")[0] in html
@@ -114,6 +114,7 @@ def test_resume_reuses_finished_steps(dense_run, monkeypatch):
         monkeypatch.setattr(selection, name, fail)
     again = select(config, out, resume=True)
     assert again["verdict"] == result["verdict"]
+    assert again["wall_seconds"] >= result["wall_seconds"] > 0  # the time of every session counts
 
 
 def test_resume_redoes_only_the_interrupted_step(dense_run, monkeypatch):

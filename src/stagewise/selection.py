@@ -162,13 +162,16 @@ def _check_config(config: SelectConfig, path) -> None:
 class TimeBudget:
     """Wall-clock time shared out between the remaining expensive steps in proportion to their estimated cost."""
 
-    def __init__(self, minutes: float | None, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, minutes: float | None, clock: Callable[[], float] = time.perf_counter, spent: float = 0.0):
         self.seconds = None if minutes is None else minutes * 60.0
         self.clock = clock
-        self.start = clock()
+        self.start = clock() - spent  # a resumed run has already spent some of its budget
+
+    def spent(self) -> float:
+        return self.clock() - self.start
 
     def remaining(self) -> float:
-        return math.inf if self.seconds is None else max(0.0, self.seconds - (self.clock() - self.start))
+        return math.inf if self.seconds is None else max(0.0, self.seconds - self.spent())
 
     def plan(self, estimate: float, later: float = 0.0, minimum: float = 0.25) -> tuple[str, float | None]:
         """``("run", None)`` when the step fits its share; ``("shorten", seconds)`` when at least ``minimum`` of
@@ -197,8 +200,11 @@ def _slug(name: str) -> str:
 
 
 class Steps:
+    """Finished steps under ``steps/``, and the time spent on them over every session (``steps/_spent.json``)."""
+
     def __init__(self, run: RunDir):
         self.run = run
+        self.before = self.spent()
 
     def get(self, name: str) -> dict | None:
         path = self.run.path / "steps" / f"{_slug(name)}.json"
@@ -207,7 +213,12 @@ class Steps:
     def put(self, name: str, record: dict) -> dict:
         """Store a finished step; return it as a resumed run will read it back (JSON types), so both runs agree."""
         path = self.run.write_json(f"steps/{_slug(name)}.json", record)
+        self.run.write_json("steps/_spent.json", {"seconds": self.before + self.run.wall_seconds})
         return json.loads(path.read_text())
+
+    def spent(self) -> float:
+        path = self.run.path / "steps" / "_spent.json"
+        return json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
 
 
 def _result_record(result: SystemResult) -> dict:
@@ -230,7 +241,7 @@ class Selection:
     def __init__(self, config: SelectConfig, run: RunDir, dataset: RetrievalDataset):
         self.config, self.run, self.dataset = config, run, dataset
         self.steps = Steps(run)
-        self.budget = TimeBudget(config.time_budget_min)
+        self.budget = TimeBudget(config.time_budget_min, spent=self.steps.spent())
         self.cache = EmbeddingCache()
         self.shared: dict = {}  # first stages by spec: one model load per model
         self.skipped: list[dict] = []
@@ -631,8 +642,8 @@ def select(config: SelectConfig, out: str | Path, resume: bool = False, report: 
         result = _assemble(s, candidates, chosen, reason, rerankers)
         pipeline = _pipeline(s, chosen, rerankers, result["verdict"])
         result["pipeline_yaml"] = str(pipeline.save(run.path / "pipeline.yaml").relative_to(run.path))
-        result["wall_seconds"] = run.wall_seconds
-        result["budget"]["used_s"] = run.wall_seconds
+        result["wall_seconds"] = round(s.budget.spent(), 1)  # every session of this run, resumed ones included
+        result["budget"]["used_s"] = result["wall_seconds"]
         if report:
             from stagewise.report import write_report
 
