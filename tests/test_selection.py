@@ -96,6 +96,9 @@ def test_run_directory_holds_report_steps_and_a_loadable_pipeline(dense_run, sel
     verdict = result["verdict"]
     html = (out / "report.html").read_text()
     assert f"{verdict['first_stage_ndcg@10']:.3f}" in html and verdict["summary"][0].split(" (")[0] in html
+    markdown = (out / "report.md").read_text()
+    for cost in verdict["init_costs"]:  # the report shows what the verdict measured, not dashes
+        assert cost["vs_best_other"] is not None and f"{cost['vs_best_other']:+.3f}" in markdown
     saved = json.loads((out / "selection.json").read_text())
     assert saved["verdict"]["summary"] == verdict["summary"]
     pipeline = Pipeline.load(out / result["pipeline_yaml"]).index(load_dataset(str(select_data)).corpus)

@@ -174,13 +174,15 @@ class TimeBudget:
         return math.inf if self.seconds is None else max(0.0, self.seconds - self.spent())
 
     def plan(self, estimate: float, later: float = 0.0, minimum: float = 0.25) -> tuple[str, float | None]:
-        """``("run", None)`` when the step fits its share; ``("shorten", seconds)`` when at least ``minimum`` of
-        it fits; else ``("skip", share)``. ``later`` is the estimated cost of the steps still to come."""
+        """The step's share of what remains, in proportion to its estimated cost against ``later`` (the steps
+        still to come): ``("run", share)`` when the estimate fits it, ``("shorten", share)`` when at least
+        ``minimum`` of it does, else ``("skip", share)``. A step is held to its share even when its estimate
+        fitted, so a wrong estimate cannot eat the others' time. No budget: ``("run", None)``."""
         if self.seconds is None:
             return "run", None
         share = self.remaining() * estimate / max(estimate + later, 1e-9)
         if estimate <= share:
-            return "run", None
+            return "run", share
         if share >= minimum * estimate:
             return "shorten", share
         return "skip", share
@@ -298,7 +300,7 @@ class Selection:
         training.max_seconds = None if seconds is None else max(1.0, seconds - around_s)
         run_dir = self.run.path / "train" / f"bi-{_slug(zero_shot['name'])}"
         console.print(f"  fine-tuning {zero_shot['name']} (estimated {_minutes(estimate)}"
-                      + (f", limited to {_minutes(seconds)}" if seconds else "") + ")", highlight=False)
+                      + (f", at most {_minutes(seconds)}" if seconds else "") + ")", highlight=False)
         started = time.perf_counter()
         trained = _train(train_bi, training, run_dir)
         note = ""
@@ -405,7 +407,7 @@ class Selection:
         if seconds is not None:
             training.max_seconds = max(1.0, seconds * train_s / (train_s + eval_s))
         console.print(f"  training {cand['name']} ({cand['label']}; estimated {_minutes(train_s + eval_s)}"
-                      + (f", limited to {_minutes(seconds)}" if seconds else "") + ")", highlight=False)
+                      + (f", at most {_minutes(seconds)}" if seconds else "") + ")", highlight=False)
         run_dir = self.run.path / "train" / _slug(cand["name"])
         started = time.perf_counter()
         trained = _train(train_cross, training, run_dir)
@@ -560,9 +562,9 @@ def verdict(config: SelectConfig, chosen: dict, rerankers: list[dict]) -> dict:
                        f"{_latency(chosen, metric):.0f} ms per query): {reason}.")
     out["init_costs"] = _init_costs(rerankers)
     for cost in out["init_costs"]:
-        if cost["vs_best_base"] is not None:
+        if cost["vs_best_other"] is not None:
             summary.append(f"The {cost['init']} start ({cost['label']}) reached {cost['best_ndcg@10']:.3f} nDCG@10, "
-                           f"{cost['vs_best_base']:+.3f} against the best other start"
+                           f"{cost['vs_best_other']:+.3f} against the best other start"
                            + (f" ({cost['train_seconds']:.0f} s of training)" if cost["train_seconds"] else "")
                            + (", and its scores collapsed." if cost["collapsed"] else "."))
     out["summary"] = summary
@@ -591,7 +593,7 @@ def _init_costs(rerankers: list[dict]) -> list[dict]:
         others = [best(o) for o in rerankers if o is not r and best(o) is not None]
         mine = best(r)
         out.append({"init": r["init"], "label": r["label"], "status": r["status"], "best_ndcg@10": mine,
-                    "vs_best_base": None if mine is None or not others else mine - max(others),
+                    "vs_best_other": None if mine is None or not others else mine - max(others),
                     "train_seconds": r.get("train_seconds"), "collapsed": bool((r.get("health") or {}).get("collapsed"))})
     return out
 
