@@ -180,3 +180,21 @@ def test_cli_select_prints_verdict_report_and_an_example(select_data, tiny_bi_en
     bad.write_text("depth: [5]\n")
     res = CliRunner().invoke(app, ["select", "--data", str(select_data), "--config", str(bad), "--out", str(out)])
     assert res.exit_code == 2 and "bad.yaml" in res.output and "'depth'" in res.output
+
+
+def test_a_recommended_reranker_goes_into_pipeline_yaml(dense_run, select_data, tmp_path):
+    """The tiny rerankers never earn a recommendation, so hand the pipeline writer a verdict that does."""
+    from types import SimpleNamespace
+
+    from stagewise.data import load_dataset
+
+    _, out, result = dense_run
+    chosen = json.loads((out / "steps" / f"first-{selection._slug(result['verdict']['first_stage'])}.json").read_text())
+    reranker = result["rerankers"][0]
+    verdict = {"reranker_worth_it": True, "reranker": reranker["name"], "depth": 5}
+    pipeline = selection._pipeline(SimpleNamespace(cache=None), chosen, result["rerankers"], verdict)
+    path = pipeline.save(out / "recommended.yaml")
+    loaded = Pipeline.load(path).index(load_dataset(str(select_data)).corpus)
+    assert loaded.reranker.name == reranker["name"] and loaded.depth == 5
+    assert [h.rerank_score is not None for h in loaded.search("what about purr", k=6)] == [True] * 5 + [False]
+    path.unlink()

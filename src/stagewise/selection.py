@@ -664,12 +664,14 @@ def _pipeline(s: Selection, chosen: dict, rerankers: list[dict], v: dict) -> Pip
     if not v["reranker_worth_it"]:
         return Pipeline(first)
     r = next(r for r in rerankers if r["name"] == v["reranker"])
-    return Pipeline(first, CrossEncoderReranker(r["model_dir"], max_length=r["max_length"]), depth=v["depth"])
+    reranker = CrossEncoderReranker(r["model_dir"], max_length=r["max_length"])
+    reranker.name = r["name"]
+    return Pipeline(first, reranker, depth=v["depth"])
 
 
 def _assemble(s: Selection, candidates: list[dict], chosen: dict, reason: str, rerankers: list[dict]) -> dict:
     config, metric = s.config, s.config.latency_metric
-    v = verdict(config, chosen, rerankers)
+    decision = verdict(config, chosen, rerankers)
     systems = [{"name": c["name"], "stage": "first_stage", "ndcg@10": c["metrics"]["ndcg@10"],
                 "p50_ms": _latency(c, "p50_ms"), "p95_ms": _latency(c, "p95_ms"), "latency_ms": _latency(c, metric),
                 "within_budget": c.get("within_budget", True)} for c in candidates]
@@ -678,7 +680,7 @@ def _assemble(s: Selection, candidates: list[dict], chosen: dict, reason: str, r
                  "within_budget": d["within_budget"]} for r in rerankers for d in r["depths"]]
     pareto_front(systems)
     per_query = None
-    shown = v.get("best_reranked")
+    shown = decision.get("best_reranked")
     if shown:
         d = next(d for r in rerankers for d in r["depths"] if d["name"] == shown)
         per_query = {"a": chosen["name"], "b": shown, "metric": "ndcg@10",
@@ -705,7 +707,7 @@ def _assemble(s: Selection, candidates: list[dict], chosen: dict, reason: str, r
                        "depths": [{k: v for k, v in d.items() if k not in lean} for d in r["depths"]]}
                       for r in rerankers],
         "systems": systems,
-        "verdict": v,
+        "verdict": decision,
         "per_query": per_query,
         "skipped": s.skipped,
     }
