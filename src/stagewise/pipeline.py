@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
@@ -31,6 +32,16 @@ class Hit:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Query:
+    """One search request: ``depth`` None means the pipeline's own; ``rerank`` False skips the reranker."""
+
+    text: str
+    k: int = 10
+    depth: int | None = None
+    rerank: bool = True
 
 
 @dataclass
@@ -61,30 +72,58 @@ class Pipeline:
         self.corpus = corpus
         return self
 
-    def search(self, query: str, k: int = 10) -> list[Hit]:
-        return self.search_timed(query, k)[0]
+    def search(self, query: str, k: int = 10, depth: int | None = None, rerank: bool = True) -> list[Hit]:
+        return self.search_many([Query(query, k, depth, rerank)])[0][0]
 
     def search_timed(self, query: str, k: int = 10) -> tuple[list[Hit], StageTimings]:
-        """Retrieve ``max(k, depth)``, rerank the top ``depth``, keep first-stage order below it."""
+        hits, timings = self.search_many([Query(query, k)])
+        return hits[0], timings
+
+    def search_batch(self, queries: Sequence[str], k: int = 10, depth: int | None = None,
+                     rerank: bool = True) -> list[list[Hit]]:
+        """Many queries at once: one encoder batch for the first stage, one cross-encoder batch for all pairs."""
+        return self.search_many([Query(q, k, depth, rerank) for q in queries])[0]
+
+    def search_many(self, queries: Sequence["Query"]) -> tuple[list[list[Hit]], StageTimings]:
+        """Answer queries that may differ in ``k``, ``depth`` and ``rerank``, batched through both models.
+
+        Each query retrieves ``max(k, depth)``; its top ``depth`` are reranked; first-stage order is kept below it.
+        """
         if self.corpus is None:
             raise StagewiseError("the pipeline has no corpus yet: call index(corpus) first")
+        if not queries:
+            return [], StageTimings(0.0, 0.0)
+        depths = [(q.depth if q.depth is not None else self.depth) if q.rerank and self.reranker else 0
+                  for q in queries]
         start = time.perf_counter()
-        candidates = self.first_stage.retrieve([query], max(k, self.depth if self.reranker else k))[0]
+        retrieved = self.first_stage.retrieve([q.text for q in queries], max(max(q.k, d) for q, d in zip(queries, depths)))
         first_done = time.perf_counter()
-        first = {doc_id: (rank, score) for rank, (doc_id, score) in enumerate(candidates, start=1)}
-        if self.reranker is not None:
-            top = [(d, self.corpus[d].full_text()) for d, _ in candidates[: self.depth]]
-            reranked = self.reranker.rerank(query, top, self.depth)
-            order = [(d, s, s) for d, s in reranked] + [(d, s, None) for d, s in candidates[self.depth:]]
-        else:
-            order = [(d, s, None) for d, s in candidates]
+        reranked = self._rerank_all(queries, retrieved, depths)
         timings = StageTimings(first_done - start, time.perf_counter() - first_done)
-        hits = []
-        for rank, (doc_id, score, rerank_score) in enumerate(order[:k], start=1):
-            doc = self.corpus[doc_id]
-            first_rank, first_score = first[doc_id]
-            hits.append(Hit(doc_id, score, rank, first_score, first_rank, rerank_score, doc.title, doc.text))
-        return hits, timings
+        results = []
+        for query, candidates, top in zip(queries, retrieved, reranked):
+            first = {doc_id: (rank, score) for rank, (doc_id, score) in enumerate(candidates, start=1)}
+            order = [(d, s, s) for d, s in top] + [(d, s, None) for d, s in candidates[len(top):]]
+            hits = []
+            for rank, (doc_id, score, rerank_score) in enumerate(order[:query.k], start=1):
+                doc = self.corpus[doc_id]
+                first_rank, first_score = first[doc_id]
+                hits.append(Hit(doc_id, score, rank, first_score, first_rank, rerank_score, doc.title, doc.text))
+            results.append(hits)
+        return results, timings
+
+    def _rerank_all(self, queries, retrieved, depths) -> list[list[tuple[str, float]]]:
+        """The top ``depth`` of every query scored in one cross-encoder call, each query's best first."""
+        pairs = [(q.text, d, self.corpus[d].full_text()) for q, cands, depth in zip(queries, retrieved, depths)
+                 for d, _ in cands[:depth]]
+        if not pairs:
+            return [[] for _ in queries]
+        scores = iter(self.reranker.score_pairs([(q, t) for q, _, t in pairs]).tolist())
+        out = []
+        for cands, depth in zip(retrieved, depths):
+            scored = [(d, next(scores)) for d, _ in cands[:depth]]
+            out.append(sorted(scored, key=lambda x: -x[1]))  # sorted() is stable: ties keep first-stage order
+        return out
 
     # ---- persistence --------------------------------------------------------------------------
 
@@ -96,13 +135,17 @@ class Pipeline:
             "depth": self.depth,
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write ``pipeline.yaml``; models inside its folder are named relative to it, so the folder can move."""
+    def save(self, path: str | Path, rename: dict[str, str] | None = None) -> Path:
+        """Write ``pipeline.yaml``; models inside its folder are named relative to it, so the folder can move.
+
+        ``rename`` maps model specs to copies of them (an index stores its own copies).
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         here = path.parent.resolve()
 
         def relative(model: str) -> str:
+            model = (rename or {}).get(model, model)
             p = Path(model)
             return p.resolve().relative_to(here).as_posix() if p.is_dir() and p.resolve().is_relative_to(here) else model
 

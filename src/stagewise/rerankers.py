@@ -24,11 +24,14 @@ class CrossEncoderReranker:
                 "max_length": self.model.max_length}
 
     def score(self, query: str, texts: Sequence[str]) -> np.ndarray:
-        if not texts:
+        return self.score_pairs([(query, t) for t in texts])
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        """One score per (query, text) pair; pairs of many queries go through the model in shared batches."""
+        if not pairs:
             return np.zeros(0, dtype=np.float32)
         return np.asarray(
-            self.model.predict([(query, t) for t in texts], batch_size=self.batch_size, show_progress_bar=False,
-                               convert_to_numpy=True),
+            self.model.predict(list(pairs), batch_size=self.batch_size, show_progress_bar=False, convert_to_numpy=True),
             dtype=np.float32,
         ).reshape(-1)
 

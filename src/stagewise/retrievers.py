@@ -1,14 +1,16 @@
 """First stages: retrieve candidates for a query from the whole corpus.
 
 Every first stage has ``index(corpus)`` and ``retrieve(queries, k) -> [[(doc_id, score), …], …]``, best first.
-``BM25Retriever`` (bm25s), ``DenseRetriever`` (a bi-encoder with exact search) and ``HybridRetriever``
-(reciprocal rank fusion of others).
+``BM25Retriever`` (bm25s), ``DenseRetriever`` (a bi-encoder over a :class:`VectorIndex`: exact, HNSW, quantised)
+and ``HybridRetriever`` (reciprocal rank fusion of others). ``save_index`` / ``load_index`` / ``update_index``
+let :mod:`stagewise.index` persist a stage and add or remove documents without re-encoding the rest.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -17,6 +19,7 @@ from stagewise.cache import EmbeddingCache
 from stagewise.data import Document
 from stagewise.errors import StagewiseError
 from stagewise.models import ModelSpec, load_bi_encoder, resolve_model
+from stagewise.vector_index import VectorIndex, VectorIndexConfig, top_k
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,12 @@ class FirstStage(Protocol):
 
     def index_bytes(self) -> int: ...
 
+    def save_index(self, folder: Path) -> None: ...
+
+    def load_index(self, folder: Path, corpus: dict[str, Document]) -> None: ...
+
+    def update_index(self, corpus: dict[str, Document], removed_rows: np.ndarray, added: list[Document]) -> None:
+        """``corpus`` is the new corpus: the old one in order, less ``removed_rows``, then ``added``."""
 
 def _require_index(ids: list[str] | None, name: str) -> list[str]:
     if ids is None:
@@ -66,6 +75,25 @@ class BM25Retriever:
         self._bm25.index(tokens, show_progress=False)
         self._indexed = corpus
 
+    def save_index(self, folder: Path) -> None:
+        _require_index(self._ids, self.name)
+        self._bm25.save(str(folder), show_progress=False)
+        self._tokenizer.save_vocab(str(folder))
+
+    def load_index(self, folder: Path, corpus: dict[str, Document]) -> None:
+        import bm25s
+        from bm25s.tokenization import Tokenizer
+
+        self._bm25 = bm25s.BM25.load(str(folder), show_progress=False)
+        self._tokenizer = Tokenizer(stopwords=self.stopwords or [])
+        self._tokenizer.load_vocab(str(folder))
+        self._ids, self._indexed = list(corpus), corpus
+
+    def update_index(self, corpus: dict[str, Document], removed_rows: np.ndarray, added: list[Document]) -> None:
+        """BM25's statistics are corpus-wide, so it is re-indexed from the stored text (seconds per 100k docs)."""
+        self._indexed = None
+        self.index(corpus)
+
     def index_bytes(self) -> int:
         """Memory of the sparse score matrix that answers queries."""
         _require_index(self._ids, self.name)
@@ -90,6 +118,7 @@ class DenseRetriever:
         device: str | None = None,
         cache: EmbeddingCache | None = None,
         show_progress: bool = True,
+        vectors: VectorIndexConfig | None = None,
     ):
         self.spec = model if isinstance(model, ModelSpec) else resolve_model(model)
         self.name = self.spec.name
@@ -97,6 +126,11 @@ class DenseRetriever:
         self.model = load_bi_encoder(self.spec, device=device, max_seq_length=max_seq_length)
         self.cache = cache or EmbeddingCache()
         self.similarity = self.model.similarity_fn_name or "cosine"
+        self.vector_config = vectors or VectorIndexConfig()
+        if self.similarity not in ("cosine", "dot") and self.vector_config != VectorIndexConfig():
+            raise StagewiseError(f"model '{self.name}' uses {self.similarity} similarity: only exact search supports it "
+                                 "(HNSW and quantised indexes need cosine or dot)")
+        self.vectors: VectorIndex | None = None
         self._ids: list[str] | None = None
         self._indexed: dict | None = None
         self.docs_per_second: float | None = None
@@ -129,30 +163,43 @@ class DenseRetriever:
         if len(texts) > 0:
             logger.info("encoding %d documents with %s", len(texts), self.name)
         result = self.cache.get_or_encode(self.spec.fingerprint, texts, options, self.encode_documents)
-        self._embeddings = result.embeddings
+        self.vectors = VectorIndex.build(result.embeddings, self.vector_config)
         self.docs_per_second, self.from_cache = result.docs_per_second, result.from_cache
         self._ids = list(corpus)
         self._indexed = corpus
 
-    def index_bytes(self) -> int:
-        """Memory of the corpus embeddings (float32) searched exactly."""
+    def save_index(self, folder: Path) -> None:
         _require_index(self._ids, self.name)
-        return int(self._embeddings.nbytes)
+        self.vectors.save(folder)
+
+    def load_index(self, folder: Path, corpus: dict[str, Document]) -> None:
+        vectors = VectorIndex.load(folder)
+        dim = self.model.get_embedding_dimension()
+        if len(vectors) != len(corpus) or (dim and vectors.dim != dim):
+            raise StagewiseError(f"{folder}: {len(vectors)} vectors of {vectors.dim} dims do not fit "
+                                 f"{len(corpus)} documents and model '{self.name}' ({dim} dims)")
+        self.vectors, self.vector_config = vectors, vectors.config
+        self._ids, self._indexed = list(corpus), corpus
+
+    def update_index(self, corpus: dict[str, Document], removed_rows: np.ndarray, added: list[Document]) -> None:
+        _require_index(self._ids, self.name)
+        new = self.encode_documents([d.full_text() for d in added]) if added else np.zeros((0, self.vectors.dim))
+        self.vectors = self.vectors.updated(removed_rows, new)
+        self._ids, self._indexed = list(corpus), corpus
+
+    def index_bytes(self) -> int:
+        """Memory the vector search holds: float32 embeddings for exact search, else quantised codes and graph."""
+        _require_index(self._ids, self.name)
+        return self.vectors.memory_bytes()
 
     def retrieve(self, queries: Sequence[str], k: int) -> list[Ranking]:
         ids = _require_index(self._ids, self.name)
-        k = min(k, len(ids))
         q = self.encode_queries(queries)
         if self.similarity in ("cosine", "dot"):
-            scores = q @ self._embeddings.T
+            rows, scores = self.vectors.search(q, k)
         else:
-            scores = self.model.similarity(q, self._embeddings).numpy()
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        out = []
-        for row, cand in zip(scores, top):
-            order = cand[np.argsort(-row[cand], kind="stable")]
-            out.append([(ids[i], float(row[i])) for i in order])
-        return out
+            rows, scores = top_k(self.model.similarity(q, np.asarray(self.vectors.embeddings)).numpy(), k)
+        return [[(ids[i], float(s)) for i, s in zip(r, row)] for r, row in zip(rows, scores)]
 
 
 class HybridRetriever:
@@ -179,6 +226,18 @@ class HybridRetriever:
     def index_bytes(self) -> int:
         return sum(stage.index_bytes() for stage in self.stages)
 
+    def save_index(self, folder: Path) -> None:
+        for i, stage in enumerate(self.stages):
+            stage.save_index(_stage_folder(folder, i))
+
+    def load_index(self, folder: Path, corpus: dict[str, Document]) -> None:
+        for i, stage in enumerate(self.stages):
+            stage.load_index(_stage_folder(folder, i), corpus)
+
+    def update_index(self, corpus: dict[str, Document], removed_rows: np.ndarray, added: list[Document]) -> None:
+        for stage in self.stages:
+            stage.update_index(corpus, removed_rows, added)
+
     def retrieve(self, queries: Sequence[str], k: int) -> list[Ranking]:
         depth = max(k, self.fusion_depth)
         per_stage = [stage.retrieve(queries, depth) for stage in self.stages]
@@ -190,6 +249,10 @@ class HybridRetriever:
                     scores[doc_id] = scores.get(doc_id, 0.0) + 1.0 / (self.rrf_k + rank)
             fused.append(sorted(scores.items(), key=lambda x: (-x[1], x[0]))[:k])
         return fused
+
+
+def _stage_folder(folder: Path, i: int) -> Path:
+    return folder / f"stage-{i}"
 
 
 def warn_if_changed(saved: dict, spec: ModelSpec) -> None:
