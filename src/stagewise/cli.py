@@ -22,6 +22,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
 app.add_typer(data_app, name="data")
 train_app = typer.Typer(no_args_is_help=True, help="Fine-tune a bi-encoder or a cross-encoder.")
 app.add_typer(train_app, name="train")
+index_app = typer.Typer(no_args_is_help=True, help="Build and update a persistent search index.")
+app.add_typer(index_app, name="index")
 
 EXIT_USER_ERROR = 2
 
@@ -347,6 +349,153 @@ def select_command(
         console.print(f"  {hit.rank}. {hit.doc_id} (first stage rank {hit.first_stage_rank}, score "
                       f"{hit.first_stage_score:.3f}{rerank}) {(hit.title + ': ' if hit.title else '') + hit.text[:90]}…",
                       highlight=False, markup=False)
+
+
+@index_app.command("build")
+@user_errors
+def index_build_command(
+    pipeline: str = typer.Option(..., "--pipeline", "-p",
+                                 help="pipeline.yaml, a select run folder, or a first stage (bm25 | model | a+b)."),
+    corpus: str = typer.Option(..., "--corpus", "-c", help="corpus.jsonl, a BEIR folder, or 'default'."),
+    out: Path = typer.Option(..., "--out", "-o", help="Index folder to create."),
+    kind: str = typer.Option("exact", "--kind", help="exact | hnsw (approximate, usearch)."),
+    quantization: str = typer.Option("none", "--quantization", "-q", help="none | int8 | binary."),
+    rescore: int = typer.Option(4, "--rescore", help="Quantised/HNSW: rescore this many × k candidates in float32."),
+    connectivity: int = typer.Option(16, "--connectivity", help="HNSW edges per node (M)."),
+    ef_construction: int = typer.Option(128, "--ef-construction", help="HNSW build beam width."),
+    ef_search: int = typer.Option(64, "--ef-search", help="HNSW query beam width."),
+    replace: bool = typer.Option(False, "--replace", help="Rebuild an existing index (it answers until the new one "
+                                                          "is committed)."),
+):
+    """Encode a corpus with the pipeline's first stage and store it as a versioned, checksummed index."""
+    from stagewise.index import Index, load_pipeline_spec, load_corpus_spec
+    from stagewise.vector_index import VectorIndexConfig
+
+    vectors = VectorIndexConfig(kind, quantization, rescore, connectivity, ef_construction, ef_search)
+    index = Index.build(load_pipeline_spec(pipeline), load_corpus_spec(corpus), out, vectors, replace=replace)
+    _print_index(index)
+
+
+@index_app.command("add")
+@user_errors
+def index_add_command(
+    index_path: Path = typer.Argument(..., metavar="INDEX"),
+    documents: Path = typer.Argument(..., help="Documents to add, in BEIR corpus.jsonl format."),
+    upsert: bool = typer.Option(False, "--upsert", help="Replace documents whose id is already indexed."),
+):
+    """Add documents without a rebuild: only they are encoded; the previous version answers until the commit."""
+    from stagewise.index import Index
+
+    _print_index(Index.load(index_path).add(documents, upsert=upsert))
+
+
+@index_app.command("delete")
+@user_errors
+def index_delete_command(
+    index_path: Path = typer.Argument(..., metavar="INDEX"),
+    ids: Optional[List[str]] = typer.Argument(None, help="Document ids to delete."),
+    ids_file: Optional[Path] = typer.Option(None, "--ids-file", help="A file with one document id per line."),
+    missing_ok: bool = typer.Option(False, "--missing-ok", help="Ignore ids that are not in the index."),
+):
+    """Delete documents by id without a rebuild."""
+    from stagewise.index import Index
+
+    wanted = list(ids or [])
+    if ids_file:
+        try:
+            wanted += [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise StagewiseError(f"{ids_file}: cannot read ({e.strerror})") from None
+    if not wanted:
+        raise StagewiseError("no ids given (pass ids or --ids-file)")
+    _print_index(Index.load(index_path).delete(wanted, missing_ok=missing_ok))
+
+
+@index_app.command("info")
+@user_errors
+def index_info_command(index_path: Path = typer.Argument(..., metavar="INDEX"),
+                       as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """What an index holds: version, documents, models, vector index, size on disk and in memory."""
+    from stagewise.index import Index
+
+    index = Index.load(index_path)
+    if as_json:
+        print(json.dumps({**index.describe(), "manifest": index.manifest}, indent=2))
+    else:
+        _print_index(index)
+
+
+def _print_index(index) -> None:
+    d = index.describe()
+    change = ", ".join(f"{k} {v}" for k, v in index.manifest["change"].items())
+    reranker = f"{d['reranker']} @ depth {d['depth']}" if d["reranker"] else "none"
+    console.print(f"index {d['path']} {d['version']} ({change}): {d['documents']:,} documents; first stage "
+                  f"{d['first_stage']} ({d['vectors'] or 'lexical'}); reranker {reranker}; "
+                  f"{d['disk_bytes'] / 1e6:.1f} MB on disk, {d['memory_bytes'] / 1e6:.1f} MB searched in memory",
+                  highlight=False, markup=False)
+
+
+@app.command("search")
+@user_errors
+def search_command(
+    index_path: Path = typer.Argument(..., metavar="INDEX"),
+    query: str = typer.Argument(...),
+    k: int = typer.Option(10, "--k", "-k", min=1, help="Results to show."),
+    depth: Optional[int] = typer.Option(None, "--depth", "-d", min=1, help="Candidates to rerank (default: the "
+                                                                             "pipeline's)."),
+    no_rerank: bool = typer.Option(False, "--no-rerank", help="First stage only."),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Another pipeline.yaml over the same first "
+                                                                     "stage (a different reranker or depth)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Search an index from the command line: both stages' scores and ranks for every hit."""
+    from stagewise.index import Index
+
+    index = Index.load(index_path, pipeline=pipeline)
+    hits = index.search(query, k=k, depth=depth, rerank=not no_rerank)
+    if as_json:
+        print(json.dumps([h.to_dict() for h in hits], indent=2, ensure_ascii=False))
+        return
+    reranked = index.pipeline.reranker is not None and not no_rerank
+    table = Table(title=f"{index.pipeline.name if reranked else index.pipeline.first_stage.name}: {query}")
+    for col in ("rank", "moved", "doc", "first stage (rank)", "rerank", "title / text"):
+        table.add_column(col, justify="left" if col in ("doc", "title / text") else "right")
+    for h in hits:
+        moved = "" if h.rerank_score is None else (f"{h.first_stage_rank - h.rank:+d}" if h.first_stage_rank != h.rank
+                                                   else "=")
+        table.add_row(str(h.rank), moved, escape(h.doc_id), f"{h.first_stage_score:.4f} ({h.first_stage_rank})",
+                      "" if h.rerank_score is None else f"{h.rerank_score:.4f}",
+                      escape((f"{h.title}: " if h.title else "") + h.text[:100]))
+    console.print(table)
+
+
+@app.command("serve")
+@user_errors
+def serve_command(
+    index_path: Path = typer.Argument(..., metavar="INDEX"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. The service has no authentication: "
+                                                         "keep it on loopback or put it behind a proxy."),
+    port: int = typer.Option(8000, "--port"),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Another pipeline.yaml over the same first stage."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Seconds per request, queueing included."),
+    max_k: int = typer.Option(100, "--max-k"),
+    max_depth: int = typer.Option(200, "--max-depth"),
+    max_batch: int = typer.Option(32, "--max-batch", help="Queries run through the models together."),
+    batch_wait_ms: float = typer.Option(2.0, "--batch-wait-ms", help="How long a batch waits for more requests."),
+):
+    """Serve an index over HTTP: POST /search, POST /search/batch, GET /health, /stats, a search page at /."""
+    from stagewise.index import Index
+    from stagewise.service import ServiceSettings, is_loopback, serve
+
+    settings = ServiceSettings(max_k=max_k, max_depth=max_depth, timeout_s=timeout, max_batch=max_batch,
+                               batch_wait_ms=batch_wait_ms)
+    index = Index.load(index_path, pipeline=pipeline)
+    if not is_loopback(host):
+        console.print(f"[yellow]warning:[/] binding to {host}: anyone who can reach it can query the index "
+                      "(no authentication)", highlight=False)
+    console.print(f"serving {index.pipeline.name} over {len(index):,} documents ({index.version}) on "
+                  f"http://{host}:{port}/  (API: /docs, /openapi.json; Ctrl-C stops)", highlight=False, markup=False)
+    serve(index, host, port, settings)
 
 
 def main() -> None:

@@ -35,9 +35,10 @@ from typing import Iterable
 
 import numpy as np
 
-from stagewise.data import Document, load_corpus
+from stagewise.data import Document, load_corpus, load_dataset
 from stagewise.errors import StagewiseError
 from stagewise.pipeline import Hit, Pipeline, Query, StageTimings
+from stagewise.retrievers import build_first_stage
 from stagewise.vector_index import VectorIndexConfig
 
 FORMAT = "stagewise-index"
@@ -198,6 +199,28 @@ class Index:
                 "reranker": self.pipeline.reranker.name if self.pipeline.reranker else None,
                 "depth": self.pipeline.depth, "disk_bytes": size,
                 "memory_bytes": self.pipeline.first_stage.index_bytes(), "models": m["models"]}
+
+
+def load_pipeline_spec(spec: str | Path) -> Pipeline:
+    """A ``pipeline.yaml``, a folder holding one (a ``select`` run), or a first-stage spec (``bm25``, a model, ``a+b``)."""
+    path = Path(spec)
+    if path.is_dir() and (path / "pipeline.yaml").is_file():
+        path = path / "pipeline.yaml"
+    if path.is_file():
+        return Pipeline.load(path)
+    if str(spec).endswith((".yaml", ".yml")):
+        raise StagewiseError(f"{spec}: pipeline file not found")
+    return Pipeline(build_first_stage(str(spec)))
+
+
+def load_corpus_spec(spec: str | Path) -> dict[str, Document]:
+    """A ``corpus.jsonl`` file, a BEIR folder, or ``default`` (the embedded dataset)."""
+    path = Path(spec)
+    if path.is_dir() and (path / "corpus.jsonl").is_file():
+        path = path / "corpus.jsonl"
+    if path.is_file():
+        return load_corpus(path)
+    return load_dataset(str(spec)).corpus
 
 
 # ---- the on-disk protocol ----------------------------------------------------------------------

@@ -7,6 +7,7 @@ stale cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -277,7 +278,8 @@ def load_bi_encoder(spec: ModelSpec | str, device: str | None = None, max_seq_le
     spec = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
     if model_kind(spec.path) == "cross-encoder":
         raise ModelError(f"'{spec.spec}' is a cross-encoder (it scores query-document pairs); a bi-encoder is needed here")
-    model = SentenceTransformer(str(spec.path), device=device, local_files_only=True)
+    with _quiet_transformers():
+        model = SentenceTransformer(str(spec.path), device=device, local_files_only=True)
     if max_seq_length and math.isfinite(model.max_seq_length or math.inf):  # static embeddings have no limit
         model.max_seq_length = max_seq_length
     return model
@@ -299,14 +301,24 @@ def load_cross_encoder(spec: ModelSpec | str, device: str | None = None, max_len
             f"head{dropped}, so its scores are meaningless until fine-tuned",
             stacklevel=2,
         )
+    with _quiet_transformers():  # our warning above says it in one line; skip transformers' load report
+        return CrossEncoder(str(spec.path), num_labels=1, device=device, max_length=max_length, local_files_only=True)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No load report and no 'Loading weights' bar: loading a model is not long work worth a progress bar."""
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # our warning above says it in one line; skip transformers' load report
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        return CrossEncoder(str(spec.path), num_labels=1, device=device, max_length=max_length, local_files_only=True)
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def model_table() -> list[dict]:
