@@ -193,11 +193,12 @@ class Index:
     def describe(self) -> dict:
         """What the index holds, for ``/stats`` and ``index info``."""
         m = self.manifest
-        size = sum(f.stat().st_size for f in (self.path / self.version).rglob("*") if f.is_file())
+        models = self.path / self.version / "models"
         return {"path": str(self.path), "version": self.version, "created": m["created"], "documents": len(self),
                 "first_stage": self.pipeline.first_stage.name, "vectors": m["vectors"],
                 "reranker": self.pipeline.reranker.name if self.pipeline.reranker else None,
-                "depth": self.pipeline.depth, "disk_bytes": size,
+                "depth": self.pipeline.depth, "disk_bytes": sum(f["bytes"] for f in m["files"].values()),
+                "model_disk_bytes": sum(f.stat().st_size for f in models.rglob("*") if f.is_file()),
                 "memory_bytes": self.pipeline.first_stage.index_bytes(), "models": m["models"]}
 
 
@@ -292,9 +293,10 @@ def _copy_models(pipeline: Pipeline, target: Path, previous: Path | None) -> dic
         if spec.alias:
             continue
         dest = target / f"{_slug(stage.name)}-{spec.fingerprint}"
-        if not dest.exists():
-            source = previous / dest.name if previous and (previous / dest.name).is_dir() else spec.path
-            shutil.copytree(source, dest, copy_function=_link_or_copy)
+        if previous and (previous / dest.name).is_dir():  # our own immutable copy: share its files
+            shutil.copytree(previous / dest.name, dest, copy_function=_link_or_copy)
+        elif not dest.exists():  # the user's files: a real copy, so rewriting them in place cannot touch the index
+            shutil.copytree(spec.path, dest)
         copies[spec.spec] = str(dest)
     return copies
 

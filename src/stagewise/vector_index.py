@@ -20,7 +20,6 @@ from stagewise.errors import StagewiseError
 
 KINDS = ("exact", "hnsw")
 QUANTIZATIONS = ("none", "int8", "binary")
-_BLOCK = 65536  # rows scored at once by exact search over int8 codes (bounds the float32 temporary)
 
 
 @dataclass
@@ -144,7 +143,6 @@ class VectorIndex:
 
     def _candidates(self, queries: np.ndarray, n: int) -> np.ndarray:
         """``n`` candidate rows per query from the fast structure (quantised codes and/or the graph)."""
-        q = self.config.quantization
         if self.config.kind == "hnsw":
             matches = self.graph.search(self._quantize_queries(queries), n, threads=0)
             keys = np.asarray(matches.keys).reshape(len(queries), -1)[:, :n]
@@ -154,15 +152,11 @@ class VectorIndex:
                 if found < n:  # the graph found fewer than asked (tiny or heavily edited): search this query exactly
                     rows[i] = top_k(queries[i:i + 1] @ np.asarray(self.embeddings).T, n)[0][0]
             return rows
-        if q == "binary":
-            from usearch.index import MetricKind, search
+        from usearch.index import MetricKind, search  # exact SIMD scan over the codes
 
-            found = search(self.codes, self._quantize_queries(queries), n, MetricKind.Hamming, exact=True, threads=0)
-            return np.asarray(found.keys, dtype=np.int64).reshape(len(queries), -1)
-        scores = np.empty((len(queries), len(self)), dtype=np.float32)  # int8: asymmetric (float query · int8 codes)
-        for start in range(0, len(self), _BLOCK):
-            scores[:, start:start + _BLOCK] = queries @ self.codes[start:start + _BLOCK].astype(np.float32).T
-        return top_k(scores, n)[0]
+        metric = MetricKind.Hamming if self.config.quantization == "binary" else MetricKind.IP
+        found = search(self.codes, self._quantize_queries(queries), n, metric, exact=True, threads=0)
+        return np.asarray(found.keys, dtype=np.int64).reshape(len(queries), -1)
 
     def _quantize_queries(self, queries: np.ndarray) -> np.ndarray:
         return self._quantize(queries) if self.codes is not None else queries
