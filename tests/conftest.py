@@ -102,3 +102,75 @@ def scifact_dir() -> Path:
     if not (path / "corpus.jsonl").is_file():
         pytest.skip("../shared/datasets/scifact is absent")
     return path
+
+
+# ---- the search service: indexes built once, and a real uvicorn server on loopback ---------------------------
+
+import contextlib  # noqa: E402  (appended section)
+
+SERVICE_CORPUS = CORPUS + [
+    {"_id": f"n{i}{j}", "title": f"{aspect.capitalize()} {topic}",
+     "text": f"A short note on the {aspect} {topic}, kept as document n{i}{j} for the service tests."}
+    for i, topic in enumerate(["rivers", "mountains", "violins", "trains", "gardens", "glaciers", "owls", "bridges"])
+    for j, aspect in enumerate(["history of", "care of", "myths about"])
+]  # 30 documents: enough for k, depth and reranking to differ
+
+
+def _build_service_index(tmp_path_factory, name: str, pipeline_factory):
+    from stagewise.data import load_corpus
+    from stagewise.index import Index
+
+    folder = tmp_path_factory.mktemp(name)
+    with pytest.MonkeyPatch.context() as mp:  # session scope: no per-test cache yet, keep the build out of ~/.cache
+        mp.setenv("STAGEWISE_CACHE", str(folder / "cache"))
+        corpus = load_corpus(write_beir(folder / "data", corpus=SERVICE_CORPUS) / "corpus.jsonl")
+        return Index.build(pipeline_factory(), corpus, folder / "idx")
+
+
+@pytest.fixture(scope="session")
+def reranked_index(tiny_bi_encoder, tiny_cross_encoder, tmp_path_factory):
+    """The tiny bi-encoder reranked by the tiny cross-encoder at depth 3, over SERVICE_CORPUS."""
+    from stagewise.pipeline import Pipeline
+    from stagewise.rerankers import CrossEncoderReranker
+    from stagewise.retrievers import build_first_stage
+
+    return _build_service_index(tmp_path_factory, "reranked-index", lambda: Pipeline(
+        build_first_stage(str(tiny_bi_encoder)), CrossEncoderReranker(str(tiny_cross_encoder)), depth=3))
+
+
+@pytest.fixture(scope="session")
+def bm25_index(tmp_path_factory):
+    """BM25 alone over SERVICE_CORPUS: an index without a reranker."""
+    from stagewise.pipeline import Pipeline
+    from stagewise.retrievers import build_first_stage
+
+    return _build_service_index(tmp_path_factory, "bm25-index", lambda: Pipeline(build_first_stage("bm25")))
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """Serve ``app`` with uvicorn on a loopback socket in a background thread; yield its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # bound before the server starts: no free-port race
+    host, port = sock.getsockname()
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn-test")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

@@ -148,6 +148,18 @@ def test_int8_calibration_ranges_survive_save_and_load(tmp_path):
     np.testing.assert_array_equal(loaded.updated([], added).codes, index.updated([], added).codes)
 
 
+def test_int8_additions_beyond_the_calibrated_range_saturate():
+    """A later document outside the corpus' ranges gets the extreme code, never a wrapped-around one."""
+    index = build(random_unit(np.random.default_rng(8), 100), "exact", "int8")
+    spike = np.zeros((1, DIM), dtype=np.float32)
+    spike[0, 0], spike[0, 1] = 1.0, -1.0
+    assert index.ranges[1, 0] < 1.0 and index.ranges[0, 1] > -1.0  # both beyond what was calibrated
+    updated = index.updated(np.array([], dtype=np.int64), spike)
+    assert updated.codes.dtype == np.int8
+    assert (updated.codes[-1, 0], updated.codes[-1, 1]) == (127, -128)
+    assert updated.search(spike, 1)[0][0, 0] == 100
+
+
 # ---- updates -----------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ always as ``{"error": "..."}``. It binds to loopback unless told otherwise: it h
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -90,8 +91,14 @@ class Batcher:
             batch = [await self.queue.get()]
             deadline = loop.time() + self.settings.batch_wait_ms / 1000
             while sum(len(p.queries) for p in batch) < self.settings.max_batch:
+                if not self.queue.empty():  # already waiting: always joins, whatever batch_wait_ms is
+                    batch.append(self.queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
                 try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
+                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
                 except asyncio.TimeoutError:
                     break
             batch = [p for p in batch if not p.future.done()]  # timed out while queued: skip the work
@@ -142,7 +149,7 @@ def create_app(index: Index | str | Path, settings: ServiceSettings | None = Non
     counts: collections.Counter = collections.Counter()
 
     class Options(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", strict=True)
         k: int = Field(10, ge=1, le=s.max_k, description="results to return")
         depth: int | None = Field(None, ge=1, le=s.max_depth,
                                   description=f"candidates the reranker reads (default {index.pipeline.depth})")
@@ -175,6 +182,7 @@ def create_app(index: Index | str | Path, settings: ServiceSettings | None = Non
     class BatchResponse(BaseModel):
         results: list[SearchResponse]
 
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         batcher.start()
         yield
@@ -204,13 +212,23 @@ def create_app(index: Index | str | Path, settings: ServiceSettings | None = Non
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        return error(e.status_code, str(e.detail))
+        return error(e.status_code, str(e.detail), getattr(e, "headers", None))  # keeps 405's Allow
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next):
+        too_big = f"request body exceeds the limit of {s.max_body_bytes:,} bytes"
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > s.max_body_bytes:
-            return error(413, f"request body of {int(length):,} bytes exceeds the limit of {s.max_body_bytes:,}")
+        if length is not None:
+            if length.isdigit() and int(length) > s.max_body_bytes:
+                return error(413, f"request body of {int(length):,} bytes: {too_big}")
+            return await call_next(request)
+        chunks, size = [], 0  # streamed (chunked) body: count as it arrives, stop at the limit
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > s.max_body_bytes:
+                return error(413, too_big)
+            chunks.append(chunk)
+        request._body = b"".join(chunks)  # Starlette hands the read body on to the endpoint
         return await call_next(request)
 
     def plan(options: Options, texts: list[str], field: str) -> tuple[list[Query], bool, int | None]:
