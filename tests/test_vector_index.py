@@ -93,6 +93,7 @@ def test_more_rescoring_candidates_raise_binary_recall(clustered):
 
 @pytest.mark.parametrize(("kind", "quantization"), COMBOS, ids=COMBO_IDS)
 def test_k_larger_than_the_index_returns_every_row_once(kind, quantization):
+    """Asking for more rows than exist returns all of them, once each, in exact order after rescoring."""
     rng = np.random.default_rng(1)
     vectors = random_unit(rng, 30)
     queries = random_unit(rng, 3)
@@ -106,6 +107,7 @@ def test_k_larger_than_the_index_returns_every_row_once(kind, quantization):
 
 @pytest.mark.parametrize(("kind", "quantization"), COMBOS, ids=COMBO_IDS)
 def test_k_zero_and_single_query_shapes(kind, quantization):
+    """Shapes stay (queries, k) at the edges: k=0 and a 1-D query."""
     rng = np.random.default_rng(2)
     index = build(random_unit(rng, 20), kind, quantization)
     rows, scores = index.search(random_unit(rng, 4), 0)
@@ -119,6 +121,7 @@ def test_k_zero_and_single_query_shapes(kind, quantization):
 
 @pytest.mark.parametrize(("kind", "quantization"), COMBOS, ids=COMBO_IDS)
 def test_save_then_load_gives_identical_results(clustered, kind, quantization, tmp_path):
+    """Every kind/quantization writes exactly the files it needs and reloads to the same answers."""
     vectors, queries = clustered
     index = build(vectors, kind, quantization)
     written = index.save(tmp_path / "vectors")
@@ -202,6 +205,7 @@ def test_updated_removes_and_adds_rows(kind, quantization, reload, tmp_path):
 
 @pytest.mark.parametrize(("kind", "quantization"), COMBOS, ids=COMBO_IDS)
 def test_chained_updates_save_and_load_like_the_updated_object(kind, quantization, tmp_path):
+    """Several edits in a row, saved and reloaded, answer like the edited object."""
     rng = np.random.default_rng(5)
     index = build(random_unit(rng, 200), kind, quantization)
     index = index.updated(np.arange(0, 200, 3), random_unit(rng, 10))
@@ -215,12 +219,16 @@ def test_chained_updates_save_and_load_like_the_updated_object(kind, quantizatio
     loaded_rows, loaded_scores = loaded.search(queries, 10)
     np.testing.assert_array_equal(loaded_rows, rows)
     np.testing.assert_allclose(loaded_scores, scores, rtol=1e-6)
-    if quantization == "none":  # full-precision vectors: the edited graph still finds the true top 10
-        np.testing.assert_array_equal(rows, brute_force(queries, np.asarray(index.embeddings), 10)[0])
+    truth = brute_force(queries, np.asarray(index.embeddings), 10)[0]
+    if (kind, quantization) == ("exact", "none"):
+        np.testing.assert_array_equal(rows, truth)
+    elif quantization == "none":  # HNSW is approximate (on unstructured vectors too), but an edited graph still works
+        assert recall(rows, truth) >= 0.9
 
 
 @pytest.mark.parametrize(("kind", "quantization"), COMBOS, ids=COMBO_IDS)
 def test_removing_every_row_then_adding_again(kind, quantization):
+    """An index can pass through empty (every document deleted, then new ones added)."""
     rng = np.random.default_rng(6)
     index = build(random_unit(rng, 40), kind, quantization)
     empty = index.updated(np.arange(40), np.zeros((0, DIM), dtype=np.float32))
@@ -244,11 +252,13 @@ def test_removing_every_row_then_adding_again(kind, quantization):
     ({"expansion_search": -1}, "expansion_search must be at least 1"),
 ])
 def test_config_validation(options, message):
+    """Bad options are refused up front with a message naming them."""
     with pytest.raises(StagewiseError, match=message):
         VectorIndexConfig(**options)
 
 
 def test_config_labels():
+    """The label is what the manifest and ``describe`` show."""
     assert VectorIndexConfig().label == "exact"
     assert VectorIndexConfig(kind="hnsw").label == "hnsw"
     assert VectorIndexConfig(kind="hnsw", quantization="int8").label == "hnsw-int8"

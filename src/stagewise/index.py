@@ -43,7 +43,6 @@ from stagewise.vector_index import VectorIndexConfig
 
 FORMAT = "stagewise-index"
 FORMAT_VERSION = 1
-KEEP_VERSIONS = 2  # the current one and the one before it
 _VERSION_RE = re.compile(r"^v(\d{6})$")
 
 
@@ -107,12 +106,15 @@ class Index:
         path = Path(path)
         if is_index(path) and not replace:
             raise InvalidIndexError(f"{path}: already an index (rebuild it with --replace, or use 'index add')")
-        if path.exists() and not is_index(path) and (not path.is_dir() or any(path.iterdir())):
+        if path.exists() and not is_index(path) and (
+                not path.is_dir() or any(not _leftover(p.name) for p in path.iterdir())):
             raise InvalidIndexError(f"{path}: exists and is not an index; choose an empty or new folder")
         if not isinstance(pipeline, Pipeline):
             pipeline = Pipeline.load(pipeline)
         if not isinstance(corpus, dict):
             corpus = load_corpus(corpus)
+        if not corpus:
+            raise InvalidIndexError(f"{path}: the corpus is empty: nothing to index")
         _set_vectors(pipeline.first_stage, vectors or VectorIndexConfig())
         pipeline.index(corpus)
         path.mkdir(parents=True, exist_ok=True)
@@ -166,6 +168,8 @@ class Index:
                 raise InvalidIndexError(f"{self.path}: changed since it was loaded (now {_current_version(self.path)}, "
                                   f"loaded {self.version}); load it again and retry")
             gone = set(removed)
+            if not gone and not added:
+                return self
             if len(gone) == len(self.corpus) and not added:
                 raise InvalidIndexError(f"{self.path}: deleting every document would leave an empty index")
             rows = np.array([i for i, d in enumerate(self.corpus) if d in gone], dtype=np.int64)
@@ -177,7 +181,9 @@ class Index:
                 self.pipeline.corpus = corpus
                 self.version = _commit(self.path, self.pipeline, corpus, self.version, change)
             except BaseException:  # the stored index is untouched; bring this object back in line with it
+                reranker, depth = self.pipeline.reranker, self.pipeline.depth
                 self.__dict__.update(Index.load(self.path, verify=False).__dict__)
+                self.pipeline.reranker, self.pipeline.depth = reranker, depth
                 raise
         self.manifest = _read_manifest(self.path, verify=False)[1]
         return self
@@ -252,11 +258,19 @@ def _versions(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if p.is_dir() and _VERSION_RE.match(p.name))
 
 
+def _leftover(name: str) -> bool:
+    """What a failed first build may leave behind: the lock, a temporary folder, a version never switched to."""
+    return name == ".lock" or name.startswith(".tmp-v") or bool(_VERSION_RE.match(name))
+
+
 def _commit(path: Path, pipeline: Pipeline, corpus: dict[str, Document], parent: str | None,
             change: dict | None = None) -> str:
     """Write a complete new version beside the current one, then switch ``CURRENT`` to it atomically."""
     for stale in path.glob(".tmp-v*"):  # left by a writer that was killed
         shutil.rmtree(stale, ignore_errors=True)
+    for dead in _versions(path):  # renamed into place, but CURRENT was never switched to it
+        if parent is None or dead > parent:
+            shutil.rmtree(path / dead)
     numbers = [int(v[1:]) for v in _versions(path)]
     version = f"v{max(numbers, default=0) + 1:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=path))
@@ -276,8 +290,9 @@ def _commit(path: Path, pipeline: Pipeline, corpus: dict[str, Document], parent:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in _versions(path)[:-KEEP_VERSIONS]:
-        shutil.rmtree(path / old, ignore_errors=True)
+    for old in _versions(path):
+        if old not in (version, parent):
+            shutil.rmtree(path / old, ignore_errors=True)
     return version
 
 
