@@ -194,24 +194,29 @@ def load_benchmark(dataset, bi: str, cross: str, depth: int, clients: int, secon
     texts = list(queries.values())
     expected = {rerank: {t: [(h.doc_id, h.score) for h in index.search(t, 10, rerank=rerank)] for t in texts}
                 for rerank in (False, True)}
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "stagewise.cli", "serve", str(work / "ix-serve"), "--port",
-                               str(port), "--timeout", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        _wait_ready(url, server)
-        _load(url, texts[:20], expected[False], False, clients, 3)  # warm-up
-        results = [_load(url, texts, expected[rerank], rerank, clients, seconds) for rerank in (False, True)]
-        import httpx
+    results, stats = [], {}
+    for max_batch in (32, 1):  # micro-batching on (the default), then off: what batching buys
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen([sys.executable, "-m", "stagewise.cli", "serve", str(work / "ix-serve"), "--port",
+                                   str(port), "--timeout", "30", "--max-batch", str(max_batch)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _wait_ready(url, server)
+            _load(url, texts[:20], expected[False], False, clients, 3)  # warm-up
+            for rerank in (False, True):
+                results.append({"max_batch": max_batch, **_load(url, texts, expected[rerank], rerank, clients,
+                                                                  seconds)})
+                print(results[-1], flush=True)
+            import httpx
 
-        stats = httpx.get(f"{url}/stats").json()
-    finally:
-        server.terminate()
-        server.wait(30)
-    for r in results:
-        print(r, flush=True)
-    return {"pipeline": index.pipeline.name, "depth": depth, "runs": results, "server_batch_size": stats["batch_size"],
-            "server_stage_ms": stats["batch_stage_ms"]}
+            stats[max_batch] = httpx.get(f"{url}/stats").json()
+        finally:
+            server.terminate()
+            server.wait(30)
+    return {"pipeline": index.pipeline.name, "depth": depth, "runs": results,
+            "server_batch_size": {b: s["batch_size"] for b, s in stats.items()},
+            "server_stage_ms": {b: s["batch_stage_ms"] for b, s in stats.items()}}
 
 
 def main() -> int:
@@ -220,7 +225,8 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results/scifact_index")
     parser.add_argument("--bi", default=_default_model("bi-minilm-l6", "minilm-l6"),
                         help="bi-encoder (default: the one fine-tuned by benchmarks/scifact_select.py, if present)")
-    parser.add_argument("--cross", default=_default_model("cross-minilm-l6", "bert-tiny"))
+    parser.add_argument("--cross", default=_default_model("cross-bert-tiny", "bert-tiny"),
+                        help="cross-encoder (default: bert-tiny as fine-tuned by benchmarks/scifact_select.py, if present)")
     parser.add_argument("--depth", type=int, default=20)
     parser.add_argument("--scale", type=int, default=100_000)
     parser.add_argument("--clients", type=int, default=8)
@@ -234,16 +240,16 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="stagewise-bench-"))
-    result = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count()}}
+    machine = {"python": platform.python_version(), "cpus": os.cpu_count()}
     try:
-        if args.part in ("all", "ann"):
-            result["ann"] = ann_benchmark(dataset, args.bi, args.scale, work)
-        if args.part in ("all", "load"):
-            result["load"] = load_benchmark(dataset, args.bi, args.cross, args.depth, args.clients, args.seconds, work)
+        for part, run in (("ann", lambda: ann_benchmark(dataset, args.bi, args.scale, work)),
+                          ("load", lambda: load_benchmark(dataset, args.bi, args.cross, args.depth, args.clients,
+                                                          args.seconds, work))):
+            if args.part in ("all", part):
+                (out / f"result-{part}.json").write_text(json.dumps({"machine": machine, part: run()}, indent=2))
+                print(f"written {out / f'result-{part}.json'}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    (out / f"result-{args.part}.json").write_text(json.dumps(result, indent=2))
-    print(f"written {out / f'result-{args.part}.json'}")
     return 0
 
 

@@ -349,6 +349,8 @@ def select_command(
         console.print(f"  {hit.rank}. {hit.doc_id} (first stage rank {hit.first_stage_rank}, score "
                       f"{hit.first_stage_score:.3f}{rerank}) {(hit.title + ': ' if hit.title else '') + hit.text[:90]}…",
                       highlight=False, markup=False)
+    console.print(f"Deploy it: stagewise index build --pipeline {run_dir} --corpus {settings.data} --out INDEX, then "
+                  "stagewise serve INDEX", highlight=False, markup=False)
 
 
 @index_app.command("build")

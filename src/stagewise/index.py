@@ -128,16 +128,17 @@ class Index:
         path = Path(path)
         version, manifest = _read_manifest(path, verify)
         folder = path / version
-        stored = Pipeline.load(folder / "pipeline.yaml", show_progress=False)
+        stored = Pipeline.load(folder / "pipeline.yaml")
         _check_models(stored, manifest, folder)
         if pipeline is not None:
-            other = pipeline if isinstance(pipeline, Pipeline) else Pipeline.load(pipeline, show_progress=False)
+            other = pipeline if isinstance(pipeline, Pipeline) else Pipeline.load(pipeline)
             _check_same_first_stage(other, stored, path)
             other.first_stage = stored.first_stage
             stored = other
         corpus = load_corpus(folder / "docs.jsonl")
         if len(corpus) != manifest["documents"]:
-            raise InvalidIndexError(f"{folder / 'docs.jsonl'}: {len(corpus)} documents, manifest says {manifest['documents']}")
+            raise InvalidIndexError(
+                f"{folder / 'docs.jsonl'}: {len(corpus)} documents, manifest says {manifest['documents']}")
         stored.first_stage.load_index(folder / "first_stage", corpus)
         stored.corpus = corpus
         return cls(path, version, manifest, stored)
@@ -152,7 +153,7 @@ class Index:
         existing = [d for d in documents if d in self.corpus]
         if existing and not upsert:
             raise InvalidIndexError(f"{len(existing)} document id(s) already in the index, e.g. '{existing[0]}' "
-                              "(use --upsert to replace them)")
+                                    "(use --upsert to replace them)")
         return self._update(existing, list(documents.values()))
 
     def delete(self, ids: Iterable[str], missing_ok: bool = False) -> "Index":
@@ -166,7 +167,7 @@ class Index:
         with _writer_lock(self.path):
             if _current_version(self.path) != self.version:
                 raise InvalidIndexError(f"{self.path}: changed since it was loaded (now {_current_version(self.path)}, "
-                                  f"loaded {self.version}); load it again and retry")
+                                        f"loaded {self.version}); load it again and retry")
             gone = set(removed)
             if not gone and not added:
                 return self
@@ -209,7 +210,7 @@ class Index:
 
 
 def load_pipeline_spec(spec: str | Path) -> Pipeline:
-    """A ``pipeline.yaml``, a folder holding one (a ``select`` run), or a first-stage spec (``bm25``, a model, ``a+b``)."""
+    """A ``pipeline.yaml``, a folder holding one (a ``select`` run), or a first stage (``bm25``, a model, ``a+b``)."""
     path = Path(spec)
     if path.is_dir() and (path / "pipeline.yaml").is_file():
         path = path / "pipeline.yaml"
@@ -371,7 +372,8 @@ def _read_manifest(path: Path, verify: bool) -> tuple[str, dict]:
     try:
         version, manifest_sha = (path / "CURRENT").read_text().split()
     except (OSError, ValueError):
-        raise InvalidIndexError(f"{path}: not an index (no readable CURRENT file; build one with 'stagewise index build')") from None
+        raise InvalidIndexError(
+            f"{path}: not an index (no readable CURRENT file; build one with 'stagewise index build')") from None
     manifest_path = path / version / "manifest.json"
     if not manifest_path.is_file():
         raise InvalidIndexError(f"{manifest_path}: missing (CURRENT names version {version})")
