@@ -84,7 +84,7 @@ class Pipeline:
         """Many queries at once: one encoder batch for the first stage, one cross-encoder batch for all pairs."""
         return self.search_many([Query(q, k, depth, rerank) for q in queries])[0]
 
-    def search_many(self, queries: Sequence["Query"]) -> tuple[list[list[Hit]], StageTimings]:
+    def search_many(self, queries: Sequence[Query]) -> tuple[list[list[Hit]], StageTimings]:
         """Answer queries that may differ in ``k``, ``depth`` and ``rerank``, batched through both models.
 
         Each query retrieves ``max(k, depth)``; its top ``depth`` are reranked; first-stage order is kept below it.
@@ -96,7 +96,8 @@ class Pipeline:
         depths = [(q.depth if q.depth is not None else self.depth) if q.rerank and self.reranker else 0
                   for q in queries]
         start = time.perf_counter()
-        retrieved = self.first_stage.retrieve([q.text for q in queries], max(max(q.k, d) for q, d in zip(queries, depths)))
+        wanted = max(max(q.k, depth) for q, depth in zip(queries, depths))
+        retrieved = self.first_stage.retrieve([q.text for q in queries], wanted)
         first_done = time.perf_counter()
         reranked = self._rerank_all(queries, retrieved, depths)
         timings = StageTimings(first_done - start, time.perf_counter() - first_done)

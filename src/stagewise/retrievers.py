@@ -44,6 +44,7 @@ class FirstStage(Protocol):
     def update_index(self, corpus: dict[str, Document], removed_rows: np.ndarray, added: list[Document]) -> None:
         """``corpus`` is the new corpus: the old one in order, less ``removed_rows``, then ``added``."""
 
+
 def _require_index(ids: list[str] | None, name: str) -> list[str]:
     if ids is None:
         raise StagewiseError(f"first stage '{name}' has no index yet: call index(corpus) first")

@@ -63,12 +63,8 @@ class VectorIndex:
 
     @classmethod
     def build(cls, embeddings: np.ndarray, config: VectorIndexConfig | None = None) -> "VectorIndex":
-        config = config or VectorIndexConfig()
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-        ranges = None
-        if config.quantization == "int8" and len(embeddings):  # calibrated on the corpus, reused for later additions
-            ranges = np.vstack([embeddings.min(axis=0), embeddings.max(axis=0)]).astype(np.float32)
-        return cls(embeddings, np.arange(len(embeddings), dtype=np.uint64), config, ranges)
+        return cls(embeddings, np.arange(len(embeddings), dtype=np.uint64), config or VectorIndexConfig())
 
     @property
     def dim(self) -> int:
@@ -85,7 +81,9 @@ class VectorIndex:
             return None
         if q == "binary":
             return quantize_embeddings(embeddings, precision="ubinary")
-        if self.ranges is None:  # an empty index got its first documents: calibrate on them
+        if self.ranges is None:  # int8 ranges are calibrated on the first documents, then kept for later additions
+            if not len(embeddings):
+                return np.zeros((0, embeddings.shape[1]), dtype=np.int8)
             self.ranges = np.vstack([embeddings.min(axis=0), embeddings.max(axis=0)]).astype(np.float32)
         clipped = np.clip(embeddings, self.ranges[0], self.ranges[1])  # quantize_embeddings wraps out-of-range values
         return quantize_embeddings(clipped, precision="int8", ranges=self.ranges)
@@ -94,11 +92,8 @@ class VectorIndex:
         from usearch.index import Index
 
         c = self.config
-        if c.quantization == "binary":
-            ndim, metric, dtype = self.dim, "hamming", "b1"
-        else:
-            ndim, metric, dtype = self.dim, "ip", "i8" if c.quantization == "int8" else "f32"
-        return Index(ndim=ndim, metric=metric, dtype=dtype, connectivity=c.connectivity,
+        metric, dtype = {"none": ("ip", "f32"), "int8": ("ip", "i8"), "binary": ("hamming", "b1")}[c.quantization]
+        return Index(ndim=self.dim, metric=metric, dtype=dtype, connectivity=c.connectivity,
                      expansion_add=c.expansion_add, expansion_search=c.expansion_search)
 
     def updated(self, remove_rows: np.ndarray, add_embeddings: np.ndarray) -> "VectorIndex":
@@ -124,7 +119,7 @@ class VectorIndex:
             codes = self.codes[keep] if add_codes is None else np.concatenate([self.codes[keep], add_codes])
         embeddings = np.concatenate([np.asarray(self.embeddings[keep]), add_embeddings])
         return VectorIndex(embeddings, np.concatenate([self.keys[keep], new_keys]), self.config, self.ranges,
-                           graph, codes if codes is not None else self._quantize(embeddings[:0]))
+                           graph, codes)
 
     # ---- searching ---------------------------------------------------------------------------
 
