@@ -206,7 +206,7 @@ def test_health_and_stats_report_the_index_and_the_traffic(start, reranked_index
     assert stats["latency_ms"]["/search/batch"]["count"] == 1
     assert stats["batch_size"] == {"count": 4, "p50": 1.0, "p95": pytest.approx(1.85), "p99": pytest.approx(1.97),
                                    "max": 2.0}
-    assert {stage: s["count"] for stage, s in stats["batch_stage_ms"].items()} == {"first_stage": 4, "rerank": 4}
+    assert {stage: s["count"] for stage, s in stats["batch_stage_ms"].items()} == {"queue": 4, "first_stage": 4, "rerank": 4}
     assert stats["uptime_s"] >= 0
 
 

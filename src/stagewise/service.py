@@ -60,7 +60,7 @@ class Batcher:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stagewise-model")
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)
         self.stage_ms: dict[str, collections.deque[float]] = {
-            "first_stage": collections.deque(maxlen=10_000), "rerank": collections.deque(maxlen=10_000)}
+            stage: collections.deque(maxlen=10_000) for stage in ("queue", "first_stage", "rerank")}
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -105,6 +105,8 @@ class Batcher:
             if not batch:
                 continue
             queries = [q for p in batch for q in p.queries]
+            started = time.perf_counter()
+            self.stage_ms["queue"].extend((started - p.enqueued) * 1000 for p in batch)
             try:
                 results, timings = await loop.run_in_executor(self.executor, self.index.search_many, queries)
             except Exception as e:  # a model failure answers this batch with 500, the service keeps running
