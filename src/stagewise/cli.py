@@ -12,6 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from stagewise import engine
 from stagewise.errors import StagewiseError
 from stagewise.progress import console
 from stagewise.rundir import RunDir, seed_everything
@@ -26,6 +27,9 @@ index_app = typer.Typer(no_args_is_help=True, help="Build and update a persisten
 app.add_typer(index_app, name="index")
 
 EXIT_USER_ERROR = 2
+ENGINE_OPTION = typer.Option("local", "--engine", help="Where corpus encoding and large scoring jobs run: local | ray.")
+RAY_ADDRESS_OPTION = typer.Option(None, "--ray-address", help="Ray cluster to join (e.g. auto, ray://head:10001); "
+                                                               "default: a local Ray.")
 
 
 def user_errors(command):
@@ -112,6 +116,8 @@ def eval_command(
     max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", help="Override the bi-encoder's."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/eval-<time>)."),
     seed: int = typer.Option(0, "--seed"),
+    engine_name: str = ENGINE_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
 ):
     """Evaluate first stages alone and reranked: nDCG@10, MRR@10, Recall@10/100, MAP@100, latency."""
     from stagewise.data import load_dataset
@@ -134,7 +140,8 @@ def eval_command(
         "depths": depth, "max_queries": max_queries, "seed": seed,
     }
     run = RunDir(out or RunDir.default_path("eval"), config)  # only once every input has been checked
-    results = evaluate(dataset, split, stages, cross, depths=depth, max_queries=max_queries)
+    with engine.use(engine_name, ray_address):
+        results = evaluate(dataset, split, stages, cross, depths=depth, max_queries=max_queries)
     comparisons = [compare(next(x for x in results if x.name == r.first_stage), r) for r in results if r.first_stage]
     path = save_results(results, run.path, {**run.config, "wall_seconds": run.wall_seconds}, comparisons)
     run.close()
@@ -312,6 +319,8 @@ def select_command(
                                                               "(default: the first dev query)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/select-<time>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted selection in --out."),
+    engine_name: str = ENGINE_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
 ):
     """Choose a pipeline stage by stage: first stages, then rerankers on the chosen one; report and verdict."""
     from stagewise.data import load_dataset
@@ -322,7 +331,8 @@ def select_command(
                                   depths=depth or None, latency_budget_ms=latency_budget_ms,
                                   time_budget_min=time_budget, max_dev_queries=max_dev_queries)
     run_dir = out or RunDir.default_path("select")
-    result = select(settings, run_dir, resume=resume)
+    with engine.use(engine_name, ray_address):
+        result = select(settings, run_dir, resume=resume)
     metric = settings.latency_metric
     table = Table(title=f"{result['title']}: every system measured")
     for col in ("system", "nDCG@10", f"{metric[:3]} ms/query", "within budget", "Pareto"):
@@ -360,7 +370,7 @@ def index_build_command(
                                  help="pipeline.yaml, a select run folder, or a first stage (bm25 | model | a+b)."),
     corpus: str = typer.Option(..., "--corpus", "-c", help="corpus.jsonl, a BEIR folder, or 'default'."),
     out: Path = typer.Option(..., "--out", "-o", help="Index folder to create."),
-    kind: str = typer.Option("exact", "--kind", help="exact | hnsw (approximate, usearch)."),
+    kind: str = typer.Option("exact", "--kind", help="exact | hnsw (approximate, usearch) | milvus."),
     quantization: str = typer.Option("none", "--quantization", "-q", help="none | int8 | binary."),
     rescore: int = typer.Option(4, "--rescore", help="Quantised/HNSW: rescore this many × k candidates in float32."),
     connectivity: int = typer.Option(16, "--connectivity", help="HNSW edges per node (M)."),
@@ -368,13 +378,18 @@ def index_build_command(
     ef_search: int = typer.Option(64, "--ef-search", help="HNSW query beam width."),
     replace: bool = typer.Option(False, "--replace", help="Rebuild an existing index (it answers until the new one "
                                                           "is committed)."),
+    milvus_uri: Optional[str] = typer.Option(None, "--milvus-uri", help="--kind milvus: a Milvus Lite file or "
+                                                                        "http://host:19530 (default INDEX/milvus.db)."),
+    engine_name: str = ENGINE_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
 ):
     """Encode a corpus with the pipeline's first stage and store it as a versioned, checksummed index."""
     from stagewise.index import Index, load_pipeline_spec, load_corpus_spec
     from stagewise.vector_index import VectorIndexConfig
 
-    vectors = VectorIndexConfig(kind, quantization, rescore, connectivity, ef_construction, ef_search)
-    index = Index.build(load_pipeline_spec(pipeline), load_corpus_spec(corpus), out, vectors, replace=replace)
+    vectors = VectorIndexConfig(kind, quantization, rescore, connectivity, ef_construction, ef_search, milvus_uri)
+    with engine.use(engine_name, ray_address):
+        index = Index.build(load_pipeline_spec(pipeline), load_corpus_spec(corpus), out, vectors, replace=replace)
     _print_index(index)
 
 
@@ -384,11 +399,14 @@ def index_add_command(
     index_path: Path = typer.Argument(..., metavar="INDEX"),
     documents: Path = typer.Argument(..., help="Documents to add, in BEIR corpus.jsonl format."),
     upsert: bool = typer.Option(False, "--upsert", help="Replace documents whose id is already indexed."),
+    engine_name: str = ENGINE_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
 ):
     """Add documents without a rebuild: only they are encoded; the previous version answers until the commit."""
     from stagewise.index import Index
 
-    _print_index(Index.load(index_path).add(documents, upsert=upsert))
+    with engine.use(engine_name, ray_address):
+        _print_index(Index.load(index_path).add(documents, upsert=upsert))
 
 
 @index_app.command("delete")

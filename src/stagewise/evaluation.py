@@ -198,11 +198,11 @@ def evaluate_depths(
     """
     queries, qrels = split_queries(dataset, split, max_queries)
     reranker, deepest = pipeline.reranker, max(depths)
-    scores: dict[str, list[tuple[str, float]]] = {}
-    with progress_bar() as bar:
-        for qid in bar.track(queries, description=f"{reranker.name}: score top {deepest}"):
-            top = first.rankings[qid][:deepest]
-            scores[qid] = list(zip(top, reranker.score(queries[qid], [dataset.corpus[d].full_text() for d in top])))
+    tops = {qid: first.rankings[qid][:deepest] for qid in queries}
+    pairs = [(queries[qid], dataset.corpus[d].full_text()) for qid, top in tops.items() for d in top]
+    logger.info("%s: scoring the top %d of %d queries (%d pairs)", reranker.name, deepest, len(queries), len(pairs))
+    flat = iter(reranker.score_pairs(pairs, show_progress=True).tolist())  # one batch job: on Ray when in use
+    scores = {qid: [(d, next(flat)) for d in top] for qid, top in tops.items()}
     sample = sorted(queries)[:latency_queries]
     timings: dict[int, list] = {d: [] for d in depths}
     configured_depth = pipeline.depth

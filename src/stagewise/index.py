@@ -22,6 +22,7 @@ fingerprint, and refuses a mismatch with an error that says which file or model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import hashlib
@@ -115,9 +116,12 @@ class Index:
             corpus = load_corpus(corpus)
         if not corpus:
             raise InvalidIndexError(f"{path}: the corpus is empty: nothing to index")
-        _set_vectors(pipeline.first_stage, vectors or VectorIndexConfig())
-        pipeline.index(corpus)
         path.mkdir(parents=True, exist_ok=True)
+        vectors = vectors or VectorIndexConfig()
+        if vectors.kind == "milvus" and not vectors.uri:  # Milvus Lite in a file beside the versions
+            vectors = dataclasses.replace(vectors, uri=str(path.resolve() / "milvus.db"))
+        _set_vectors(pipeline.first_stage, vectors)
+        pipeline.index(corpus)
         with _writer_lock(path):
             _commit(path, pipeline, corpus, parent=_current_version(path) if is_index(path) else None)
         return cls.load(path)
@@ -261,7 +265,7 @@ def _versions(path: Path) -> list[str]:
 
 def _leftover(name: str) -> bool:
     """What a failed first build may leave behind: the lock, a temporary folder, a version never switched to."""
-    return name == ".lock" or name.startswith(".tmp-v") or bool(_VERSION_RE.match(name))
+    return name in (".lock", "milvus.db") or name.startswith((".tmp-v", ".milvus.db")) or bool(_VERSION_RE.match(name))
 
 
 def _commit(path: Path, pipeline: Pipeline, corpus: dict[str, Document], parent: str | None,
@@ -291,10 +295,30 @@ def _commit(path: Path, pipeline: Pipeline, corpus: dict[str, Document], parent:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in _versions(path):
-        if old not in (version, parent):
-            shutil.rmtree(path / old, ignore_errors=True)
+    pruned = [old for old in _versions(path) if old not in (version, parent)]
+    _drop_external(path, pruned, kept=[version, parent])
+    for old in pruned:
+        shutil.rmtree(path / old, ignore_errors=True)
     return version
+
+
+def _external_collections(folder: Path) -> set[tuple[str, str]]:
+    """The Milvus collections a version's first stage keeps its vectors in."""
+    found = set()
+    for meta in folder.glob("first_stage/**/vectors.json"):
+        info = json.loads(meta.read_text())
+        if info.get("collection"):
+            found.add((info["uri"], info["collection"]))
+    return found
+
+
+def _drop_external(path: Path, pruned: list[str], kept: list[str | None]) -> None:
+    """Drop the Milvus collections only pruned versions used (a rebuild makes a new one)."""
+    still_used = set().union(*(_external_collections(path / v) for v in kept if v))
+    for uri, collection in set().union(*(_external_collections(path / v) for v in pruned)) - still_used:
+        from stagewise.milvus_index import client
+
+        client(uri).drop_collection(collection)
 
 
 def _copy_models(pipeline: Pipeline, target: Path, previous: Path | None) -> dict[str, str]:

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
+from stagewise import engine
 from stagewise.models import ModelSpec, load_cross_encoder, resolve_model
 
 
@@ -26,12 +27,16 @@ class CrossEncoderReranker:
     def score(self, query: str, texts: Sequence[str]) -> np.ndarray:
         return self.score_pairs([(query, t) for t in texts])
 
-    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-        """One score per (query, text) pair; pairs of many queries go through the model in shared batches."""
+    def score_pairs(self, pairs: Sequence[tuple[str, str]], show_progress: bool = False) -> np.ndarray:
+        """One score per (query, text) pair; pairs of many queries go through the model in shared batches,
+        and a large set goes to Ray when it is the engine in use."""
         if not pairs:
             return np.zeros(0, dtype=np.float32)
+        if engine.distributed(len(pairs)):
+            return engine.score_pairs(str(self.spec.path), pairs, self.model.max_length, self.batch_size)
         return np.asarray(
-            self.model.predict(list(pairs), batch_size=self.batch_size, show_progress_bar=False, convert_to_numpy=True),
+            self.model.predict(list(pairs), batch_size=self.batch_size, show_progress_bar=show_progress,
+                               convert_to_numpy=True),
             dtype=np.float32,
         ).reshape(-1)
 

@@ -15,6 +15,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from stagewise import engine
 from stagewise.cache import EmbeddingCache
 from stagewise.data import Document
 from stagewise.errors import StagewiseError
@@ -145,6 +146,9 @@ class DenseRetriever:
         return self.similarity == "cosine"
 
     def encode_documents(self, texts: Sequence[str], show_progress: bool | None = None) -> np.ndarray:
+        if engine.distributed(len(texts)):  # a corpus: on Ray when it is the engine in use
+            return engine.encode_documents(str(self.spec.path), texts, self.model.max_seq_length, self._normalize(),
+                                           self.batch_size)
         return self.model.encode_document(
             list(texts), batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=self._normalize(),
             show_progress_bar=self.show_progress if show_progress is None else show_progress,

@@ -18,18 +18,20 @@ import numpy as np
 
 from stagewise.errors import StagewiseError
 
-KINDS = ("exact", "hnsw")
+KINDS = ("exact", "hnsw", "milvus")
 QUANTIZATIONS = ("none", "int8", "binary")
 
 
 @dataclass
 class VectorIndexConfig:
-    kind: str = "exact"  # exact | hnsw
+    kind: str = "exact"  # exact | hnsw | milvus
     quantization: str = "none"  # none | int8 | binary
     rescore: int = 4  # quantised / approximate: fetch rescore × k candidates, rescore in full precision
     connectivity: int = 16  # HNSW: edges per node (M)
     expansion_add: int = 128  # HNSW: ef_construction
     expansion_search: int = 64  # HNSW: ef at query time (raised to the number of candidates wanted)
+    uri: str | None = None  # milvus: a local file (Milvus Lite) or http://host:19530
+    collection: str | None = None  # milvus: collection name prefix
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -37,6 +39,8 @@ class VectorIndexConfig:
         if self.quantization not in QUANTIZATIONS:
             raise StagewiseError(
                 f"unknown quantization {self.quantization!r} (expected one of: {', '.join(QUANTIZATIONS)})")
+        if self.kind == "milvus" and self.quantization != "none":
+            raise StagewiseError("a milvus index stores float32 vectors: quantization must be 'none'")
         for name in ("rescore", "connectivity", "expansion_add", "expansion_search"):
             if int(getattr(self, name)) < 1:
                 raise StagewiseError(f"index option {name} must be at least 1, got {getattr(self, name)}")
@@ -63,6 +67,10 @@ class VectorIndex:
 
     @classmethod
     def build(cls, embeddings: np.ndarray, config: VectorIndexConfig | None = None) -> "VectorIndex":
+        if config is not None and config.kind == "milvus":
+            from stagewise.milvus_index import MilvusVectors
+
+            return MilvusVectors.build(embeddings, config)
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         return cls(embeddings, np.arange(len(embeddings), dtype=np.uint64), config or VectorIndexConfig())
 
@@ -179,6 +187,10 @@ class VectorIndex:
     def load(cls, folder: Path) -> "VectorIndex":
         meta = json.loads((folder / "vectors.json").read_text())
         config = VectorIndexConfig(**meta["config"])
+        if config.kind == "milvus":
+            from stagewise.milvus_index import MilvusVectors
+
+            return MilvusVectors.load(folder, config, meta)
         embeddings = np.load(folder / "embeddings.npy", mmap_mode="r")  # read from disk only for rescoring
         keys = np.load(folder / "keys.npy")
         codes = np.load(folder / "codes.npy") if (folder / "codes.npy").is_file() else None

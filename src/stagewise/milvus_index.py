@@ -1,0 +1,146 @@
+"""Vectors kept in Milvus (``pymilvus``'s ``MilvusClient``), behind the same interface as :class:`VectorIndex`.
+
+A local file path as ``uri`` is Milvus Lite (embedded: tests, one machine); ``http://host:19530`` is a Milvus
+server or cluster; the code is the same. Milvus holds the vectors and does the search; the index version on
+disk holds only the sorted keys it owns, the collection's name and a key watermark.
+
+Versions share one collection, so an update never disturbs the version that is still current:
+new rows get keys above the current watermark (readers filter ``key < watermark``), rows a version deletes
+stay in Milvus until the next update (readers of the previous version still need them; readers of the new
+one skip them), and rows inserted by a writer that died before its commit are above every committed
+watermark and are removed by the next update.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from stagewise.errors import StagewiseError
+
+MAX_LIMIT = 16384  # Milvus' largest top-k
+_clients: dict[str, object] = {}
+
+
+def client(uri: str):
+    """One ``MilvusClient`` per URI per process (Milvus Lite serves a file to one process)."""
+    if uri not in _clients:
+        try:
+            from pymilvus import MilvusClient
+        except ImportError:
+            raise StagewiseError("the milvus index needs pymilvus: pip install 'stagewise[scale]' "
+                                 "(pymilvus, and milvus-lite for a local file)") from None
+        try:
+            _clients[uri] = MilvusClient(uri)
+        except Exception as e:  # pymilvus raises its own MilvusException family, and OSError for Lite files
+            raise StagewiseError(f"cannot open Milvus at {uri}: {e}") from None
+    return _clients[uri]
+
+
+class MilvusVectors:
+    """Search by inner product in a Milvus collection; ``keys`` (sorted) are the rows this version owns."""
+
+    def __init__(self, config, uri: str, collection: str, dim: int, keys: np.ndarray, watermark: int,
+                 retired: np.ndarray):
+        self.config, self.uri, self.collection, self._dim = config, uri, collection, dim
+        self.keys, self.watermark, self.retired = keys, watermark, retired
+        self.client = client(uri)
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, config) -> "MilvusVectors":
+        if not config.uri:
+            raise StagewiseError("a milvus index needs a URI: a local file (Milvus Lite) or http://host:19530")
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        collection = f"{config.collection or 'stagewise'}_{uuid.uuid4().hex[:10]}"  # a rebuild never clobbers
+        store = client(config.uri)
+        store.create_collection(collection, dimension=embeddings.shape[1], primary_field_name="key", id_type="int",
+                                vector_field_name="vector", metric_type="IP", auto_id=False)
+        keys = np.arange(len(embeddings), dtype=np.int64)
+        self = cls(config, config.uri, collection, embeddings.shape[1], keys, len(embeddings), keys[:0])
+        self._insert(keys, embeddings)
+        return self
+
+    def _insert(self, keys: np.ndarray, embeddings: np.ndarray, chunk: int = 5000) -> None:
+        for start in range(0, len(keys), chunk):
+            rows = [{"key": int(k), "vector": v.tolist()} for k, v in
+                    zip(keys[start:start + chunk], embeddings[start:start + chunk])]
+            self.client.insert(self.collection, rows)
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def embeddings(self):
+        raise StagewiseError("a milvus index keeps its vectors in Milvus: only inner-product search is available")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def updated(self, remove_rows: np.ndarray, add_embeddings: np.ndarray) -> "MilvusVectors":
+        """Insert the new rows above the watermark; the removed ones are retired (deleted at the next update)."""
+        if len(self.retired):  # only the version before this one still needed them; it is about to be pruned
+            self.client.delete(self.collection, ids=[int(k) for k in self.retired])
+        self.client.delete(self.collection, filter=f"key >= {self.watermark}")  # a dead writer's uncommitted rows
+        keep = np.ones(len(self.keys), dtype=bool)
+        keep[np.asarray(remove_rows, dtype=np.int64)] = False
+        add_embeddings = np.ascontiguousarray(add_embeddings, dtype=np.float32).reshape(-1, self.dim)
+        new_keys = np.arange(self.watermark, self.watermark + len(add_embeddings), dtype=np.int64)
+        self._insert(new_keys, add_embeddings)
+        return MilvusVectors(self.config, self.uri, self.collection, self.dim,
+                             np.concatenate([self.keys[keep], new_keys]), self.watermark + len(add_embeddings),
+                             self.keys[~keep])
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        k = min(k, len(self))
+        limit = k + len(self.retired)  # retired rows may take places in Milvus' answer; they are dropped below
+        if limit > MAX_LIMIT:
+            raise StagewiseError(f"k={k} plus {len(self.retired)} rows awaiting deletion exceeds Milvus' top-k "
+                                 f"limit of {MAX_LIMIT}")
+        rows = np.zeros((len(queries), k), dtype=np.int64)
+        scores = np.zeros((len(queries), k), dtype=np.float32)
+        if k == 0:
+            return rows, scores
+        answers = self.client.search(self.collection, data=queries.tolist(), limit=limit,
+                                     filter=f"key < {self.watermark}", output_fields=[])
+        retired = set(self.retired.tolist())
+        for i, hits in enumerate(answers):
+            kept = [(h["key"], h["distance"]) for h in hits if h["key"] not in retired][:k]
+            found = np.array([key for key, _ in kept], dtype=np.int64)
+            rows[i, :len(kept)] = np.searchsorted(self.keys, found)
+            scores[i, :len(kept)] = [score for _, score in kept]
+        return rows, scores
+
+    def save(self, folder: Path) -> list[Path]:
+        from dataclasses import asdict
+
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "keys.npy", self.keys)
+        np.save(folder / "retired.npy", self.retired)
+        (folder / "vectors.json").write_text(json.dumps({
+            "config": asdict(self.config), "dim": self.dim, "count": len(self), "uri": self.uri,
+            "collection": self.collection, "watermark": self.watermark}))
+        return [folder / "keys.npy", folder / "retired.npy", folder / "vectors.json"]
+
+    @classmethod
+    def load(cls, folder: Path, config, meta: dict) -> "MilvusVectors":
+        uri = meta["uri"]
+        store = client(uri)
+        if not store.has_collection(meta["collection"]):
+            raise StagewiseError(f"{folder}: Milvus collection '{meta['collection']}' not found at {uri}: "
+                                 "the index's vectors are gone (rebuild the index)")
+        store.load_collection(meta["collection"])
+        return cls(config, uri, meta["collection"], meta["dim"], np.load(folder / "keys.npy"), meta["watermark"],
+                   np.load(folder / "retired.npy"))
+
+    def drop(self) -> None:
+        """Remove the collection (when no kept version uses it any more)."""
+        self.client.drop_collection(self.collection)
+
+    def memory_bytes(self) -> int:
+        """What this process holds: the keys; the vectors live in Milvus."""
+        return int(self.keys.nbytes + self.retired.nbytes)
