@@ -33,6 +33,7 @@ class EngineConfig:
     cpus_per_actor: float = 1.0
     batch_size: int = 64  # texts (or pairs) per Ray Data batch handed to one actor call
     min_items: int = 256  # fewer texts or pairs than this are not worth a round trip to the cluster
+    retries: int = 3  # restarts of a dead actor, and retries of its batch
 
 
 _current = EngineConfig()
@@ -115,13 +116,19 @@ class _ScoreActor:
 def _run(items: list[dict], actor, constructor_kwargs: dict) -> np.ndarray:
     """``map_batches`` over an actor pool; rows reassembled in input order and checked: each exactly once."""
     import ray.data
+    import ray.exceptions
 
     c = _current
     actors = c.actors or max(1, int(ray.available_resources().get("CPU", 1) // c.cpus_per_actor))
     dataset = ray.data.from_items([{"row": i, **item} for i, item in enumerate(items)])
-    out = dataset.map_batches(actor, fn_constructor_kwargs={**constructor_kwargs, "threads": int(c.cpus_per_actor)},
-                              batch_size=c.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-                              num_cpus=c.cpus_per_actor, batch_format="numpy").take_all()
+    try:  # a dead actor is restarted and its batch retried, a few times: a batch that always kills it fails the job
+        out = dataset.map_batches(actor, fn_constructor_kwargs={**constructor_kwargs, "threads": int(c.cpus_per_actor)},
+                                  batch_size=c.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                                  num_cpus=c.cpus_per_actor, batch_format="numpy", max_restarts=c.retries,
+                                  max_task_retries=c.retries).take_all()
+    except (ray.exceptions.RayError, ray.exceptions.RayTaskError) as e:
+        raise StagewiseError(f"the Ray job failed after {c.retries} retries: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:300]}") from None
     rows = np.array([r["row"] for r in out], dtype=np.int64)
     if len(rows) != len(items) or not np.array_equal(np.sort(rows), np.arange(len(items))):
         missing = len(set(range(len(items))) - set(rows.tolist()))

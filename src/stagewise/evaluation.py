@@ -201,7 +201,7 @@ def evaluate_depths(
     tops = {qid: first.rankings[qid][:deepest] for qid in queries}
     pairs = [(queries[qid], dataset.corpus[d].full_text()) for qid, top in tops.items() for d in top]
     logger.info("%s: scoring the top %d of %d queries (%d pairs)", reranker.name, deepest, len(queries), len(pairs))
-    flat = iter(reranker.score_pairs(pairs, show_progress=True).tolist())  # one batch job: on Ray when in use
+    flat = iter(reranker.score_pairs(pairs, batch_job=True).tolist())  # one batch job: on Ray when in use
     scores = {qid: [(d, next(flat)) for d in top] for qid, top in tops.items()}
     sample = sorted(queries)[:latency_queries]
     timings: dict[int, list] = {d: [] for d in depths}

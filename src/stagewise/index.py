@@ -121,9 +121,17 @@ class Index:
         if vectors.kind == "milvus" and not vectors.uri:  # Milvus Lite in a file beside the versions
             vectors = dataclasses.replace(vectors, uri=str(path.resolve() / "milvus.db"))
         _set_vectors(pipeline.first_stage, vectors)
-        pipeline.index(corpus)
-        with _writer_lock(path):
-            _commit(path, pipeline, corpus, parent=_current_version(path) if is_index(path) else None)
+        earlier = {id(getattr(stage, "vectors", None)) for stage in _model_stages(pipeline)}
+        try:
+            pipeline.index(corpus)
+            with _writer_lock(path):
+                _commit(path, pipeline, corpus, parent=_current_version(path) if is_index(path) else None)
+        except BaseException:  # a Milvus collection made by this build would otherwise outlive it
+            for stage in _model_stages(pipeline):
+                made = getattr(stage, "vectors", None)
+                if id(made) not in earlier and hasattr(made, "drop"):
+                    made.drop()
+            raise
         return cls.load(path)
 
     @classmethod
@@ -308,7 +316,10 @@ def _external_collections(folder: Path) -> set[tuple[str, str]]:
     for meta in folder.glob("first_stage/**/vectors.json"):
         info = json.loads(meta.read_text())
         if info.get("collection"):
-            found.add((info["uri"], info["collection"]))
+            uri = info["uri"]
+            if "://" not in uri and not Path(uri).is_absolute():  # a Milvus Lite file kept inside the index
+                uri = str(folder.parent.resolve() / uri)
+            found.add((uri, info["collection"]))
     return found
 
 

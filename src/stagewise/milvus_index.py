@@ -14,6 +14,7 @@ watermark and are removed by the next update.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
 
@@ -38,6 +39,18 @@ def client(uri: str):
         except Exception as e:  # pymilvus raises its own MilvusException family, and OSError for Lite files
             raise StagewiseError(f"cannot open Milvus at {uri}: {e}") from None
     return _clients[uri]
+
+
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://", "tcp://", "unix:"))
+
+
+def _index_root(folder: Path) -> Path | None:
+    """The index folder above a version's (or a version being written's) first-stage folder."""
+    for p in [folder, *folder.parents]:
+        if re.match(r"^(v\d{6}|\.tmp-v\d{6}-.*)$", p.name):
+            return p.parent
+    return None
 
 
 class MilvusVectors:
@@ -101,8 +114,8 @@ class MilvusVectors:
         if limit > MAX_LIMIT:
             raise StagewiseError(f"k={k} plus {len(self.retired)} rows awaiting deletion exceeds Milvus' top-k "
                                  f"limit of {MAX_LIMIT}")
-        rows = np.zeros((len(queries), k), dtype=np.int64)
-        scores = np.zeros((len(queries), k), dtype=np.float32)
+        rows = np.full((len(queries), k), -1, dtype=np.int64)  # -1: fewer hits than k (a stale version's reader)
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         if k == 0:
             return rows, scores
         answers = self.client.search(self.collection, data=queries.tolist(), limit=limit,
@@ -121,14 +134,19 @@ class MilvusVectors:
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / "keys.npy", self.keys)
         np.save(folder / "retired.npy", self.retired)
+        uri, root = self.uri, _index_root(folder)
+        if root is not None and not _is_server(uri) and Path(uri).resolve().is_relative_to(root.resolve()):
+            uri = Path(uri).resolve().relative_to(root.resolve()).as_posix()  # a Lite file inside the index moves with it
         (folder / "vectors.json").write_text(json.dumps({
-            "config": asdict(self.config), "dim": self.dim, "count": len(self), "uri": self.uri,
+            "config": {**asdict(self.config), "uri": uri}, "dim": self.dim, "count": len(self), "uri": uri,
             "collection": self.collection, "watermark": self.watermark}))
         return [folder / "keys.npy", folder / "retired.npy", folder / "vectors.json"]
 
     @classmethod
     def load(cls, folder: Path, config, meta: dict) -> "MilvusVectors":
-        uri = meta["uri"]
+        uri, root = meta["uri"], _index_root(folder)
+        if not _is_server(uri) and not Path(uri).is_absolute() and root is not None:
+            uri = str(root.resolve() / uri)
         store = client(uri)
         if not store.has_collection(meta["collection"]):
             raise StagewiseError(f"{folder}: Milvus collection '{meta['collection']}' not found at {uri}: "

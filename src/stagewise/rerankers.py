@@ -27,15 +27,17 @@ class CrossEncoderReranker:
     def score(self, query: str, texts: Sequence[str]) -> np.ndarray:
         return self.score_pairs([(query, t) for t in texts])
 
-    def score_pairs(self, pairs: Sequence[tuple[str, str]], show_progress: bool = False) -> np.ndarray:
-        """One score per (query, text) pair; pairs of many queries go through the model in shared batches,
-        and a large set goes to Ray when it is the engine in use."""
+    def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_job: bool = False) -> np.ndarray:
+        """One score per (query, text) pair; pairs of many queries go through the model in shared batches.
+
+        A ``batch_job`` (an evaluation's pairs, not a query being answered) shows progress, and goes to Ray when it
+        is the engine in use and the set is large enough."""
         if not pairs:
             return np.zeros(0, dtype=np.float32)
-        if engine.distributed(len(pairs)):
+        if batch_job and engine.distributed(len(pairs)):
             return engine.score_pairs(str(self.spec.path), pairs, self.model.max_length, self.batch_size)
         return np.asarray(
-            self.model.predict(list(pairs), batch_size=self.batch_size, show_progress_bar=show_progress,
+            self.model.predict(list(pairs), batch_size=self.batch_size, show_progress_bar=batch_job,
                                convert_to_numpy=True),
             dtype=np.float32,
         ).reshape(-1)

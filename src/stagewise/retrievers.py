@@ -78,9 +78,16 @@ class BM25Retriever:
         self._indexed = corpus
 
     def save_index(self, folder: Path) -> None:
+        from bm25s.utils import json_functions
+
         _require_index(self._ids, self.name)
-        self._bm25.save(str(folder), show_progress=False)
-        self._tokenizer.save_vocab(str(folder))
+        dumps = json_functions.dumps  # bm25s writes with orjson when installed, which refuses its int-keyed vocab
+        json_functions.dumps = json_functions.dumps_with_builtin
+        try:
+            self._bm25.save(str(folder), show_progress=False)
+            self._tokenizer.save_vocab(str(folder))
+        finally:
+            json_functions.dumps = dumps
 
     def load_index(self, folder: Path, corpus: dict[str, Document]) -> None:
         import bm25s
@@ -204,7 +211,7 @@ class DenseRetriever:
             rows, scores = self.vectors.search(q, k)
         else:
             rows, scores = top_k(self.model.similarity(q, np.asarray(self.vectors.embeddings)).numpy(), k)
-        return [[(ids[i], float(s)) for i, s in zip(r, row)] for r, row in zip(rows, scores)]
+        return [[(ids[i], float(s)) for i, s in zip(r, row) if i >= 0] for r, row in zip(rows, scores)]  # -1: none
 
 
 class HybridRetriever:
