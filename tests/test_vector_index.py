@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from stagewise.errors import StagewiseError
-from stagewise.vector_index import KINDS, QUANTIZATIONS, VectorIndex, VectorIndexConfig
+from stagewise.vector_index import EMBEDDED_KINDS, QUANTIZATIONS, VectorIndex, VectorIndexConfig
 
 DIM = 32
-COMBOS = [(kind, q) for kind in KINDS for q in QUANTIZATIONS]
+COMBOS = [(kind, q) for kind in EMBEDDED_KINDS for q in QUANTIZATIONS]  # milvus: tests/test_milvus_index.py
 COMBO_IDS = [f"{k}-{q}" for k, q in COMBOS]
 
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from stagewise.errors import StagewiseError
 
-KINDS = ("exact", "hnsw", "milvus")
+EMBEDDED_KINDS = ("exact", "hnsw")  # searched in this process
+KINDS = (*EMBEDDED_KINDS, "milvus")  # milvus: vectors in a Milvus collection (milvus_index.py)
 QUANTIZATIONS = ("none", "int8", "binary")
 
 
