@@ -28,43 +28,19 @@ pytest.importorskip("milvus_lite")
 from milvus_lite.server_manager import server_manager_instance  # noqa: E402
 
 import stagewise.index as index_module  # noqa: E402
-from conftest import CORPUS, QUERIES  # noqa: E402
 from stagewise import milvus_index  # noqa: E402
 from stagewise.data import Document  # noqa: E402
 from stagewise.errors import StagewiseError  # noqa: E402
 from stagewise.index import Index, InvalidIndexError  # noqa: E402
 from stagewise.milvus_index import MilvusVectors  # noqa: E402
-from stagewise.pipeline import Pipeline, Query  # noqa: E402
+from stagewise.pipeline import Pipeline  # noqa: E402
 from stagewise.rerankers import CrossEncoderReranker  # noqa: E402
 from stagewise.retrievers import build_first_stage  # noqa: E402
 from stagewise.vector_index import VectorIndex, VectorIndexConfig  # noqa: E402
 
+from test_index import NEW_DOCS, TEXTS, answers, assert_same_answers, docs, versions  # noqa: E402
+
 MILVUS = VectorIndexConfig(kind="milvus")
-TEXTS = [q["text"] for q in QUERIES] + ["hot drink made from leaves"]
-NEW_DOCS = [
-    Document("d7", "Volcanoes", "Volcanoes erupt molten lava and volcanic ash."),
-    Document("d8", "Glaciers", "Glaciers are slow rivers of ice carving valleys."),
-]
-
-
-def docs() -> dict[str, Document]:
-    return {d["_id"]: Document(d["_id"], d.get("title", ""), d["text"]) for d in CORPUS}
-
-
-def answers(searcher, k: int = 5, texts=TEXTS) -> list[list[tuple[str, float, bool]]]:
-    """Each query's (doc id, score, reranked?) list, from an Index or an indexed Pipeline."""
-    results, _ = searcher.search_many([Query(t, k) for t in texts])
-    return [[(h.doc_id, h.score, h.rerank_score is not None) for h in hits] for hits in results]
-
-
-def assert_same_answers(actual, expected) -> None:
-    assert [[(d, r) for d, _, r in hits] for hits in actual] == [[(d, r) for d, _, r in hits] for hits in expected]
-    for got, want in zip(actual, expected):
-        assert [s for _, s, _ in got] == pytest.approx([s for _, s, _ in want], abs=1e-5)
-
-
-def versions(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if p.is_dir() and p.name.startswith("v"))
 
 
 def vectors_of(index: Index) -> MilvusVectors:
