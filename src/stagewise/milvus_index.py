@@ -70,7 +70,8 @@ class MilvusVectors:
         collection = f"{config.collection or 'stagewise'}_{uuid.uuid4().hex[:10]}"  # a rebuild never clobbers
         store = client(config.uri)
         store.create_collection(collection, dimension=embeddings.shape[1], primary_field_name="key", id_type="int",
-                                vector_field_name="vector", metric_type="IP", auto_id=False)
+                                vector_field_name="vector", metric_type="IP", auto_id=False,
+                                consistency_level="Strong")  # a search sees every committed insert and delete
         keys = np.arange(len(embeddings), dtype=np.int64)
         self = cls(config, config.uri, collection, embeddings.shape[1], keys, len(embeddings), keys[:0])
         self._insert(keys, embeddings)
@@ -119,7 +120,7 @@ class MilvusVectors:
         if k == 0:
             return rows, scores
         answers = self.client.search(self.collection, data=queries.tolist(), limit=limit,
-                                     filter=f"key < {self.watermark}", output_fields=[])
+                                     filter=f"key < {self.watermark}", output_fields=[], consistency_level="Strong")
         retired = set(self.retired.tolist())
         for i, hits in enumerate(answers):
             kept = [(h["key"], h["distance"]) for h in hits if h["key"] not in retired][:k]
