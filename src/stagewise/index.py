@@ -312,14 +312,13 @@ def _commit(path: Path, pipeline: Pipeline, corpus: dict[str, Document], parent:
 
 def _external_collections(folder: Path) -> set[tuple[str, str]]:
     """The Milvus collections a version's first stage keeps its vectors in."""
+    from stagewise.milvus_index import resolve_uri
+
     found = set()
     for meta in folder.glob("first_stage/**/vectors.json"):
         info = json.loads(meta.read_text())
         if info.get("collection"):
-            uri = info["uri"]
-            if "://" not in uri and not Path(uri).is_absolute():  # a Milvus Lite file kept inside the index
-                uri = str(folder.parent.resolve() / uri)
-            found.add((uri, info["collection"]))
+            found.add((resolve_uri(info["uri"], folder.parent), info["collection"]))
     return found
 
 

@@ -45,6 +45,13 @@ def _is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "tcp://", "unix:"))
 
 
+def resolve_uri(uri: str, index_root: Path | None) -> str:
+    """A Milvus Lite file stored relative to its index folder, made absolute; servers and absolute paths as given."""
+    if _is_server(uri) or Path(uri).is_absolute() or index_root is None:
+        return uri
+    return str(index_root.resolve() / uri)
+
+
 def _index_root(folder: Path) -> Path | None:
     """The index folder above a version's (or a version being written's) first-stage folder."""
     for p in [folder, *folder.parents]:
@@ -145,9 +152,7 @@ class MilvusVectors:
 
     @classmethod
     def load(cls, folder: Path, config, meta: dict) -> "MilvusVectors":
-        uri, root = meta["uri"], _index_root(folder)
-        if not _is_server(uri) and not Path(uri).is_absolute() and root is not None:
-            uri = str(root.resolve() / uri)
+        uri = resolve_uri(meta["uri"], _index_root(folder))
         store = client(uri)
         if not store.has_collection(meta["collection"]):
             raise StagewiseError(f"{folder}: Milvus collection '{meta['collection']}' not found at {uri}: "
