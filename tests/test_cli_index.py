@@ -92,3 +92,57 @@ def test_search_and_serve_refuse_what_is_not_an_index(built, tmp_path):
     user_error(["serve", str(tmp_path / "empty")], "not an index")
     user_error(["index", "info", str(built / "v000001")], "not an index")
     user_error(["search", str(built), "q", "--pipeline", str(tmp_path / "missing.yaml")], "missing.yaml")
+
+
+# ---- fusion ------------------------------------------------------------------------------------
+
+
+def write_pipeline(path, bi, cross, extra: str = ""):
+    path.write_text(f"first_stage: {{type: dense, model: {bi}}}\n"
+                    f"reranker: {{type: cross-encoder, model: {cross}}}\ndepth: 3\n{extra}")
+    return path
+
+
+def test_a_fused_pipeline_is_built_searched_and_shown(beir_dir, tiny_bi_encoder, tiny_cross_encoder, tmp_path):
+    """search --json and the table show the fused score the index answers with; index info names the fusion."""
+    pipeline = write_pipeline(tmp_path / "fused.yaml", tiny_bi_encoder, tiny_cross_encoder,
+                              "fusion: {weight: 0.4, normalization: minmax}\n")
+    out = tmp_path / "idx"
+    build = runner.invoke(app, ["index", "build", "--pipeline", str(pipeline), "--corpus", str(beir_dir),
+                                "--out", str(out)])
+    assert build.exit_code == 0, build.output
+    assert "reranker weight 0.40" in build.output
+    result = runner.invoke(app, ["search", str(out), "animals that bark", "--k", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.stdout)
+    want = Index.load(out).search("animals that bark", k=4)
+    assert [h["doc_id"] for h in hits] == [w.doc_id for w in want]
+    assert [h["fused_score"] is not None for h in hits] == [True, True, True, False]
+    assert [h["fused_score"] for h in hits[:3]] == pytest.approx([w.fused_score for w in want[:3]], abs=1e-6)
+    assert [h["score"] for h in hits] == pytest.approx([w.score for w in want], abs=1e-6)
+    assert [h["rerank_score"] for h in hits[:3]] == pytest.approx([w.rerank_score for w in want[:3]], abs=1e-6)
+    table = runner.invoke(app, ["search", str(out), "animals that bark", "--k", "4"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    assert "fused 0.40" in table.output and "fused" in table.output.split("title / text")[0].split("\n")[-1]
+    for h in hits[:3]:
+        assert f"{h['fused_score']:.4f}" in table.output
+    plain = runner.invoke(app, ["search", str(out), "animals that bark", "--no-rerank"], env={"COLUMNS": "200"})
+    assert plain.exit_code == 0 and "fused" not in plain.output  # no fusion column without reranking
+
+
+@pytest.mark.parametrize("extra, words", [
+    ("fusion: {weight: 2}\n", ["field 'fusion'", "weight"]),
+    ("fusion: {weight: 0.5, blend: sum}\n", ["field 'fusion'", "unknown field 'blend'"]),
+    ("fusion: [0.5]\n", ["field 'fusion'", "mapping"]),
+    ("depth: zero\n", ["field 'depth'", "'zero'"]),
+], ids=["weight-2", "unknown-key", "not-a-mapping", "depth-zero"])
+def test_a_bad_pipeline_file_is_one_line_naming_the_field(built, beir_dir, tiny_bi_encoder, tiny_cross_encoder,
+                                                          tmp_path, extra, words):
+    bad = write_pipeline(tmp_path / "bad.yaml", tiny_bi_encoder, tiny_cross_encoder, extra)
+    if extra.startswith("depth"):
+        bad.write_text(bad.read_text().replace("depth: 3\n", ""))
+    for args in (["search", str(built), "cats", "--pipeline", str(bad)],
+                 ["index", "build", "--pipeline", str(bad), "--corpus", str(beir_dir), "--out", str(tmp_path / "new")]):
+        output = user_error(args, "bad.yaml", *words)
+        assert len([line for line in output.splitlines() if line.strip()]) == 1, output
+    assert not (tmp_path / "new").exists()

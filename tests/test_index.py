@@ -23,6 +23,7 @@ import stagewise.index as index_module
 from conftest import CORPUS, QUERIES
 from stagewise.data import Document
 from stagewise.errors import StagewiseError
+from stagewise.fusion import Fusion
 from stagewise.index import Index, InvalidIndexError, _writer_lock
 from stagewise.pipeline import Pipeline, Query
 from stagewise.rerankers import CrossEncoderReranker
@@ -58,13 +59,14 @@ def versions(path: Path) -> list[str]:
 
 @pytest.fixture
 def make(tiny_bi_encoder, tiny_cross_encoder):
-    """``make(first_stage, rerank, depth, model)``: a fresh pipeline (Index.build mutates the one it is given)."""
+    """``make(first_stage, rerank, depth, model, fusion)``: a fresh pipeline (Index.build mutates the one given)."""
 
-    def make(first: str = "dense", rerank: bool = True, depth: int = 3, model: Path | None = None) -> Pipeline:
+    def make(first: str = "dense", rerank: bool = True, depth: int = 3, model: Path | None = None,
+             fusion: Fusion | None = None) -> Pipeline:
         model = str(model or tiny_bi_encoder)
         spec = {"dense": model, "bm25": "bm25", "hybrid": f"bm25+{model}"}[first]
         reranker = CrossEncoderReranker(str(tiny_cross_encoder), device="cpu") if rerank else None
-        return Pipeline(build_first_stage(spec, show_progress=False), reranker, depth=depth)
+        return Pipeline(build_first_stage(spec, show_progress=False), reranker, depth=depth, fusion=fusion)
 
     return make
 
@@ -400,6 +402,15 @@ def test_a_failed_update_keeps_the_pipeline_the_index_was_loaded_with(make, buil
     assert index.pipeline.reranker is None and all(h.rerank_score is None for h in index.search("cats"))
 
 
+def test_a_failed_update_keeps_the_fusion_the_index_was_loaded_with(make, built, monkeypatch):
+    index = Index.load(built, pipeline=make(fusion=FUSION))
+    with monkeypatch.context() as m:
+        _fail_at("docs", m)
+        with pytest.raises(OSError):
+            index.add(NEW_DOCS)
+    assert index.pipeline.fusion == FUSION and all(h.fused_score is not None for h in index.search("cats", k=3))
+
+
 def test_a_failed_first_build_can_be_retried(make, tmp_path, monkeypatch):
     """Nothing was ever committed, so the folder should still take a new build."""
     with monkeypatch.context() as m:
@@ -660,3 +671,59 @@ def test_search_many_answers_each_query_with_its_own_options(built):
         assert [h.score for h in hits] == pytest.approx([h.score for h in alone], abs=1e-5)
     nothing, timings = index.search_many([])
     assert nothing == [] and timings.total_s == 0
+
+
+# ---- fusion ------------------------------------------------------------------------------------
+
+FUSION = Fusion(0.3, "zscore")
+
+
+def fused_answers(searcher, k: int = 5, texts=TEXTS) -> list[list[tuple[str, float | None, float | None]]]:
+    results, _ = searcher.search_many([Query(t, k) for t in texts])
+    return [[(h.doc_id, h.fused_score, h.rerank_score) for h in hits] for hits in results]
+
+
+def assert_same_fused(actual, expected) -> None:
+    assert [[(d, f is None, r is None) for d, f, r in hits] for hits in actual] == \
+        [[(d, f is None, r is None) for d, f, r in hits] for hits in expected]
+    assert any(f is not None for hits in expected for _, f, _ in hits)
+    for got, want in zip(actual, expected):
+        assert [f for _, f, _ in got if f is not None] == pytest.approx([f for _, f, _ in want if f is not None],
+                                                                        abs=1e-6)
+        assert [r for _, _, r in got if r is not None] == pytest.approx([r for _, _, r in want if r is not None],
+                                                                        abs=1e-6)
+
+
+def test_a_fused_pipeline_is_stored_and_kept_by_every_update(make, tmp_path):
+    """The stored pipeline.yaml carries the fusion; add and delete versions keep it and answer fused."""
+    path = tmp_path / "idx"
+    expected = fused_answers(make(fusion=FUSION).index(docs()))
+    index = Index.build(make(fusion=FUSION), docs(), path)
+    assert yaml.safe_load((path / "v000001" / "pipeline.yaml").read_text())["fusion"] == FUSION.config()
+    assert index.describe()["fusion"] == FUSION.config()
+    assert_same_fused(fused_answers(index), expected)
+    loaded = Index.load(path)
+    assert loaded.pipeline.fusion == FUSION and loaded.pipeline.name == make(fusion=FUSION).name
+    assert_same_fused(fused_answers(loaded), expected)
+
+    loaded.add(NEW_DOCS)
+    loaded.delete(["d2"])
+    corpus = {d: doc for d, doc in docs().items() if d != "d2"} | {d.id: d for d in NEW_DOCS}
+    expected = fused_answers(make(fusion=FUSION).index(corpus))
+    for version in ("v000002", "v000003"):
+        assert yaml.safe_load((path / version / "pipeline.yaml").read_text())["fusion"] == FUSION.config()
+    reloaded = Index.load(path)
+    assert reloaded.version == "v000003" and reloaded.pipeline.fusion == FUSION
+    assert_same_fused(fused_answers(reloaded), expected)
+
+
+def test_loading_with_a_fused_pipeline_keeps_its_fusion(built, make, tmp_path):
+    """A pipeline swapped in at load (object or file) brings its fusion; the stored one stays pure reranking."""
+    assert Index.load(built).pipeline.fusion == Fusion()
+    assert all(h.fused_score is None for h in Index.load(built).search("which animal purrs"))
+    expected = fused_answers(make(fusion=FUSION).index(docs()))
+    as_object = Index.load(built, pipeline=make(fusion=FUSION))
+    as_file = Index.load(built, pipeline=make(fusion=FUSION).save(tmp_path / "fused" / "pipeline.yaml"))
+    for index in (as_object, as_file):
+        assert index.pipeline.fusion == FUSION
+        assert_same_fused(fused_answers(index), expected)

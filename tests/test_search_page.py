@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import running_server
+from conftest import _build_service_index, running_server
 from stagewise.service import create_app
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright")
@@ -166,3 +166,27 @@ def test_page_over_an_index_without_reranker(page, bm25_index):
         api = httpx.post(base + "/search", json={"query": "history of trains", "k": 4}).json()["hits"]
         assert [h["doc_id"] for h in shown] == [h["doc_id"] for h in api]
         assert page.inner_text("#error") == ""
+
+
+def test_page_shows_the_fused_score_of_a_fused_index(page, tiny_bi_encoder, tiny_cross_encoder, tmp_path_factory):
+    """Over a fused pipeline the header names the fusion and each fused hit shows its fused score as a third score."""
+    from stagewise.fusion import Fusion
+    from stagewise.pipeline import Pipeline
+    from stagewise.rerankers import CrossEncoderReranker
+    from stagewise.retrievers import build_first_stage
+
+    index = _build_service_index(tmp_path_factory, "fused-page-index", lambda: Pipeline(
+        build_first_stage(str(tiny_bi_encoder)), CrossEncoderReranker(str(tiny_cross_encoder)), depth=3,
+        fusion=Fusion(0.4)))
+    with running_server(create_app(index)) as base:
+        open_page(page, base)
+        assert "reranker weight 0.40" in page.inner_text("#about")
+        page.fill("#k", "5")
+        shown = search(page, QUERY, "reranked the top 3")
+        api = httpx.post(base + "/search", json={"query": QUERY, "k": 5}).json()["hits"]
+        assert [h["doc_id"] for h in shown] == [h["doc_id"] for h in api]
+        for s, a in zip(shown, api):
+            reranker = f"{a['rerank_score']:.4f}" if a["rerank_score"] is not None else "not reranked"
+            fused = [f"{a['fused_score']:.4f}"] if a["fused_score"] is not None else []
+            assert s["scores"] == [f"{a['first_stage_score']:.4f}", reranker, *fused]
+        assert [len(s["scores"]) for s in shown] == [3, 3, 3, 2, 2]

@@ -18,7 +18,8 @@ from dataclasses import asdict
 import httpx
 import pytest
 
-from conftest import SERVICE_CORPUS, running_server
+from conftest import SERVICE_CORPUS, _build_service_index, running_server
+from stagewise.fusion import Fusion
 from stagewise.service import ServiceSettings, create_app, is_loopback, serve
 
 QUERIES = ["which animal purrs", "animals that bark", "language with memory safety", "drink from roasted beans",
@@ -102,8 +103,13 @@ def assert_same_hits(got: list[dict], want, swap_tol: float = 0.0) -> None:
         own = by_id[g["doc_id"]]
         assert g["first_stage_score"] == pytest.approx(own.first_stage_score, abs=tol)
         assert (g["rerank_score"] is None) == (own.rerank_score is None)
+        assert (g["fused_score"] is None) == (own.fused_score is None)
         if own.rerank_score is not None:
-            assert g["rerank_score"] == pytest.approx(own.rerank_score, abs=tol) and g["score"] == g["rerank_score"]
+            assert g["rerank_score"] == pytest.approx(own.rerank_score, abs=tol)
+        if own.fused_score is not None:  # the final score is the fused one where a fusion ordered the hit
+            assert g["fused_score"] == pytest.approx(own.fused_score, abs=tol) and g["score"] == g["fused_score"]
+        elif own.rerank_score is not None:
+            assert g["score"] == g["rerank_score"]
         if not swap_tol:
             assert g["first_stage_rank"] == w.first_stage_rank
         doc = DOCS[g["doc_id"]]
@@ -175,6 +181,47 @@ def test_batch_answers_in_request_order_like_single_searches(url, reranked_index
     assert [(res["reranked"], res["depth"], len(res["hits"])) for res in results] == [(False, None, 2)] * 2
 
 
+# ---- fusion ----------------------------------------------------------------------------------------------
+
+FUSION = Fusion(0.4)
+
+
+@pytest.fixture(scope="module")
+def fused(tiny_bi_encoder, tiny_cross_encoder, tmp_path_factory):
+    """(index, in-process pipeline): the reranked index's models with a fusion, built once, and the same pipeline
+    over the same documents in memory."""
+    from stagewise.pipeline import Pipeline
+    from stagewise.rerankers import CrossEncoderReranker
+    from stagewise.retrievers import build_first_stage
+
+    def pipeline():
+        return Pipeline(build_first_stage(str(tiny_bi_encoder)), CrossEncoderReranker(str(tiny_cross_encoder)),
+                        depth=3, fusion=FUSION)
+
+    index = _build_service_index(tmp_path_factory, "fused-index", pipeline)
+    return index, pipeline().index(dict(index.corpus))
+
+
+def test_a_fused_index_answers_with_the_in_process_fused_scores(start, fused):
+    """/search and /search/batch carry fused_score per hit, equal (1e-6) to Pipeline.search in process."""
+    index, pipeline = fused
+    base = start(index)
+    assert index.pipeline.fusion == FUSION and httpx.get(base + "/stats").json()["index"]["fusion"] == FUSION.config()
+    for options in ({}, {"k": 5, "depth": 8}, {"k": 4, "rerank": False}):
+        k, rerank = options.get("k", 10), options.get("rerank", True)
+        for query in QUERIES[:4]:
+            body = post(base, "/search", {"query": query, **options}).json()
+            want = pipeline.search(query, k=k, depth=options.get("depth"), rerank=rerank)
+            assert_same_hits(body["hits"], want)
+            assert_same_hits(body["hits"], index.search(query, k=k, depth=options.get("depth"), rerank=rerank))
+            fused_shown = [h["fused_score"] is not None for h in body["hits"]]
+            assert fused_shown == [rerank and i < options.get("depth", 3) for i in range(k)]
+    results = post(base, "/search/batch", {"queries": QUERIES[:5], "k": 4}).json()["results"]
+    for res, want in zip(results, pipeline.search_batch(QUERIES[:5], k=4)):  # the same batch in process
+        assert_same_hits(res["hits"], want)
+        assert all(h["fused_score"] is not None for h in res["hits"][:3])
+
+
 # ---- health, stats, schema -------------------------------------------------------------------------------
 
 
@@ -228,6 +275,9 @@ def test_openapi_lists_the_endpoints_and_the_bounds(url, reranked_index):
     queries = batch["properties"]["queries"]
     assert (queries["minItems"], queries["maxItems"], queries["items"]["maxLength"]) == (1, 5, 200)
     assert batch["properties"]["k"]["maximum"] == 20
+    hit = schemas["HitOut"]
+    assert "fused_score" in hit["required"] and "fusion" in hit["properties"]["fused_score"]["description"]
+    assert {s.get("type") for s in hit["properties"]["fused_score"]["anyOf"]} == {"number", "null"}
 
 
 # ---- errors ----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Layout (one folder)::
       .lock            held by writers (build, add, delete), never by readers
       v000003/         one complete, immutable version
         manifest.json  format, model identities, index options, counts, sha256 of every file
-        pipeline.yaml  the pipeline (first stage, reranker, depth), models named relative to it
+        pipeline.yaml  the pipeline (first stage, reranker, depth, fusion), models named relative to it
         models/        copies of local models (hard links between versions), so the folder is deployable
         docs.jsonl     the documents, in BEIR corpus format
         first_stage/   the first stage's files (vectors, HNSW graph, quantised codes, BM25 matrices)
@@ -136,7 +136,7 @@ class Index:
 
     @classmethod
     def load(cls, path: str | Path, pipeline: Pipeline | str | Path | None = None, verify: bool = True) -> "Index":
-        """Load the current version; ``pipeline`` swaps in another reranker/depth over the same first stage."""
+        """Load the current version; ``pipeline`` swaps in another reranker/depth/fusion over the same first stage."""
         path = Path(path)
         version, manifest = _read_manifest(path, verify)
         folder = path / version
@@ -194,9 +194,9 @@ class Index:
                 self.pipeline.corpus = corpus
                 self.version = _commit(self.path, self.pipeline, corpus, self.version, change)
             except BaseException:  # the stored index is untouched; bring this object back in line with it
-                reranker, depth = self.pipeline.reranker, self.pipeline.depth
+                reranker, depth, fusion = self.pipeline.reranker, self.pipeline.depth, self.pipeline.fusion
                 self.__dict__.update(Index.load(self.path, verify=False).__dict__)
-                self.pipeline.reranker, self.pipeline.depth = reranker, depth
+                self.pipeline.reranker, self.pipeline.depth, self.pipeline.fusion = reranker, depth, fusion
                 raise
         self.manifest = _read_manifest(self.path, verify=False)[1]
         return self
@@ -216,7 +216,9 @@ class Index:
         return {"path": str(self.path), "version": self.version, "created": m["created"], "documents": len(self),
                 "first_stage": self.pipeline.first_stage.name, "vectors": m["vectors"],
                 "reranker": self.pipeline.reranker.name if self.pipeline.reranker else None,
-                "depth": self.pipeline.depth, "disk_bytes": sum(f["bytes"] for f in m["files"].values()),
+                "depth": self.pipeline.depth,
+                "fusion": self.pipeline.fusion.config() if self.pipeline.reranker else None,
+                "disk_bytes": sum(f["bytes"] for f in m["files"].values()),
                 "model_disk_bytes": sum(f.stat().st_size for f in models.rglob("*") if f.is_file()),
                 "memory_bytes": self.pipeline.first_stage.index_bytes(), "models": m["models"]}
 
@@ -443,7 +445,8 @@ def _check_models(pipeline: Pipeline, manifest: dict, folder: Path) -> None:
 
 
 def _check_same_first_stage(other: Pipeline, stored: Pipeline, path: Path) -> None:
-    """A pipeline given at load may change the reranker and depth, never the first stage the vectors came from."""
+    """A pipeline given at load may change the reranker, depth and fusion, never the first stage the vectors
+    came from."""
     ours = [s.spec.fingerprint for s in _model_stages(stored) if s is not stored.reranker]
     theirs = [s.spec.fingerprint for s in _model_stages(other) if s is not other.reranker]
     if ours != theirs or other.first_stage.config()["type"] != stored.first_stage.config()["type"]:

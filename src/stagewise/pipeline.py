@@ -1,6 +1,7 @@
 """A two-stage pipeline: a first stage retrieves, an optional cross-encoder reranks the top ``depth``.
 
-Saved as ``pipeline.yaml`` (first-stage and reranker configs, depth) so every command loads the same pipeline.
+The reranked candidates are ordered by a ``Fusion`` of both stages' scores (pure reranking by default). Saved as
+``pipeline.yaml`` (first-stage and reranker configs, depth, fusion) so every command loads the same pipeline.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import yaml
 from stagewise.cache import EmbeddingCache
 from stagewise.data import Document
 from stagewise.errors import StagewiseError
+from stagewise.fusion import Fusion
 from stagewise.rerankers import CrossEncoderReranker
 from stagewise.retrievers import FirstStage, build_first_stage, warn_if_changed
 
@@ -22,11 +24,12 @@ from stagewise.retrievers import FirstStage, build_first_stage, warn_if_changed
 @dataclass
 class Hit:
     doc_id: str
-    score: float  # the final score: the reranker's where it reranked, else the first stage's
+    score: float  # the final score: fused where fused, the reranker's where purely reranked, else the first stage's
     rank: int  # 1-based final rank
     first_stage_score: float
     first_stage_rank: int
     rerank_score: float | None = None
+    fused_score: float | None = None  # set only where a fusion (weight < 1) ordered the hit
     title: str = ""
     text: str = ""
 
@@ -55,17 +58,28 @@ class StageTimings:
 
 
 class Pipeline:
-    def __init__(self, first_stage: FirstStage, reranker: CrossEncoderReranker | None = None, depth: int = 20):
+    def __init__(self, first_stage: FirstStage, reranker: CrossEncoderReranker | None = None, depth: int = 20,
+                 fusion: Fusion | None = None):
         if depth < 1:
             raise StagewiseError(f"rerank depth must be at least 1, got {depth}")
-        self.first_stage, self.reranker, self.depth = first_stage, reranker, depth
+        fusion = fusion or Fusion()
+        if not isinstance(fusion, Fusion):
+            raise StagewiseError(f"fusion must be a Fusion, got {fusion!r}")
+        if reranker is None and not fusion.pure_rerank:  # would be silently ignored: nothing to fuse with
+            raise StagewiseError("fusion needs a reranker: there is no reranker score to fuse")
+        self.first_stage, self.reranker, self.depth, self.fusion = first_stage, reranker, depth, fusion
         self.corpus: dict[str, Document] | None = None
 
     @property
     def name(self) -> str:
         if self.reranker is None:
             return self.first_stage.name
-        return f"{self.first_stage.name} >> {self.reranker.name}@{self.depth}"
+        name = f"{self.first_stage.name} >> {self.reranker.name}@{self.depth}"
+        if self.fusion.pure_rerank:
+            return name
+        f = self.fusion
+        return (name + f" fused {f.weight:.2f}" + ("" if f.normalization == "minmax" else f" {f.normalization}")
+                + ("" if f.first_stage == "score" else f" first-stage {f.first_stage}"))
 
     def index(self, corpus: dict[str, Document]) -> "Pipeline":
         self.first_stage.index(corpus)
@@ -87,7 +101,8 @@ class Pipeline:
     def search_many(self, queries: Sequence[Query]) -> tuple[list[list[Hit]], StageTimings]:
         """Answer queries that may differ in ``k``, ``depth`` and ``rerank``, batched through both models.
 
-        Each query retrieves ``max(k, depth)``; its top ``depth`` are reranked; first-stage order is kept below it.
+        Each query retrieves ``max(k, depth)``; its top ``depth`` are reranked (ordered by the fusion); first-stage
+        order is kept below it.
         """
         if self.corpus is None:
             raise StagewiseError("the pipeline has no corpus yet: call index(corpus) first")
@@ -104,37 +119,47 @@ class Pipeline:
         results = []
         for query, candidates, top in zip(queries, retrieved, reranked):
             first = {doc_id: (rank, score) for rank, (doc_id, score) in enumerate(candidates, start=1)}
-            order = [(d, s, s) for d, s in top] + [(d, s, None) for d, s in candidates[len(top):]]
+            order = top + [(d, s, None, None) for d, s in candidates[len(top):]]
             hits = []
-            for rank, (doc_id, score, rerank_score) in enumerate(order[:query.k], start=1):
+            for rank, (doc_id, score, rerank_score, fused_score) in enumerate(order[:query.k], start=1):
                 doc = self.corpus[doc_id]
                 first_rank, first_score = first[doc_id]
-                hits.append(Hit(doc_id, score, rank, first_score, first_rank, rerank_score, doc.title, doc.text))
+                hits.append(Hit(doc_id, score, rank, first_score, first_rank, rerank_score=rerank_score,
+                                fused_score=fused_score, title=doc.title, text=doc.text))
             results.append(hits)
         return results, timings
 
-    def _rerank_all(self, queries, retrieved, depths) -> list[list[tuple[str, float]]]:
-        """The top ``depth`` of every query scored in one cross-encoder call, each query's best first."""
+    def _rerank_all(self, queries, retrieved, depths) -> list[list[tuple[str, float, float, float | None]]]:
+        """The top ``depth`` of every query scored in one cross-encoder call, each query's best first.
+
+        Each entry is (doc id, final score, reranker score, fused score or None when purely reranked).
+        """
         pairs = [(q.text, d, self.corpus[d].full_text()) for q, cands, depth in zip(queries, retrieved, depths)
                  for d, _ in cands[:depth]]
         if not pairs:
             return [[] for _ in queries]
         scores = iter(self.reranker.score_pairs([(q, t) for q, _, t in pairs]).tolist())
         out = []
+        fused = not self.fusion.pure_rerank
         for cands, depth in zip(retrieved, depths):
-            scored = [(d, next(scores)) for d, _ in cands[:depth]]
-            out.append(sorted(scored, key=lambda x: -x[1]))  # sorted() is stable: ties keep first-stage order
+            top = cands[:depth]
+            rerank = [next(scores) for _ in top]
+            order, final = self.fusion.order([s for _, s in top], rerank)  # stable: ties keep first-stage order
+            out.append([(top[i][0], float(final[i]), rerank[i], float(final[i]) if fused else None) for i in order])
         return out
 
     # ---- persistence --------------------------------------------------------------------------
 
     def config(self) -> dict:
-        return {
+        config = {
             "version": 1,
             "first_stage": self.first_stage.config(),
             "reranker": self.reranker.config() if self.reranker else None,
             "depth": self.depth,
         }
+        if self.reranker:
+            config["fusion"] = self.fusion.config()
+        return config
 
     def save(self, path: str | Path, rename: dict[str, str] | None = None) -> Path:
         """Write ``pipeline.yaml``; models inside its folder are named relative to it, so the folder can move.
@@ -164,6 +189,12 @@ class Pipeline:
             raise StagewiseError(f"{path}: cannot read pipeline ({e})") from None
         if not isinstance(config, dict) or "first_stage" not in config:
             raise StagewiseError(f"{path}: not a pipeline file (no 'first_stage')")
+        depth = config.get("depth", 20)
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise StagewiseError(f"{path}: field 'depth': must be an integer of at least 1, got {depth!r}")
+        fusion = Fusion.from_config(config.get("fusion"), f"{path}: field 'fusion'")  # missing: pure reranking
+        if not config.get("reranker") and not fusion.pure_rerank:
+            raise StagewiseError(f"{path}: field 'fusion': needs a reranker (this pipeline has none)")
         here = path.parent
         config = _map_models(config, lambda m: str(here / m) if not Path(m).is_absolute() and (here / m).is_dir() else m)
         first_stage = build_first_stage(config["first_stage"], cache, **options)
@@ -173,7 +204,7 @@ class Pipeline:
             reranker = CrossEncoderReranker(reranker_config["model"], max_length=reranker_config.get("max_length"))
             reranker.name = reranker_config.get("name") or reranker.name
             warn_if_changed(reranker_config, reranker.spec)
-        return cls(first_stage, reranker, int(config.get("depth", 20)))
+        return cls(first_stage, reranker, depth, fusion)
 
 
 def _map_models(config, fn):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import random
 import time
@@ -40,6 +41,23 @@ def versions() -> dict:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def cpu() -> dict:
+    """The CPU's model and its vector-instruction flags: speed figures are only comparable on the same ones."""
+    info = {"model": platform.processor() or platform.machine(), "cores": os.cpu_count(), "flags": []}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            info["model"] = value.strip()
+        elif key.strip() == "flags":
+            info["flags"] = sorted(f for f in value.split() if f.startswith(("avx", "amx", "fma", "sse4", "vnni")))
+            break
+    return info
 
 
 class RunDir:

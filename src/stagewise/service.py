@@ -167,10 +167,13 @@ def create_app(index: Index | str | Path, settings: ServiceSettings | None = Non
     class HitOut(BaseModel):
         doc_id: str
         rank: int
-        score: float
+        score: float = Field(..., description="the final score: fused_score where set, else rerank_score where set, "
+                                              "else first_stage_score")
         first_stage_rank: int
         first_stage_score: float
         rerank_score: float | None
+        fused_score: float | None = Field(..., description="the pipeline's fusion of both stages' scores, which "
+                                                           "ordered the reranked hits; null when purely reranked")
         title: str
         text: str
 

@@ -11,6 +11,7 @@ Our part is choosing and wiring; losses, mining, trainers and model cards are se
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -26,6 +27,8 @@ from stagewise.data import RetrievalDataset, TrainingExamples, load_dataset, loa
 from stagewise.errors import DataError, StagewiseError
 from stagewise.evaluation import compute_metrics, run_from_rankings
 from stagewise.models import ModelSpec, has_transformer, load_bi_encoder, model_kind, resolve_model
+from stagewise.pseudo_queries import KINDS as PSEUDO_QUERY_KINDS
+from stagewise.pseudo_queries import make_pseudo_queries, mine_pseudo_negatives
 from stagewise.rundir import RunDir, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -101,9 +104,17 @@ class CrossTrainConfig(TrainArgs):
     depth: int = 20  # mine where the reranker will work: the first stage's top `depth`
     hard_negatives: int = 7  # per query, from the top `depth`
     random_negatives: int = 2  # per query, from the whole corpus
+    skip_top: int = 0  # hard negatives from below the first stage's top N (unjudged positives hide there)
+    pos_weight: float | None = None  # bce's weight on positives; None: the negative/positive ratio
     max_length: int = 256
     batch_size: int = 16
     warmup_ratio: float = 0.1
+    # pre-training on the corpus's own pseudo-queries (pseudo_queries.py) before the labelled pairs; 0: none
+    pretrain_queries: int = 0
+    pretrain_kind: str = "auto"  # auto | title | sentence
+    pretrain_epochs: float = 1.0
+    pretrain_skip: int = 2  # negatives from below the first stage's top N (and always below the source document)
+    pretrain_max_seconds: float | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,12 +324,13 @@ def _progress_with_loss():
     return LossProgressCallback
 
 
-def _training_arguments(cls, config: TrainArgs, run: RunDir, has_dev: bool, extra: dict):
+def _training_arguments(cls, config: TrainArgs, run: RunDir, has_dev: bool, extra: dict,
+                        checkpoints: str = "checkpoints"):
     import torch
 
     strategy = "steps" if config.eval_steps else "epoch"
     args = dict(
-        output_dir=str(run.path / "checkpoints"),
+        output_dir=str(run.path / checkpoints),
         num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
@@ -376,7 +388,7 @@ def _fit(trainer_cls, model, args, train_dataset, loss, evaluator, config: Train
                           callbacks=callbacks)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_progress_with_loss())
-    checkpoints = sorted((run.path / "checkpoints").glob("checkpoint-*"))
+    checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=bool(resume and checkpoints) or None)
     history = [h for h in trainer.state.log_history if "loss" in h]
     return {
@@ -399,8 +411,6 @@ def _to_hf(columns: dict):
 
 def _load_examples(run: RunDir, name: str) -> dict | None:
     """Training examples (mined negatives included) are kept in the run: a resumed run trains on the same ones."""
-    import json
-
     path = run.path / name
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -606,8 +616,6 @@ def resolve_cross_init(config: CrossTrainConfig) -> tuple[ModelSpec, str | None]
 
 
 def _read_bi_run(path: str) -> dict:
-    import json
-
     config = Path(path) / "config.json"
     if not config.is_file() or not (Path(path) / "model").is_dir():
         raise StagewiseError(f"{path}: not a finished train-bi run (needs config.json and model/)")
@@ -637,14 +645,16 @@ def _cross_columns(loss: str, groups: dict[str, list[tuple[str, int]]]) -> dict:
     return {"query": [r[0] for r in rows], "document": [r[1] for r in rows], "label": [r[2] for r in rows]}
 
 
-def _cross_loss(name: str, model, columns: dict):
+def _cross_loss(name: str, model, columns: dict, pos_weight: float | None = None):
     import torch
     from sentence_transformers.cross_encoder import losses
 
     if name == "bce":
-        labels = columns["label"]
-        positives = max(1.0, sum(labels))
-        return losses.BinaryCrossEntropyLoss(model, pos_weight=torch.tensor((len(labels) - positives) / positives))
+        if pos_weight is None:
+            labels = columns["label"]
+            positives = max(1.0, sum(labels))
+            pos_weight = (len(labels) - positives) / positives
+        return losses.BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(float(pos_weight)))
     if name == "mse":
         return losses.MSELoss(model)
     if name == "cross-entropy":
@@ -652,6 +662,59 @@ def _cross_loss(name: str, model, columns: dict):
     if name == "listnet":
         return losses.ListNetLoss(model)
     return losses.LambdaLoss(model)
+
+
+def _pseudo_queries(config: CrossTrainConfig, dataset: RetrievalDataset) -> list:
+    """The pre-training queries, made before any run directory exists so that a corpus without enough is refused
+    first. None is ever an evaluation query (every split other than the training one is excluded)."""
+    if not config.pretrain_queries:
+        return []
+    exclude = [t for split in dataset.splits if split != config.train_split for t in dataset.split(split)[0].values()]
+    made = make_pseudo_queries(dataset.corpus, config.pretrain_queries, config.pretrain_kind, config.seed, exclude)
+    if len(made) < MIN_EXAMPLES:
+        raise DataError(dataset.source or dataset.name, f"only {len(made)} documents give a pseudo-query of kind "
+                        f"'{config.pretrain_kind}'; pre-training needs at least {MIN_EXAMPLES} (or --pretrain-queries 0)")
+    return made
+
+
+def _pretrain_cross(config: CrossTrainConfig, run: RunDir, spec: ModelSpec, first_stage, dataset: RetrievalDataset,
+                    loss_name: str, queries: list, resume: bool) -> dict:
+    """The recipe's first step: the corpus's own pseudo-queries, with negatives mined from the first stage that
+    will be deployed; the model lands in ``pretrained/`` and fine-tuning on the labelled pairs starts from it."""
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
+
+    from stagewise.models import load_cross_encoder
+
+    done = run.path / "pretrain.json"
+    if resume and done.is_file() and (run.path / "pretrained").is_dir():
+        return json.loads(done.read_text())
+    started = time.perf_counter()
+    columns = _load_examples(run, "pretrain_data.json") if resume else None
+    stats = None
+    if columns is None:
+        groups, stats = mine_pseudo_negatives(queries, first_stage, dataset.corpus, config.hard_negatives,
+                                              config.random_negatives, config.pretrain_skip,
+                                              max(30, config.pretrain_skip + 3 * config.hard_negatives), config.seed)
+        if len(groups) < MIN_EXAMPLES:
+            record = {"skipped": f"only {len(groups)} of {len(queries)} pseudo-queries kept negatives after "
+                      f"the false-negative filter (at least {MIN_EXAMPLES} are needed)", "mining": stats}
+            warnings.warn("pre-training skipped: " + record["skipped"], stacklevel=2)
+            return record
+        run.write_json("pretrain_queries.json", [q.to_dict() for q in queries if q.query in groups])
+        columns = _cross_columns(loss_name, groups)
+        run.write_json("pretrain_data.json", columns)
+    model = load_cross_encoder(spec, max_length=config.max_length, warn_untrained=False)
+    phase = replace(config, epochs=config.pretrain_epochs, max_seconds=config.pretrain_max_seconds, eval_steps=None,
+                    early_stopping_patience=None)
+    args = _training_arguments(CrossEncoderTrainingArguments, phase, run, False, {}, checkpoints="pretrain-checkpoints")
+    loss = _cross_loss(loss_name, model, columns, config.pos_weight)
+    fit = _fit(CrossEncoderTrainer, model, args, _to_hf(columns), loss, None, phase, run, resume)
+    model.save_pretrained(str(run.path / "pretrained"))
+    kinds = [q.kind for q in queries]
+    record = {"queries": len(queries), "kinds": {k: kinds.count(k) for k in sorted(set(kinds))}, "mining": stats,
+              "examples": len(columns[next(iter(columns))]), "seconds": round(time.perf_counter() - started, 1), **fit}
+    run.write_json("pretrain.json", record)
+    return record
 
 
 def train_cross(config: CrossTrainConfig, out: str | Path, resume: bool = False) -> dict:
@@ -676,7 +739,13 @@ def train_cross(config: CrossTrainConfig, out: str | Path, resume: bool = False)
                              f"{examples.source} has scored pairs")
     if loss_name == "bce" and examples.kind == "scored" and not all(0.0 <= x <= 1.0 for x in examples.columns["score"]):
         raise StagewiseError(f"loss 'bce' needs scores in [0, 1]; {examples.source} has others (use --loss mse)")
+    if config.pretrain_queries < 0:
+        raise StagewiseError(f"--pretrain-queries must be 0 or more, got {config.pretrain_queries}")
+    if config.pretrain_kind not in PSEUDO_QUERY_KINDS:
+        raise StagewiseError(f"--pretrain-kind must be one of {', '.join(PSEUDO_QUERY_KINDS)}, "
+                             f"not '{config.pretrain_kind}'")
     spec, init_warning = resolve_cross_init(config)
+    pseudo = _pseudo_queries(config, dataset)
     first_stage_spec = config.first_stage or (str(Path(config.bi_run) / "model") if config.bi_run else "bm25")
     first_stage = build_first_stage(first_stage_spec) if examples.kind != "scored" or dev else None
     texts = {d: doc.full_text() for d, doc in dataset.corpus.items()}
@@ -692,9 +761,14 @@ def train_cross(config: CrossTrainConfig, out: str | Path, resume: bool = False)
                            "label": [float(s) for s in examples.columns["score"]]}
             else:
                 groups = mine_from_first_stage(examples, first_stage, texts, config.depth, config.hard_negatives,
-                                               config.random_negatives, config.seed)
+                                               config.random_negatives, config.seed, range_min=config.skip_top)
                 columns = _cross_columns(loss_name, groups)
             run.write_json("train_data.json", columns)
+        pretrain = None
+        if pseudo:
+            pretrain = _pretrain_cross(config, run, spec, first_stage, dataset, loss_name, pseudo, resume)
+            if pretrain.get("skipped") is None:
+                spec = resolve_model(str(run.path / "pretrained"))
         model = load_cross_encoder(spec, max_length=config.max_length, warn_untrained=False)
         evaluator, candidates = None, None
         if dev:
@@ -703,13 +777,13 @@ def train_cross(config: CrossTrainConfig, out: str | Path, resume: bool = False)
                           for q in queries}
             evaluator = make_rerank_evaluator(queries, candidates, texts, qrels, config.depth, run.log_metrics)
         args = _training_arguments(CrossEncoderTrainingArguments, config, run, evaluator is not None, {})
-        fit = _fit(CrossEncoderTrainer, model, args, _to_hf(columns), _cross_loss(loss_name, model, columns),
-                   evaluator, config, run, resume)
+        loss = _cross_loss(loss_name, model, columns, config.pos_weight)
+        fit = _fit(CrossEncoderTrainer, model, args, _to_hf(columns), loss, evaluator, config, run, resume)
         model_dir = run.path / "model"
         model.save_pretrained(str(model_dir))
         result = {"model": str(model_dir), "loss": loss_name, "init": config.init, "init_model": spec.spec,
                   "init_warning": init_warning, "first_stage": first_stage_spec, "depth": config.depth,
-                  "train": {"examples": len(columns[next(iter(columns))]), **fit}}
+                  "train": {"examples": len(columns[next(iter(columns))]), **fit}, "pretrain": pretrain}
         if dev:
             queries, qrels = dev
             first_metrics, _ = compute_metrics(qrels, run_from_rankings(candidates), (config.depth,))
