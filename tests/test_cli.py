@@ -126,3 +126,49 @@ def test_error_text_with_brackets_is_printed_verbatim(tmp_path):
     folder = tmp_path / "odd[data]"
     result = runner.invoke(app, ["data", "describe", str(folder)])
     assert result.exit_code == 2 and "odd[data]" in result.output
+
+
+def test_eval_pipeline_gives_exactly_the_numbers_of_evaluate_pipeline(beir_dir, tiny_bi_encoder, tiny_cross_encoder,
+                                                                      tmp_path):
+    from dataclasses import asdict
+
+    from stagewise.data import load_dataset
+    from stagewise.evaluation import _slug, evaluate_pipeline
+    from stagewise.fusion import Fusion
+    from stagewise.pipeline import Pipeline
+    from stagewise.rerankers import CrossEncoderReranker
+    from stagewise.retrievers import build_first_stage
+
+    folder = tmp_path / "chosen"
+    Pipeline(build_first_stage(str(tiny_bi_encoder)), CrossEncoderReranker(str(tiny_cross_encoder)), depth=4,
+             fusion=Fusion(0.3, "zscore")).save(folder / "pipeline.yaml")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["eval", "--pipeline", str(folder), "--data", str(beir_dir), "--split", "test",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    first, fused, comparison = evaluate_pipeline(load_dataset(str(beir_dir)), "test",
+                                                 Pipeline.load(folder / "pipeline.yaml"))
+    summary = json.loads((out / "results.json").read_text())
+    assert [s["name"] for s in summary["systems"]] == [first.name, fused.name]
+    assert fused.name.endswith("@4 fused 0.30 zscore") and summary["systems"][1]["fusion"]["weight"] == 0.3
+    assert [s["metrics"] for s in summary["systems"]] == [first.metrics, fused.metrics]
+    assert summary["comparisons"] == [json.loads(json.dumps(asdict(comparison)))]
+    assert summary["config"]["pipeline_config"]["fusion"] == Fusion(0.3, "zscore").config()
+    assert set(json.loads((out / "per_query" / f"{_slug(first.name)}.json").read_text())) == {"q4", "q5"}
+    assert f"{comparison.mean_diff:+.4f} vs first stage" in result.output
+
+
+def test_eval_pipeline_refuses_stage_options_and_a_missing_file(beir_dir, tmp_path):
+    (tmp_path / "pipeline.yaml").write_text("first_stage: {type: bm25}\n")
+    for extra in (["-f", "bm25"], ["--reranker", "bert-tiny"], ["--depth", "5"]):
+        result = runner.invoke(app, ["eval", "--pipeline", str(tmp_path), "--data", str(beir_dir), *extra])
+        assert result.exit_code == 2 and "cannot be combined" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    result = runner.invoke(app, ["eval", "--pipeline", str(tmp_path / "nope"), "--data", str(beir_dir),
+                                 "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "cannot read pipeline" in result.output and not (tmp_path / "r").exists()
+    result = runner.invoke(app, ["eval", "--pipeline", str(tmp_path), "--data", str(beir_dir), "--out",
+                                 str(tmp_path / "bm25")])  # a first stage alone: itself, no comparison
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "bm25" / "results.json").read_text())
+    assert [s["name"] for s in summary["systems"]] == ["bm25"] and summary["comparisons"] == []

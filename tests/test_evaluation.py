@@ -15,10 +15,14 @@ from stagewise.evaluation import (
     compare,
     compute_metrics,
     evaluate,
+    evaluate_depths,
+    evaluate_pipeline,
     latency_summary,
     run_from_rankings,
     save_results,
 )
+from stagewise.fusion import WEIGHT_GRID, Fusion, choose_fusion, fused_rankings
+from stagewise.pipeline import Pipeline
 from stagewise.rerankers import CrossEncoderReranker
 from stagewise.retrievers import BM25Retriever
 
@@ -311,3 +315,107 @@ def test_compare_identical_systems_and_partial_overlap():
     c = compare(a, b)
     assert c.mean_diff == pytest.approx(0.2) and (c.wins, c.losses, c.ties) == (1, 0, 0)
     assert 0.0 <= c.p_value <= 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Fusion: chosen on dev, never worse than the first stage there; the deployed pipeline evaluated as is
+# --------------------------------------------------------------------------------------------
+
+
+def synthetic_candidates(kind: str, queries: int = 40, depth: int = 20, seed: int = 0):
+    """One relevant document per query, placed by the first stage at a geometric rank (often near the top); the
+    reranker scores either noise or an oracle's judgement (the relevant document highest)."""
+    rng = np.random.default_rng(seed)
+    qrels, candidates = {}, {}
+    for q in range(queries):
+        docs = [f"q{q}-d{i}" for i in range(depth)]
+        relevant = docs[min(int(rng.geometric(0.5)) - 1, depth - 1)]
+        qrels[f"q{q}"] = {relevant: 1}
+        rerank = rng.normal(size=depth) if kind == "noise" else [float(d == relevant) for d in docs]
+        candidates[f"q{q}"] = [(d, float(depth - i), float(s)) for i, (d, s) in enumerate(zip(docs, rerank))]
+    return qrels, candidates
+
+
+def test_choose_fusion_ignores_noise_and_follows_an_oracle():
+    qrels, noise = synthetic_candidates("noise")
+    first_ndcg = compute_metrics(qrels, run_from_rankings({q: [d for d, _, _ in c] for q, c in noise.items()}))[0]
+    chosen, table = choose_fusion(qrels, noise, 20)
+    assert chosen.weight == 0.0  # on this draw no weight beats the first stage: the noise is not let in
+    assert fused_rankings(noise, chosen, 20) == {q: [d for d, _, _ in c] for q, c in noise.items()}
+    assert max(row["ndcg@10"] for row in table) == pytest.approx(first_ndcg["ndcg@10"])
+    assert len(table) == 2 * len(WEIGHT_GRID)  # every weight, both normalisations
+
+    qrels, oracle = synthetic_candidates("oracle")
+    chosen, table = choose_fusion(qrels, oracle, 20)
+    assert 0.0 < chosen.weight < 1.0  # the smallest weight that lifts every relevant document to the top
+    means, _ = compute_metrics(qrels, run_from_rankings(fused_rankings(oracle, chosen, 20)))
+    assert means["ndcg@10"] == pytest.approx(1.0)
+    smaller = [r for r in table if r["weight"] < chosen.weight and r["normalization"] == chosen.normalization]
+    assert smaller and all(r["ndcg@10"] < 1.0 for r in smaller)
+
+
+class OracleScorer:
+    """A cross-encoder that knows the qrels: 1 for a relevant (query, document) pair, 0 otherwise."""
+
+    name = "oracle"
+
+    def __init__(self, dataset, split):
+        queries, qrels = dataset.split(split)
+        self.relevant = {(queries[q], dataset.corpus[d].full_text()) for q in qrels for d in qrels[q]}
+
+    def score_pairs(self, pairs, batch_job=False):
+        return np.array([float(pair in self.relevant) for pair in pairs])
+
+
+def _fused(results):
+    return {r.depth: r for r in results if r.mode == "fusion"}
+
+
+def test_evaluate_depths_fuses_never_below_the_first_stage(dataset, reranker):
+    first = evaluate(dataset, "dev", [BM25Retriever()], recall_cutoffs=(2, 6))[0]
+    assert set(first.scores) == set(first.rankings) and all(
+        len(first.scores[q]) == len(first.rankings[q]) and first.scores[q] == sorted(first.scores[q], reverse=True)
+        for q in first.rankings)
+    pipeline = Pipeline(BM25Retriever(), reranker).index(dataset.corpus)
+    results = evaluate_depths(dataset, "dev", first, pipeline, [2, 6], latency_queries=1)
+    pure = {r.depth: r for r in results if r.mode == "rerank"}
+    for d, f in _fused(results).items():
+        # weights 0 (the first stage's order) and 1 (pure reranking) are both options chosen from on these queries
+        assert f.metrics["ndcg@10"] >= max(first.metrics["ndcg@10"], pure[d].metrics["ndcg@10"]) - 1e-12
+        assert f.latency == pure[d].latency  # the same work: the reranking latency measured at that depth
+        assert f.fusion["first_stage"] == "score" and f.first_stage == "bm25"
+        assert f.rankings[next(iter(f.rankings))][d:] == first.rankings[next(iter(f.rankings))][d:]
+
+
+def test_evaluate_depths_fuses_an_informative_reranker_and_falls_back_to_ranks(dataset):
+    stage = FixedStage(["d5", "d3", "d1", "d2", "d4", "d6"])  # relevant at ranks 3, 4 and 5
+    first = evaluate(dataset, "dev", [stage], recall_cutoffs=(2, 6))[0]
+    pipeline = Pipeline(stage, OracleScorer(dataset, "dev")).index(dataset.corpus)
+    fused = _fused(evaluate_depths(dataset, "dev", first, pipeline, [2, 6], latency_queries=1))
+    assert fused[2].fusion["weight"] == 0.0 and fused[2].rankings == first.rankings  # nothing in reach at depth 2
+    assert 0.0 < fused[6].fusion["weight"] < 1.0 and fused[6].metrics["ndcg@10"] == pytest.approx(1.0)
+    assert fused[6].name == f"fixed >> oracle@6 fused {fused[6].fusion['weight']:.2f}" and fused[6].mode == "fusion"
+
+    stored = SystemResult(**{**first.__dict__, "scores": {}})  # a record kept before first-stage scores were
+    again = _fused(evaluate_depths(dataset, "dev", stored, pipeline, [6], latency_queries=1))[6]
+    assert again.fusion["first_stage"] == "rank" and again.metrics["ndcg@10"] == pytest.approx(1.0)
+
+
+def test_evaluate_pipeline_is_the_pipeline_as_deployed(dataset):
+    stage = FixedStage(["d5", "d3", "d1", "d2", "d4", "d6"])
+    pipeline = Pipeline(stage, OracleScorer(dataset, "dev"), depth=4, fusion=Fusion(0.6))
+    first, result, comparison = evaluate_pipeline(dataset, "dev", pipeline)
+    alone = evaluate(dataset, "dev", [stage], recall_cutoffs=(4,))[0]
+    assert (first.name, first.stage, first.rankings, first.metrics) == ("fixed", "first_stage", alone.rankings,
+                                                                          alone.metrics)
+    assert first.scores == alone.scores and set(first.latency) == {"first_stage"}
+    queries, _ = dataset.split("dev")
+    assert result.rankings == {q: [h.doc_id for h in pipeline.search(queries[q], k=100)] for q in queries}
+    assert (result.name, result.mode, result.depth) == ("fixed >> oracle@4 fused 0.60", "fusion", 4)
+    assert result.fusion == Fusion(0.6).config() and set(result.latency) == {"first_stage", "rerank", "total"}
+    # at weight 0.6 the oracle lifts d1 (rank 3) and d2 (rank 4) to the top; d4 (rank 5) is out of reach
+    assert result.rankings["q1"][0] == "d1" and result.rankings["q2"][0] == "d2"
+    assert comparison == compare(first, result) and comparison.mean_diff > 0 and comparison.wins == 2
+
+    alone_first, none, no_comparison = evaluate_pipeline(dataset, "dev", Pipeline(stage), max_queries=2)
+    assert none is None and no_comparison is None and set(alone_first.per_query) == {"q1", "q2"}

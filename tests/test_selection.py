@@ -11,6 +11,7 @@ from conftest import write_beir
 from stagewise import selection
 from stagewise.cli import app
 from stagewise.errors import StagewiseError
+from stagewise.fusion import Fusion
 from stagewise.pipeline import Pipeline
 from stagewise.selection import SelectConfig, load_select_config, select
 
@@ -22,12 +23,14 @@ TOPICS = ["cats purr", "dogs bark", "rust memory", "python typing", "tea leaves"
 
 @pytest.fixture(scope="module")
 def select_data(tmp_path_factory):
-    """24 documents; 16 training queries and 8 dev queries, one relevant document each."""
+    """24 documents; 16 training queries, 8 dev queries and 6 test queries, one relevant document each."""
     corpus = [{"_id": f"d{i}", "title": t.split()[0], "text": f"{t}, and more words about {t} here"}
               for i, t in enumerate(TOPICS)]
     queries = [{"_id": f"q{i:02d}", "text": f"what about {t.split()[1]}"} for i, t in enumerate(TOPICS)]
+    queries += [{"_id": f"t{i}", "text": f"{t.split()[0]} and {t.split()[1]}"} for i, t in enumerate(TOPICS[10:16])]
     qrels = {"train": [(f"q{i:02d}", f"d{i}", 1) for i in range(16)],
-             "dev": [(f"q{i:02d}", f"d{i}", 1) for i in range(16, 24)]}
+             "dev": [(f"q{i:02d}", f"d{i}", 1) for i in range(16, 24)],
+             "test": [(f"t{i}", f"d{10 + i}", 1) for i in range(6)]}
     return write_beir(tmp_path_factory.mktemp("select") / "data", corpus, queries, qrels)
 
 
@@ -68,11 +71,16 @@ def test_stage_two_tries_every_start_on_the_chosen_first_stage(dense_run, tiny_c
     chosen = result["first_stage"]["chosen"]
     by_init = {r["init"]: r for r in result["rerankers"]}
     assert set(by_init) == {"base", "same-as-bi", "from-finetuned-bi"}
+    first_ndcg = result_first(result)["metrics"]["ndcg@10"]
     for r in by_init.values():
         assert r["status"] == "ok", r["note"]
-        assert [d["depth"] for d in r["depths"]] == [2, 5]
+        assert [(d["depth"], d["mode"]) for d in r["depths"]] == [(2, "rerank"), (2, "fusion"), (5, "rerank"),
+                                                                   (5, "fusion")]
         for d in r["depths"]:
-            assert d["name"] == f"{chosen} >> {r['name']}@{d['depth']}"
+            suffix = f" fused {d['fusion']['weight']:.2f}" if d["mode"] == "fusion" else ""
+            assert d["name"] == f"{chosen} >> {r['name']}@{d['depth']}" + suffix
+            if d["mode"] == "fusion":  # chosen on these dev queries, with weight 0 among the options
+                assert d["metrics"]["ndcg@10"] >= first_ndcg - 1e-12 and d["comparison"]["mean_diff"] >= -1e-12
             assert d["latency"]["queries"] == 3 and d["latency"]["rerank"]["p50_ms"] > 0
             assert d["comparison"]["a"] == chosen and -1 <= d["comparison"]["mean_diff"] <= 1
             assert d["recall_ceiling"] == result_first(result)["metrics"][f"recall@{d['depth']}"]
@@ -161,6 +169,8 @@ def test_a_missing_model_or_split_fails_before_any_work(select_data, tiny_bi_enc
         select(tiny_config(select_data, tiny_bi_encoder, tiny_cross_encoder, dev_split="validation"), out)
     with pytest.raises(StagewiseError, match="cross-encoder"):
         select(tiny_config(select_data, tiny_cross_encoder, tiny_cross_encoder), out)
+    with pytest.raises(StagewiseError, match="no split 'heldout'"):
+        select(tiny_config(select_data, tiny_bi_encoder, tiny_cross_encoder, test_split="heldout"), out)
     assert not out.exists()
 
 
@@ -172,8 +182,9 @@ def test_cli_select_prints_verdict_report_and_an_example(select_data, tiny_bi_en
         "cross_training": {"epochs": 1, "batch_size": 8, "max_length": 32}}))
     out = tmp_path / "run"
     res = CliRunner().invoke(app, ["select", "--data", str(select_data), "--config", str(config), "--out", str(out),
-                                   "--query", "what about purr"])
+                                   "--query", "what about purr", "--test-split", "test"])
     assert res.exit_code == 0, res.output
+    assert "On the held-out test split (6 queries, never used to choose)" in " ".join(res.output.split())
     assert "Verdict" in res.output and "report.html" in res.output and "what about purr" in res.output
     assert "1. d" in res.output  # the example query's first hit
     bad = tmp_path / "bad.yaml"
@@ -191,10 +202,79 @@ def test_a_recommended_reranker_goes_into_pipeline_yaml(dense_run, select_data, 
     _, out, result = dense_run
     chosen = json.loads((out / "steps" / f"first-{selection._slug(result['verdict']['first_stage'])}.json").read_text())
     reranker = result["rerankers"][0]
-    verdict = {"reranker_worth_it": True, "reranker": reranker["name"], "depth": 5}
+    verdict = {"reranker_worth_it": True, "reranker": reranker["name"], "depth": 5,
+               "fusion": {"weight": 0.3, "normalization": "zscore", "first_stage": "score"}}
     pipeline = selection._pipeline(SimpleNamespace(cache=None), chosen, result["rerankers"], verdict)
     path = pipeline.save(out / "recommended.yaml")
     loaded = Pipeline.load(path).index(load_dataset(str(select_data)).corpus)
-    assert loaded.reranker.name == reranker["name"] and loaded.depth == 5
-    assert [h.rerank_score is not None for h in loaded.search("what about purr", k=6)] == [True] * 5 + [False]
+    assert loaded.reranker.name == reranker["name"] and loaded.depth == 5 and loaded.fusion == Fusion(0.3, "zscore")
+    hits = loaded.search("what about purr", k=6)
+    assert [h.rerank_score is not None for h in hits] == [True] * 5 + [False]
+    assert [h.fused_score is not None for h in hits] == [True] * 5 + [False]
     path.unlink()
+
+
+@pytest.fixture(scope="module")
+def confirmed_run(select_data, tiny_bi_encoder, tiny_cross_encoder, tmp_path_factory):
+    """One first stage and one reranker, with the gain rules relaxed so that a second stage is recommended, and a
+    held-out test split to confirm it on."""
+    config = tiny_config(select_data, tiny_bi_encoder, tiny_cross_encoder, bm25=False, finetune_top=0,
+                         init_strategies=["base"], min_gain=-1.0, alpha=1.01, test_split="test",
+                         cross_training={"epochs": 1, "batch_size": 8, "hard_negatives": 2, "random_negatives": 1,
+                                         "max_length": 32, "learning_rate": 1e-3})
+    out = tmp_path_factory.mktemp("confirmed") / "run"
+    return config, out, select(config, out)
+
+
+def test_the_chosen_pipeline_and_its_fusion_go_into_pipeline_yaml(confirmed_run):
+    import yaml
+
+    _, out, result = confirmed_run
+    v = result["verdict"]
+    # a tiny reranker's scores collapse, so it is never recommended alone: only fused, here at a weight above 0
+    assert v["reranker_worth_it"] and v["mode"] == "fusion" and 0 < v["fusion"]["weight"] < 1
+    (r,) = result["rerankers"]
+    row = next(d for d in r["depths"] if d["name"] == v["name"])
+    assert (row["depth"], row["mode"], row.get("fusion")) == (v["depth"], v["mode"], v["fusion"])
+    saved = yaml.safe_load((out / result["pipeline_yaml"]).read_text())
+    assert saved["depth"] == v["depth"] and saved["fusion"] == (v["fusion"] or Fusion().config())
+    systems = {s["name"]: s for s in result["systems"]}
+    assert {systems[d["name"]]["mode"] for d in r["depths"]} == {"rerank", "fusion"}
+    markdown = (out / "report.md").read_text()
+    assert "| Mode |" in markdown and "fused, weight" in markdown
+    assert f"fused with the first stage at weight {v['fusion']['weight']:.2f}" in v["summary"][0]
+    assert "its scores collapsed" in " ".join(v["summary"])
+
+
+def test_the_confirmation_split_is_evaluate_pipeline_and_eval_pipeline(confirmed_run, select_data, tmp_path):
+    from dataclasses import asdict
+
+    from stagewise.data import load_dataset
+    from stagewise.evaluation import evaluate_pipeline
+
+    _, out, result = confirmed_run
+    conf = result["confirmation"]
+    first, final, comparison = evaluate_pipeline(load_dataset(str(select_data)), "test",
+                                                 Pipeline.load(out / "pipeline.yaml"))
+    assert (conf["split"], conf["queries"], conf["first_stage"]) == ("test", 6, first.name)
+    assert (conf["pipeline"], conf["first_stage_ndcg@10"], conf["pipeline_ndcg@10"]) == (
+        final.name, first.metrics["ndcg@10"], final.metrics["ndcg@10"])
+    assert conf["comparison"] == asdict(comparison)
+    res = CliRunner().invoke(app, ["eval", "--pipeline", str(out), "--data", str(select_data), "--split", "test",
+                                   "--out", str(tmp_path / "eval")])
+    assert res.exit_code == 0, res.output
+    evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert [s["metrics"]["ndcg@10"] for s in evaluated["systems"]] == [conf["first_stage_ndcg@10"],
+                                                                       conf["pipeline_ndcg@10"]]
+    assert evaluated["comparisons"] == [json.loads(json.dumps(conf["comparison"]))]
+    # reported, never used to choose: the verdict is what the dev records alone give, plus one line
+    assert conf["summary"] == result["verdict"]["summary"][-1] and "never used to choose" in conf["summary"]
+    again = selection.verdict(load_select_config(**{**asdict(confirmed_run[0]), "test_split": None}),
+                              result_first(result), json.loads(json.dumps(result["rerankers"])))
+    assert again["summary"] == result["verdict"]["summary"][:-1]
+    assert {k: v for k, v in again.items() if k != "summary"} == {
+        k: v for k, v in json.loads(json.dumps(result["verdict"])).items() if k != "summary"}
+    for name in ("report.md", "report.html"):
+        text = (out / name).read_text()
+        assert "Confirmation on test (held out)" in text and "never used to choose" in text
+    assert json.loads((out / "selection.json").read_text())["confirmation"]["comparison"]["wins"] == comparison.wins

@@ -50,10 +50,17 @@ def depth(d: int, ndcg: float, p: float = 0.001, ms: float | None = None, wins: 
                         "queries": 10}}
 
 
+def fused(d: int, ndcg: float, weight: float = 0.4, normalization: str = "minmax", **options) -> dict:
+    """One depth fused with the first stage at ``weight`` (same latency as reranking at that depth)."""
+    return {**depth(d, ndcg, **options), "mode": "fusion",
+            "fusion": {"weight": weight, "normalization": normalization, "first_stage": "score"}}
+
+
 def reranker(name: str, depths: list[dict], init: str = "base", collapsed: bool = False,
              train_seconds: float | None = 12.0, status: str = "ok") -> dict:
     for d in depths:
-        d["name"] = d["comparison"]["b"] = f"{FIRST} >> {name}@{d['depth']}"
+        suffix = f" fused {d['fusion']['weight']:.2f}" if d.get("mode") == "fusion" else ""
+        d["name"] = d["comparison"]["b"] = f"{FIRST} >> {name}@{d['depth']}{suffix}"
     return {"name": name, "init": init, "label": f"label of {name}", "status": status,
             "health": {"collapsed": collapsed} if depths else None, "train_seconds": train_seconds, "depths": depths}
 
@@ -136,6 +143,61 @@ def test_nothing_within_the_latency_budget_keeps_the_first_stage_alone():
     assert not any(d["within_budget"] for r in rerankers for d in r["depths"])
     assert v["reranker"] is None and v["name"] == "bm25" and "best_reranked" not in v
     assert v["summary"][0].endswith("no reranker fits the latency budget.")
+
+
+def test_a_significant_fused_option_is_recommended_with_its_weight():
+    r = reranker("cross a", [depth(10, 0.51, p=0.3), fused(10, 0.56, weight=0.4, p=0.002), depth(20, 0.52, p=0.2),
+                             fused(20, 0.555, weight=0.6)])
+    v = verdict(SelectConfig(), first_stage(), [r])
+
+    assert v["reranker_worth_it"] and (v["reranker"], v["depth"], v["mode"]) == ("cross a", 10, "fusion")
+    assert v["fusion"] == {"weight": 0.4, "normalization": "minmax", "first_stage": "score"}
+    assert v["name"] == v["best_reranked"] == "bm25 >> cross a@10 fused 0.40" and v["ndcg@10"] == 0.56
+    assert v["gain"] == pytest.approx(0.06) and v["p_value"] == 0.002
+    assert v["summary"][0].startswith("Recommended: bm25, reranked by cross a at depth 10, fused with the first stage "
+                                      "at weight 0.40 (dev nDCG@10 0.560")
+    assert "Fusion adds +0.060 nDCG@10" in text(v)
+    assert "Reranking alone at depth 10 reaches 0.510 (+0.010)" in text(v) and "optimistic" in text(v)
+    # the depth curve is the chosen mode's: fused, peak at 10 (0.06), declining at 20 (pure reranking rises)
+    assert (v["peak_depth"], v["peak_gain"], v["peaks_and_declines"]) == (10, pytest.approx(0.06), True)
+    assert "reaches 90% of cross a's peak gain when fused" in text(v)
+
+
+def test_pure_reranking_wins_a_tie_with_its_fusion():
+    r = reranker("cross a", [depth(10, 0.56), fused(10, 0.56, weight=1.0)])
+    v = verdict(SelectConfig(), first_stage(), [r])
+    assert (v["mode"], v["fusion"], v["name"]) == ("rerank", None, "bm25 >> cross a@10")
+    assert "fused" not in v["summary"][0] and "Reranking adds" in text(v)
+
+
+def test_a_fused_gain_faces_the_same_rules():
+    r = reranker("cross a", [depth(10, 0.49, p=1e-6), fused(10, 0.52, p=0.3)])
+    v = verdict(SelectConfig(), first_stage(), [r])
+    assert not v["reranker_worth_it"] and v["name"] == "bm25" and (v["mode"], v["fusion"]) == (None, None)
+    assert v["best_reranked"] == "bm25 >> cross a@10 fused 0.40" and v["best_mode"] == "fusion"
+    assert "not worth it: the gain is not significant (p ≥ 0.05)" in v["summary"][0]
+    nothing = verdict(SelectConfig(), first_stage(), [reranker("cross a", [depth(10, 0.45), fused(10, 0.5, weight=0.0,
+                                                                                                   p=1.0)])])
+    assert not nothing["reranker_worth_it"] and "its best weight on dev is 0" in nothing["summary"][0]
+    assert "Reranking alone at depth 10 reaches 0.450 (-0.050)." in text(nothing)
+    over = verdict(SelectConfig(latency_budget_ms=50), first_stage(), [reranker("cross b", [fused(10, 0.6)])])
+    assert over["name"] == "bm25" and over["summary"][0].endswith("no reranker fits the latency budget.")
+
+
+def test_a_collapsed_reranker_may_be_fused_but_never_reranks_alone():
+    r = reranker("cross a", [depth(10, 0.8, p=1e-9), fused(10, 0.55, weight=0.2, p=0.001)], collapsed=True)
+    v = verdict(SelectConfig(), first_stage(), [r])
+    assert v["reranker_worth_it"] and v["mode"] == "fusion" and v["fusion"]["weight"] == 0.2 and v["ndcg@10"] == 0.55
+    assert "its scores collapsed" in text(v)
+    alone = verdict(SelectConfig(), first_stage(), [reranker("cross a", [depth(10, 0.8, p=1e-9)], collapsed=True)])
+    assert not alone["reranker_worth_it"]
+
+
+def test_init_costs_judge_the_cross_encoders_reranking_alone():
+    rerankers = [reranker("cross a", [depth(10, 0.55), fused(10, 0.60)]),
+                 reranker("cross same", [depth(10, 0.52), fused(10, 0.58)], init="same-as-bi")]
+    cost = verdict(SelectConfig(), first_stage(), rerankers)["init_costs"][0]
+    assert cost["best_ndcg@10"] == 0.52 and cost["vs_best_other"] == pytest.approx(0.52 - 0.55)
 
 
 def test_equal_quality_prefers_the_faster_depth():
@@ -313,6 +375,10 @@ def test_a_missing_file_is_named(tmp_path):
     ({"bi_training": {"epochs": 1, "bogus": 2}}, r"field 'bi_training'.*\['bogus'\]"),
     ({"cross_training": {"nope": 1}}, r"field 'cross_training'.*\['nope'\]"),
     ({"bm25": False, "bi_encoders": []}, "no first stage"),
+    ({"fusion": "yes"}, "field 'fusion'"),
+    ({"test_split": "dev"}, "field 'test_split'"),
+    ({"test_split": "train"}, "field 'test_split'"),
+    ({"test_split": 3}, "field 'test_split'"),
 ])
 def test_invalid_settings_are_refused(override, match):
     with pytest.raises(StagewiseError, match=match):
@@ -361,8 +427,12 @@ def test_evaluate_depths_equals_reranking_at_each_depth(beir_dir, cross):
     first = evaluate(dataset, "dev", [BM25Retriever()], recall_cutoffs=depths)[0]
     pipeline = Pipeline(BM25Retriever(), cross, depth=3).index(dataset.corpus)
 
-    fast = evaluate_depths(dataset, "dev", first, pipeline, depths, latency_queries=2)
+    both = evaluate_depths(dataset, "dev", first, pipeline, depths, latency_queries=2)
+    fast = [r for r in both if r.mode == "rerank"]
     slow = evaluate(dataset, "dev", [BM25Retriever()], cross, depths=depths)[1:]
+    assert [(r.depth, r.mode) for r in both] == [(d, m) for d in depths for m in ("rerank", "fusion")]
+    alone = evaluate_depths(dataset, "dev", first, pipeline, depths, latency_queries=2, fusion=False)
+    assert [(r.name, r.rankings) for r in alone] == [(r.name, r.rankings) for r in fast]
 
     assert [r.depth for r in fast] == [r.depth for r in slow] == depths
     assert any(r.rankings != first.rankings for r in fast)  # the reranker does reorder: the comparison means something

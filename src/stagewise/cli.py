@@ -106,11 +106,14 @@ def describe_command(
 def eval_command(
     data: str = typer.Option("default", "--data", help="'default' (embedded stdlib dataset) or a BEIR folder."),
     split: str = typer.Option("dev", "--split", help="qrels split to evaluate on."),
-    first_stage: List[str] = typer.Option(
-        ["bm25"], "--first-stage", "-f",
-        help="bm25 | model (alias, directory, hub id) | a+b (hybrid, reciprocal rank fusion). Repeatable."),
+    first_stage: Optional[List[str]] = typer.Option(
+        None, "--first-stage", "-f",
+        help="bm25 (default) | model (alias, directory, hub id) | a+b (hybrid, reciprocal rank fusion). Repeatable."),
     reranker: Optional[str] = typer.Option(None, "--reranker", "-r", help="Cross-encoder model to rerank with."),
-    depth: List[int] = typer.Option([20], "--depth", "-d", help="Rerank depth (repeatable)."),
+    depth: Optional[List[int]] = typer.Option(None, "--depth", "-d", help="Rerank depth (repeatable; default 20)."),
+    pipeline_path: Optional[Path] = typer.Option(
+        None, "--pipeline", help="Evaluate exactly this pipeline.yaml (or a select run folder holding one) and its "
+                                 "first stage alone, instead of -f/-r/-d."),
     max_queries: Optional[int] = typer.Option(None, "--max-queries", help="Evaluate only the first N queries."),
     batch_size: int = typer.Option(32, "--batch-size", help="Encoding / scoring batch size."),
     max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", help="Override the bi-encoder's."),
@@ -121,28 +124,44 @@ def eval_command(
 ):
     """Evaluate first stages alone and reranked: nDCG@10, MRR@10, Recall@10/100, MAP@100, latency."""
     from stagewise.data import load_dataset
-    from stagewise.evaluation import compare, evaluate, save_results
+    from stagewise.evaluation import compare, evaluate, evaluate_pipeline, save_results
+    from stagewise.pipeline import Pipeline
     from stagewise.rerankers import CrossEncoderReranker
     from stagewise.retrievers import build_first_stage
 
+    if pipeline_path is not None and (first_stage or reranker or depth):
+        raise StagewiseError("--pipeline evaluates the pipeline as saved: it cannot be combined with "
+                             "-f/--first-stage, -r/--reranker or -d/--depth")
+    first_stage, depth = first_stage or ["bm25"], depth or [20]
     if any(d < 1 for d in depth):
         raise StagewiseError(f"--depth must be at least 1, got {min(depth)}")
     seed_everything(seed)
     dataset = load_dataset(data)
     dataset.split(split)  # a missing split fails now, before any model loads
-    shared: dict = {}
-    stages = [build_first_stage(spec, shared=shared, batch_size=batch_size, max_seq_length=max_seq_length)
-              for spec in first_stage]
-    cross = CrossEncoderReranker(reranker, batch_size=batch_size) if reranker else None
-    config = {
-        "command": "eval", "data": data, "dataset_fingerprint": dataset.fingerprint(), "split": split,
-        "first_stages": [s.config() for s in stages], "reranker": cross.config() if cross else None,
-        "depths": depth, "max_queries": max_queries, "seed": seed,
-    }
-    run = RunDir(out or RunDir.default_path("eval"), config)  # only once every input has been checked
-    with engine.use(engine_name, ray_address):
-        results = evaluate(dataset, split, stages, cross, depths=depth, max_queries=max_queries)
-    comparisons = [compare(next(x for x in results if x.name == r.first_stage), r) for r in results if r.first_stage]
+    if pipeline_path is not None:
+        path = pipeline_path / "pipeline.yaml" if pipeline_path.is_dir() else pipeline_path
+        pipeline = Pipeline.load(path, batch_size=batch_size)
+        config = {"command": "eval", "data": data, "dataset_fingerprint": dataset.fingerprint(), "split": split,
+                  "pipeline": str(path), "pipeline_config": pipeline.config(), "max_queries": max_queries, "seed": seed}
+        run = RunDir(out or RunDir.default_path("eval"), config)
+        with engine.use(engine_name, ray_address):
+            first, final, comparison = evaluate_pipeline(dataset, split, pipeline, max_queries)
+        results, comparisons = [first] + ([final] if final else []), [comparison] if comparison else []
+    else:
+        shared: dict = {}
+        stages = [build_first_stage(spec, shared=shared, batch_size=batch_size, max_seq_length=max_seq_length)
+                  for spec in first_stage]
+        cross = CrossEncoderReranker(reranker, batch_size=batch_size) if reranker else None
+        config = {
+            "command": "eval", "data": data, "dataset_fingerprint": dataset.fingerprint(), "split": split,
+            "first_stages": [s.config() for s in stages], "reranker": cross.config() if cross else None,
+            "depths": depth, "max_queries": max_queries, "seed": seed,
+        }
+        run = RunDir(out or RunDir.default_path("eval"), config)  # only once every input has been checked
+        with engine.use(engine_name, ray_address):
+            results = evaluate(dataset, split, stages, cross, depths=depth, max_queries=max_queries)
+        comparisons = [compare(next(x for x in results if x.name == r.first_stage), r) for r in results
+                       if r.first_stage]
     path = save_results(results, run.path, {**run.config, "wall_seconds": run.wall_seconds}, comparisons)
     run.close()
     console.print(results_table(results, f"{dataset.name} / {split}"))
@@ -279,13 +298,22 @@ def train_cross_command(
     batch_size: int = typer.Option(16, "--batch-size"),
     learning_rate: float = typer.Option(5e-5, "--lr"),
     max_length: int = typer.Option(256, "--max-length"),
+    pretrain_queries: int = typer.Option(
+        0, "--pretrain-queries",
+        help="Pre-train on this many pseudo-queries made from the corpus first (0: none)."),
+    pretrain_kind: str = typer.Option("auto", "--pretrain-kind",
+                                      help="auto | title | sentence (inverse cloze)."),
+    pretrain_epochs: float = typer.Option(1.0, "--pretrain-epochs"),
+    pretrain_minutes: Optional[float] = typer.Option(None, "--pretrain-minutes",
+                                                     help="Stop pre-training after this many minutes."),
     eval_steps: Optional[int] = typer.Option(None, "--eval-steps"),
     patience: int = typer.Option(2, "--patience"),
     seed: int = typer.Option(42, "--seed"),
     out: Optional[Path] = _OUT,
     resume: bool = _RESUME,
 ):
-    """Fine-tune a cross-encoder on negatives mined from the first stage it will rerank."""
+    """Fine-tune a cross-encoder on negatives mined from the first stage it will rerank (after pre-training on
+    the corpus's own pseudo-queries, with --pretrain-queries)."""
     from stagewise.training import CrossTrainConfig, train_cross
 
     config = CrossTrainConfig(
@@ -293,7 +321,8 @@ def train_cross_command(
         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, eval_steps=eval_steps,
         early_stopping_patience=patience or None, seed=seed, model=model, init=init, bi_run=bi_run,
         first_stage=first_stage, depth=depth, hard_negatives=hard_negatives, random_negatives=random_negatives,
-        max_length=max_length,
+        max_length=max_length, pretrain_queries=pretrain_queries, pretrain_kind=pretrain_kind,
+        pretrain_epochs=pretrain_epochs, pretrain_max_seconds=None if pretrain_minutes is None else pretrain_minutes * 60,
     )
     run_dir = out or RunDir.default_path("train-cross")
     _print_training(train_cross(config, run_dir, resume=resume), run_dir)
@@ -315,6 +344,8 @@ def select_command(
                                                       help="Per-query latency the pipeline must stay within."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Minutes for the whole selection."),
     max_dev_queries: Optional[int] = typer.Option(None, "--max-dev-queries"),
+    test_split: Optional[str] = typer.Option(None, "--test-split", help="Confirm the chosen pipeline once on this "
+                                                                        "split (reported, never used to choose)."),
     query: Optional[str] = typer.Option(None, "--query", help="Example query to answer with the chosen pipeline "
                                                               "(default: the first dev query)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/select-<time>)."),
@@ -329,7 +360,7 @@ def select_command(
 
     settings = load_select_config(config, preset, data=data, bi_encoders=bi or None, cross_encoders=cross or None,
                                   depths=depth or None, latency_budget_ms=latency_budget_ms,
-                                  time_budget_min=time_budget, max_dev_queries=max_dev_queries)
+                                  time_budget_min=time_budget, max_dev_queries=max_dev_queries, test_split=test_split)
     run_dir = out or RunDir.default_path("select")
     with engine.use(engine_name, ray_address):
         result = select(settings, run_dir, resume=resume)
@@ -449,6 +480,8 @@ def _print_index(index) -> None:
     d = index.describe()
     change = ", ".join(f"{k} {v}" for k, v in index.manifest["change"].items())
     reranker = f"{d['reranker']} @ depth {d['depth']}" if d["reranker"] else "none"
+    if d["fusion"] and d["fusion"]["weight"] < 1:
+        reranker += f" fused with the first stage (reranker weight {d['fusion']['weight']:.2f})"
     console.print(f"index {d['path']} {d['version']} ({change}): {d['documents']:,} documents; first stage "
                   f"{d['first_stage']} ({d['vectors'] or 'lexical'}); reranker {reranker}; "
                   f"{d['disk_bytes'] / 1e6:.1f} MB on disk, {d['memory_bytes'] / 1e6:.1f} MB searched in memory",
@@ -465,10 +498,10 @@ def search_command(
                                                                              "pipeline's)."),
     no_rerank: bool = typer.Option(False, "--no-rerank", help="First stage only."),
     pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Another pipeline.yaml over the same first "
-                                                                     "stage (a different reranker or depth)."),
+                                                                     "stage (a different reranker, depth or fusion)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
-    """Search an index from the command line: both stages' scores and ranks for every hit."""
+    """Search an index from the command line: both stages' scores and ranks (and the fused score) for every hit."""
     from stagewise.index import Index
 
     index = Index.load(index_path, pipeline=pipeline)
@@ -477,14 +510,16 @@ def search_command(
         print(json.dumps([h.to_dict() for h in hits], indent=2, ensure_ascii=False))
         return
     reranked = index.pipeline.reranker is not None and not no_rerank
-    table = Table(title=f"{index.pipeline.name if reranked else index.pipeline.first_stage.name}: {query}")
-    for col in ("rank", "moved", "doc", "first stage (rank)", "rerank", "title / text"):
+    table = Table(title=escape(f"{index.pipeline.name if reranked else index.pipeline.first_stage.name}: {query}"))
+    fused = any(h.fused_score is not None for h in hits)  # the column only where a fusion ordered the hits
+    for col in ("rank", "moved", "doc", "first stage (rank)", "rerank", *(["fused"] if fused else []), "title / text"):
         table.add_column(col, justify="left" if col in ("doc", "title / text") else "right")
     for h in hits:
         moved = "" if h.rerank_score is None else (f"{h.first_stage_rank - h.rank:+d}" if h.first_stage_rank != h.rank
                                                    else "=")
+        fused_cell = ["" if h.fused_score is None else f"{h.fused_score:.4f}"] if fused else []
         table.add_row(str(h.rank), moved, escape(h.doc_id), f"{h.first_stage_score:.4f} ({h.first_stage_rank})",
-                      "" if h.rerank_score is None else f"{h.rerank_score:.4f}",
+                      "" if h.rerank_score is None else f"{h.rerank_score:.4f}", *fused_cell,
                       escape((f"{h.title}: " if h.title else "") + h.text[:100]))
     console.print(table)
 

@@ -9,57 +9,23 @@ from __future__ import annotations
 import json
 import logging
 import math
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pytrec_eval
 
 from stagewise.data import RetrievalDataset
 from stagewise.errors import StagewiseError
+from stagewise.fusion import Fusion, choose_fusion, fused_rankings
+from stagewise.metrics import Run, compute_metrics, run_from_rankings  # noqa: F401 (re-exported)
 from stagewise.pipeline import Pipeline
 from stagewise.progress import progress_bar
 from stagewise.rerankers import CrossEncoderReranker
 from stagewise.retrievers import FirstStage
 
 logger = logging.getLogger(__name__)
-
-Run = dict[str, dict[str, float]]  # query id -> doc id -> score (higher is better)
-
-
-def compute_metrics(
-    qrels: dict[str, dict[str, int]], run: Run, recall_cutoffs: Sequence[int] = ()
-) -> tuple[dict, dict]:
-    """Mean and per-query nDCG@10, MRR@10, Recall@10/100 (and at ``recall_cutoffs``), MAP@100 by pytrec_eval.
-
-    Every judged query counts: a query missing from the run scores 0 (pytrec_eval alone would skip it).
-    The run's scores must order documents as ranked; ``run_from_rankings`` guarantees that.
-    """
-    cutoffs = sorted({10, 100, *recall_cutoffs})
-    evaluator = pytrec_eval.RelevanceEvaluator(
-        qrels, {"ndcg_cut.10", "map_cut.100", "recall." + ",".join(map(str, cutoffs))}
-    )
-    top10 = {q: dict(sorted(docs.items(), key=lambda x: -x[1])[:10]) for q, docs in run.items()}
-    mrr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
-    raw = evaluator.evaluate(run)
-    names = {"ndcg_cut_10": "ndcg@10", "map_cut_100": "map@100", **{f"recall_{c}": f"recall@{c}" for c in cutoffs}}
-    per_query = {}
-    for qid in qrels:
-        values = {ours: raw.get(qid, {}).get(theirs, 0.0) for theirs, ours in names.items()}
-        values["mrr@10"] = mrr.get(qid, {}).get("recip_rank", 0.0)
-        per_query[qid] = values
-    keys = list(next(iter(per_query.values())))
-    means = {key: statistics.fmean(v[key] for v in per_query.values()) for key in keys}
-    return means, per_query
-
-
-def run_from_rankings(rankings: dict[str, list[str]]) -> Run:
-    """Scores from ranks (n, n-1, …): trec_eval re-sorts by score, so raw scores with ties could reorder our ranking."""
-    return {q: {d: float(len(docs) - i) for i, d in enumerate(docs)} for q, docs in rankings.items()}
-
 
 def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
     if not seconds:
@@ -71,7 +37,12 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
 
 @dataclass
 class SystemResult:
-    """One evaluated system: a first stage alone, or a first stage plus a reranker at a depth."""
+    """One evaluated system: a first stage alone, or a first stage plus a reranker at a depth.
+
+    A first stage keeps its own ``scores`` (aligned with ``rankings``): fusion needs them. A pipeline's ``mode``
+    says how its reranked candidates are ordered: "rerank" (the reranker alone) or "fusion" (``fusion``, the
+    ``Fusion`` config, combining both stages' scores).
+    """
 
     name: str
     stage: str  # "first_stage" or "pipeline"
@@ -82,10 +53,15 @@ class SystemResult:
     depth: int | None = None
     first_stage: str | None = None
     encoding: dict = field(default_factory=dict)
+    scores: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    mode: str = "rerank"
+    fusion: dict | None = None
 
     def summary(self) -> dict:
         data = asdict(self)
-        data.pop("per_query"), data.pop("rankings")
+        data.pop("per_query"), data.pop("rankings"), data.pop("scores")
+        if self.stage == "first_stage":  # nothing reranked: no mode
+            data.pop("mode"), data.pop("fusion")
         return data
 
 
@@ -154,21 +130,26 @@ def evaluate(
     results = []
     for stage in first_stages:
         pipeline = Pipeline(stage).index(dataset.corpus)
-        rankings, seconds = {}, []
+        rankings, scores, seconds = {}, {}, []
         with progress_bar() as bar:
             for qid in bar.track(queries, description=f"{stage.name}: retrieve"):
                 hits, timings = pipeline.search_timed(queries[qid], retrieve_k)
                 rankings[qid] = [h.doc_id for h in hits]
+                scores[qid] = [h.first_stage_score for h in hits]
                 seconds.append(timings.first_stage_s)
-        encoding = {}
-        if getattr(stage, "docs_per_second", None) is not None:
-            encoding = {"docs_per_second": stage.docs_per_second, "from_cache": stage.from_cache}
         metrics, per_query = compute_metrics(qrels, run_from_rankings(rankings), ceilings)
         results.append(SystemResult(stage.name, "first_stage", metrics, per_query, rankings,
-                                    {"first_stage": latency_summary(seconds)}, encoding=encoding))
+                                    {"first_stage": latency_summary(seconds)}, encoding=_encoding(stage),
+                                    scores=scores))
         for depth in depths if reranker else ():
             results.append(_rerank(dataset, queries, qrels, stage.name, rankings, seconds, reranker, depth))
     return results
+
+
+def _encoding(stage: FirstStage) -> dict:
+    if getattr(stage, "docs_per_second", None) is None:
+        return {}
+    return {"docs_per_second": stage.docs_per_second, "from_cache": stage.from_cache}
 
 
 def split_queries(dataset: RetrievalDataset, split: str, max_queries: int | None = None) -> tuple[dict, dict]:
@@ -188,6 +169,7 @@ def evaluate_depths(
     depths: Sequence[int],
     latency_queries: int = 20,
     max_queries: int | None = None,
+    fusion: bool = True,
 ) -> list[SystemResult]:
     """Rerank ``first``'s own candidates at every depth, scoring each (query, candidate) pair once.
 
@@ -195,6 +177,11 @@ def evaluate_depths(
     that reranking the top ``max(depths)`` gives them: quality at every depth comes from one pass over all
     queries. Latency is measured, not derived: ``pipeline`` (the first stage and this reranker) runs end to
     end at each depth on the first ``latency_queries`` queries.
+
+    With ``fusion``, each depth's pure reranking (mode "rerank") is followed by a fused result (mode "fusion"):
+    both stages' scores combined at the weight ``choose_fusion`` picks on these same queries, so it is never
+    worse than ``first`` on them (and optimistic by as much: confirm it on queries it was not chosen on).
+    ``first`` without scores (a record stored before they were kept) is fused by its ranks instead.
     """
     queries, qrels = split_queries(dataset, split, max_queries)
     reranker, deepest = pipeline.reranker, max(depths)
@@ -202,7 +189,9 @@ def evaluate_depths(
     pairs = [(queries[qid], dataset.corpus[d].full_text()) for qid, top in tops.items() for d in top]
     logger.info("%s: scoring the top %d of %d queries (%d pairs)", reranker.name, deepest, len(queries), len(pairs))
     flat = iter(reranker.score_pairs(pairs, batch_job=True).tolist())  # one batch job: on Ray when in use
-    scores = {qid: [(d, next(flat)) for d in top] for qid, top in tops.items()}
+    signal = "score" if all(qid in first.scores for qid in queries) else "rank"
+    candidates = {qid: [(d, first.scores[qid][i] if signal == "score" else 0.0, next(flat)) for i, d in enumerate(top)]
+                  for qid, top in tops.items()}
     sample = sorted(queries)[:latency_queries]
     timings: dict[int, list] = {d: [] for d in depths}
     configured_depth = pipeline.depth
@@ -218,18 +207,65 @@ def evaluate_depths(
         pipeline.depth = configured_depth
     results = []
     for depth in depths:
-        reranked = {}
-        for qid in queries:
-            top = sorted(scores[qid][:depth], key=lambda x: -x[1])  # stable: ties keep first-stage order
-            reranked[qid] = [d for d, _ in top] + first.rankings[qid][depth:]
-        metrics, per_query = compute_metrics(qrels, run_from_rankings(reranked), (depth,))
         t = timings[depth]
+        # fusion does the same work as reranking at this depth (normalising and adding 2 × depth numbers takes
+        # microseconds), so both modes share the reranking latency measured above
         latency = {"first_stage": latency_summary([x.first_stage_s for x in t]),
                    "rerank": latency_summary([x.rerank_s for x in t]), "total": latency_summary([x.total_s for x in t]),
                    "queries": len(t)}
-        results.append(SystemResult(f"{first.name} >> {reranker.name}@{depth}", "pipeline", metrics, per_query,
-                                    reranked, latency, depth=depth, first_stage=first.name))
+        below = {qid: first.rankings[qid][depth:] for qid in queries}
+        modes = [("rerank", Fusion())]
+        if fusion:
+            modes.append(("fusion", choose_fusion(qrels, candidates, depth, below, first_stage=(signal,))[0]))
+        for mode, chosen in modes:
+            ranked = fused_rankings(candidates, chosen, depth, below)  # weight 1: the reranker's order, ties stable
+            metrics, per_query = compute_metrics(qrels, run_from_rankings(ranked), (depth,))
+            # named as the deployed pipeline names itself (Pipeline.name), on this result's first stage
+            name = first.name + Pipeline(pipeline.first_stage, reranker, depth, chosen).name[
+                len(pipeline.first_stage.name):]
+            results.append(SystemResult(name, "pipeline", metrics, per_query, ranked, latency, depth=depth,
+                                        first_stage=first.name, mode=mode,
+                                        fusion=chosen.config() if mode == "fusion" else None))
     return results
+
+
+def evaluate_pipeline(dataset: RetrievalDataset, split: str, pipeline: Pipeline, max_queries: int | None = None,
+                      k: int = 100) -> tuple[SystemResult, SystemResult | None, Comparison | None]:
+    """Exactly this pipeline (first stage, reranker, depth, fusion), as deployed, and its first stage alone.
+
+    Both come from the same searches (the first stage's order is the hits' first-stage ranks), compared query by
+    query. ``eval --pipeline`` and select's confirmation split both call this, so they give identical numbers.
+    A pipeline without a reranker is its first stage: the pipeline result and the comparison are then None.
+    """
+    queries, qrels = split_queries(dataset, split, max_queries)
+    if pipeline.corpus is not dataset.corpus:
+        pipeline.index(dataset.corpus)
+    depth = pipeline.depth if pipeline.reranker else None
+    k = max(k, depth or 0)  # the first stage retrieves max(k, depth): every candidate comes back as a hit
+    first_rankings, first_scores, final, timings = {}, {}, {}, []
+    with progress_bar() as bar:
+        for qid in bar.track(queries, description=f"{pipeline.name}: search"):
+            hits, t = pipeline.search_timed(queries[qid], k)
+            final[qid] = [h.doc_id for h in hits]
+            by_first = sorted(hits, key=lambda h: h.first_stage_rank)
+            first_rankings[qid] = [h.doc_id for h in by_first]
+            first_scores[qid] = [h.first_stage_score for h in by_first]
+            timings.append(t)
+    cutoffs = (depth,) if depth else ()
+    metrics, per_query = compute_metrics(qrels, run_from_rankings(first_rankings), cutoffs)
+    first_latency = latency_summary([t.first_stage_s for t in timings])
+    first = SystemResult(pipeline.first_stage.name, "first_stage", metrics, per_query, first_rankings,
+                         {"first_stage": first_latency}, encoding=_encoding(pipeline.first_stage), scores=first_scores)
+    if pipeline.reranker is None:
+        return first, None, None
+    metrics, per_query = compute_metrics(qrels, run_from_rankings(final), cutoffs)
+    latency = {"first_stage": first_latency, "rerank": latency_summary([t.rerank_s for t in timings]),
+               "total": latency_summary([t.total_s for t in timings])}
+    fused = not pipeline.fusion.pure_rerank
+    result = SystemResult(pipeline.name, "pipeline", metrics, per_query, final, latency, depth=depth,
+                          first_stage=first.name, mode="fusion" if fused else "rerank",
+                          fusion=pipeline.fusion.config() if fused else None)
+    return first, result, compare(first, result)
 
 
 def _rerank(dataset, queries, qrels, stage_name, rankings, first_seconds, reranker, depth) -> SystemResult:

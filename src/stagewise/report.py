@@ -222,6 +222,17 @@ def _first_stage_ndcg(sel: dict) -> float | None:
     return None
 
 
+def _mode_text(row: Any) -> str:
+    """How a pipeline orders its reranked candidates: "rerank" (the reranker alone) or "fused, weight 0.40"."""
+    if not isinstance(row, dict) or (row.get("mode") or "rerank") == "rerank":
+        return "rerank"
+    f = row.get("fusion") or {}
+    text = f"fused, weight {_fmt(f.get('weight'), '.2f')}"
+    extras = [x for x in (f.get("normalization"), f.get("first_stage") and f"first-stage {f['first_stage']}")
+              if x and x not in ("minmax", "first-stage score")]
+    return text + (f" ({', '.join(extras)})" if extras else "")
+
+
 def _verdict_section(sel: dict) -> Section:
     verdict = sel.get("verdict") or {}
     blocks: list[Block] = []
@@ -259,6 +270,8 @@ def _recommended_section(sel: dict) -> Section:
                         f"{lat} {ms(verdict.get('first_stage_latency_ms'))} ms)"),
         ("Reranker", reranker_text),
         ("Rerank depth", _text(verdict.get("depth"))),
+        ("Mode", NA if not reranker or worth_it is False else "reranking alone" if not verdict.get("fusion")
+         else _mode_text(verdict) + " (the reranker's share of the final score)"),
         ("nDCG@10", f3(verdict.get("ndcg@10"))),
         (f"Latency per query ({lat})", _fmt(verdict.get("latency_ms"), ".1f", " ms")),
     ]
@@ -312,7 +325,7 @@ def _reranker_tables(sel: dict) -> tuple[Table, Table]:
     metric = _latency_metric(sel)
     cands = Table(["Reranker", "Start", "Init", "Status", "Train s", "Health", "Note"], [], numeric={4})
     depths = Table(["Reranker", "Depth", "nDCG@10", "Gain", "95% CI", "p", "Wins / losses", "Recall ceiling",
-                    "Rerank p50 ms", "Rerank p95 ms", f"Total {_latency_label(metric)} ms", "In budget"], [],
+                    "Rerank p50 ms", "Rerank p95 ms", f"Total {_latency_label(metric)} ms", "In budget", "Mode"], [],
                    numeric=set(range(1, 11)))
     for r in sel.get("rerankers") or []:
         if verdict.get("reranker") and r.get("name") == verdict.get("reranker"):
@@ -329,8 +342,33 @@ def _reranker_tables(sel: dict) -> tuple[Table, Table]:
                 signed(comp.get("mean_diff")), _ci(comp.get("ci95")), _p_value(comp.get("p_value")),
                 NA if None in wl else f"{wl[0]} / {wl[1]}", f3(d.get("recall_ceiling")),
                 ms(_get(lat, "rerank", "p50_ms")), ms(_get(lat, "rerank", "p95_ms")), ms(_get(lat, "total", metric)),
-                _yes_no(d.get("within_budget"))])
+                _yes_no(d.get("within_budget")), _mode_text(d)])
     return cands, depths
+
+
+def _confirmation_section(sel: dict) -> Section | None:
+    """The chosen pipeline on the held-out split: measured once, after the choice, and never used to make it."""
+    conf = sel.get("confirmation")
+    if not isinstance(conf, dict):
+        return None
+    c = conf.get("comparison") or {}
+    blocks: list[Block] = [Para(f"The chosen pipeline and its first stage alone, evaluated once on the held-out "
+                                f"{_text(conf.get('split'))} split after the choice was made. These queries were "
+                                "never used to choose: unlike the dev gain (the pipeline and its fusion weight were "
+                                "chosen on dev), this estimate is not optimistic.")]
+    lat = _latency_label(_latency_metric(sel))
+    rows = [("Queries", _text(conf.get("queries"))),
+            ("First stage alone", f"{_text(conf.get('first_stage'))}: nDCG@10 {f3(conf.get('first_stage_ndcg@10'))}, "
+                                  f"{lat} {ms(conf.get('first_stage_latency_ms'))} ms"),
+            ("Chosen pipeline", f"{_text(conf.get('pipeline'))}: nDCG@10 {f3(conf.get('pipeline_ndcg@10'))}, "
+                                f"{lat} {ms(conf.get('pipeline_latency_ms'))} ms")]
+    if c:
+        rows += [("Gain over the first stage", f"{signed(c.get('mean_diff'))} (95% CI {_ci(c.get('ci95'))}, "
+                                               f"p = {_p_value(c.get('p_value'))})"),
+                 ("Queries improved / hurt / tied", " / ".join(_text(c.get(k)) for k in ("wins", "losses", "ties")))]
+    else:
+        rows.append(("Gain over the first stage", "none: the chosen pipeline is the first stage alone"))
+    return Section(f"Confirmation on {_text(conf.get('split'))} (held out)", blocks + [_kv(rows)])
 
 
 def _init_costs_table(sel: dict) -> Table:
@@ -377,7 +415,9 @@ def build_document(sel: dict, plots: dict[str, str | None]) -> list[Section]:
         return Figure(key, alt) if plots.get(key) else Para(missing)
 
     per_query = sel.get("per_query") or {}
-    stage2: list[Block] = [Para("Cross-encoders rerank the chosen first stage's top candidates. "
+    stage2: list[Block] = [Para("Cross-encoders rerank the chosen first stage's top candidates, alone (mode "
+                                "rerank) or fused with the first stage's scores at the weight chosen on dev (mode "
+                                "fused; weight 1 would be reranking alone, 0 the first stage's order). "
                                 "Gains are paired differences in nDCG@10 over the first stage alone on the "
                                 "same queries.")]
     if not cands.rows:
@@ -394,9 +434,11 @@ def build_document(sel: dict, plots: dict[str, str | None]) -> list[Section]:
     stage2.append(figure("per_query", "per-query differences", "No per-query comparison was recorded."))
     init_costs = _init_costs_table(sel)
     skipped = _skipped_table(sel)
+    confirmation = _confirmation_section(sel)
     return [
         _verdict_section(sel),
         _recommended_section(sel),
+        *([confirmation] if confirmation else []),
         Section("Quality against latency", [
             Para(f"Every system measured: nDCG@10 against {lat} latency per query (log scale). The line is the "
                  "Pareto front" + ("; greyed points exceed the latency budget."
@@ -673,7 +715,8 @@ def plot_quality_vs_latency(sel: dict) -> str | None:
 
 
 def plot_quality_vs_depth(sel: dict) -> str | None:
-    """nDCG@10 against rerank depth, one line per reranker, with the first stage alone and the recall ceiling."""
+    """nDCG@10 against rerank depth, one line per reranker and mode (reranking alone, fused with the first stage),
+    with the first stage alone and the recall ceiling."""
     rerankers = [(r, sorted((d for d in r.get("depths") or [] if _num(d.get("depth")) is not None
                              and _num(_get(d, "metrics", "ndcg@10")) is not None), key=lambda d: d["depth"]))
                  for r in sel.get("rerankers") or []]
@@ -685,8 +728,14 @@ def plot_quality_vs_depth(sel: dict) -> str | None:
     ceiling: dict[float, float] = {}
     verdict = sel.get("verdict") or {}
     for r, ds in rerankers:
-        ax.plot([d["depth"] for d in ds], [d["metrics"]["ndcg@10"] for d in ds], marker="o", linewidth=1.8,
-                markersize=5, label=short_name(r.get("name"), 36))
+        colour = None
+        for fused in (False, True):  # pure reranking solid, fused with the first stage dashed in the same colour
+            line = [d for d in ds if ((d.get("mode") or "rerank") == "fusion") == fused]
+            if line:
+                colour = ax.plot([d["depth"] for d in line], [d["metrics"]["ndcg@10"] for d in line], color=colour,
+                                 marker="D" if fused else "o", linewidth=1.8, markersize=5,
+                                 linestyle="--" if fused else "-",
+                                 label=short_name(r.get("name"), 30) + (" fused" if fused else ""))[0].get_color()
         for d in ds:
             if _num(d.get("recall_ceiling")) is not None:
                 ceiling.setdefault(d["depth"], d["recall_ceiling"])
