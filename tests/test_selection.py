@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -85,6 +86,10 @@ def test_stage_two_tries_every_start_on_the_chosen_first_stage(dense_run, tiny_c
             assert d["comparison"]["a"] == chosen and -1 <= d["comparison"]["mean_diff"] <= 1
             assert d["recall_ceiling"] == result_first(result)["metrics"][f"recall@{d['depth']}"]
         assert r["health"] is not None and (out / "train").is_dir()
+        # select pre-trains by default; the toy corpus's one-line texts give no pseudo-query, so it says so and
+        # fine-tunes on the labels alone instead of failing
+        assert "pseudo-queries" in r["pretrain"]["skipped"] and "pretrain_note" not in r
+        assert json.loads((Path(r["run"]) / "config.json").read_text())["pretrain_queries"] == 0
     assert by_init["from-finetuned-bi"]["model"].endswith("model")
     # a bi-encoder start is warned about, a real base is not
     assert by_init["same-as-bi"]["init_warning"] and not by_init["base"]["init_warning"]

@@ -338,6 +338,17 @@ def test_mining_takes_negatives_from_the_first_stage_top_depth_plus_random_ones(
     assert [t for t, label in groups["qb"] if label == 0][:2] == ["text 1", "text 2"]
 
 
+def test_skip_top_takes_hard_negatives_from_below_the_first_stage_top_ranks():
+    texts, examples, stage = _mining_setup()
+    groups = mine_from_first_stage(examples, stage, texts, depth=6, hard=2, random_count=0, seed=0, range_min=2)
+    for q, group in groups.items():
+        skipped = {texts[d] for d in stage.rankings[q][:2]}
+        negatives = [t for t, label in group if label == 0]
+        assert negatives and not set(negatives) & skipped
+        assert negatives == [texts[d] for d in stage.rankings[q][2:6] if texts[d] not in
+                             {t for t, label in group if label == 1}][:2]
+
+
 def test_mining_without_random_negatives_never_looks_past_depth():
     texts, examples, stage = _mining_setup()
     groups = mine_from_first_stage(examples, stage, texts, depth=3, hard=5, random_count=0, seed=0)
@@ -563,6 +574,11 @@ def test_cli_train_bi_and_cross(toy, tiny_bi_encoder, tiny_cross_encoder, tmp_pa
     (["train", "bi", "--loss", "margin-mse", "--hard-negatives", "bm25"], "--teacher"),
     (["train", "cross", "--init", "same-as-bi"], "needs --bi-run"),
     (["train", "cross", "--train-split", "nope"], "no split 'nope'"),
+    (["train", "cross", "--pretrain-queries", "-1"], "--pretrain-queries must be 0 or more"),
+    (["train", "cross", "--pretrain-queries", "10", "--pretrain-kind", "summary"], "--pretrain-kind must be one of"),
+    (["train", "cross", "--pretrain-queries", "10"], "pseudo-query"),  # the toy's one-line texts give none
+    (["train", "cross", "--skip-top", "-2"], "--skip-top must be 0 or more"),
+    (["train", "cross", "--pos-weight", "0"], "--pos-weight must be positive"),
 ])
 def test_cli_bad_training_input_is_one_line_and_exit_2(args, message, toy, tiny_bi_encoder, tiny_cross_encoder,
                                                        tmp_path):

@@ -292,6 +292,9 @@ def train_cross_command(
     depth: int = typer.Option(20, "--depth", help="The rerank depth to train (and evaluate) for."),
     hard_negatives: int = typer.Option(7, "--hard-negatives", help="Negatives per query from the top --depth."),
     random_negatives: int = typer.Option(2, "--random-negatives", help="Random negatives per query."),
+    skip_top: int = typer.Option(0, "--skip-top", help="Hard negatives from below the first stage's top N only."),
+    pos_weight: Optional[float] = typer.Option(None, "--pos-weight",
+                                               help="bce's weight on positives (default: negatives / positives)."),
     loss: Optional[str] = typer.Option(None, "--loss", help="bce | mse | cross-entropy | listnet | lambda "
                                                             "(default: bce; mse for scored pairs)."),
     epochs: float = typer.Option(1.0, "--epochs"),
@@ -304,6 +307,8 @@ def train_cross_command(
     pretrain_kind: str = typer.Option("auto", "--pretrain-kind",
                                       help="auto | title | sentence (inverse cloze)."),
     pretrain_epochs: float = typer.Option(1.0, "--pretrain-epochs"),
+    pretrain_skip: int = typer.Option(2, "--pretrain-skip", help="Pre-training negatives from below the first "
+                                                                 "stage's top N (and below the source document)."),
     pretrain_minutes: Optional[float] = typer.Option(None, "--pretrain-minutes",
                                                      help="Stop pre-training after this many minutes."),
     eval_steps: Optional[int] = typer.Option(None, "--eval-steps"),
@@ -321,8 +326,9 @@ def train_cross_command(
         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, eval_steps=eval_steps,
         early_stopping_patience=patience or None, seed=seed, model=model, init=init, bi_run=bi_run,
         first_stage=first_stage, depth=depth, hard_negatives=hard_negatives, random_negatives=random_negatives,
-        max_length=max_length, pretrain_queries=pretrain_queries, pretrain_kind=pretrain_kind,
-        pretrain_epochs=pretrain_epochs, pretrain_max_seconds=None if pretrain_minutes is None else pretrain_minutes * 60,
+        max_length=max_length, skip_top=skip_top, pos_weight=pos_weight, pretrain_queries=pretrain_queries,
+        pretrain_kind=pretrain_kind, pretrain_epochs=pretrain_epochs, pretrain_skip=pretrain_skip,
+        pretrain_max_seconds=None if pretrain_minutes is None else pretrain_minutes * 60,
     )
     run_dir = out or RunDir.default_path("train-cross")
     _print_training(train_cross(config, run_dir, resume=resume), run_dir)

@@ -319,19 +319,32 @@ def _health(h: Any) -> str:
     return text
 
 
+def _pretraining(reranker: dict) -> str:
+    """What the corpus pre-training did for this reranker: its pseudo-queries and time, or why there was none."""
+    pre = reranker.get("pretrain") or {}
+    if pre.get("skipped"):
+        return pre["skipped"]
+    if not pre.get("queries"):
+        return "none"
+    kinds = ", ".join(f"{n} {kind}" for kind, n in (pre.get("kinds") or {}).items())
+    return f"{pre['queries']} pseudo-queries ({kinds}), {_fmt(pre.get('seconds'), '.0f')} s"
+
+
 def _reranker_tables(sel: dict) -> tuple[Table, Table]:
     """One row per reranker candidate, and one per reranker x depth."""
     verdict = sel.get("verdict") or {}
     metric = _latency_metric(sel)
-    cands = Table(["Reranker", "Start", "Init", "Status", "Train s", "Health", "Note"], [], numeric={4})
+    cands = Table(["Reranker", "Start", "Init", "Pre-training", "Status", "Train s", "Health", "Note"], [],
+                  numeric={5})
     depths = Table(["Reranker", "Depth", "nDCG@10", "Gain", "95% CI", "p", "Wins / losses", "Recall ceiling",
                     "Rerank p50 ms", "Rerank p95 ms", f"Total {_latency_label(metric)} ms", "In budget", "Mode"], [],
                    numeric=set(range(1, 11)))
     for r in sel.get("rerankers") or []:
         if verdict.get("reranker") and r.get("name") == verdict.get("reranker"):
             cands.highlight.add(len(cands.rows))
-        cands.rows.append([_text(r.get("name")), _text(r.get("label")), _text(r.get("init")), _text(r.get("status")),
-                           _fmt(r.get("train_seconds"), ".1f"), _health(r.get("health")), r.get("note") or ""])
+        cands.rows.append([_text(r.get("name")), _text(r.get("label")), _text(r.get("init")), _pretraining(r),
+                           _text(r.get("status")), _fmt(r.get("train_seconds"), ".1f"), _health(r.get("health")),
+                           r.get("note") or ""])
         for d in r.get("depths") or []:
             comp, lat = d.get("comparison") or {}, d.get("latency") or {}
             if verdict.get("name") and d.get("name") == verdict.get("name"):

@@ -45,7 +45,8 @@ from stagewise.progress import console
 from stagewise.rerankers import CrossEncoderReranker
 from stagewise.retrievers import build_first_stage
 from stagewise.rundir import RunDir, seed_everything, versions
-from stagewise.training import INIT_STRATEGIES, BiTrainConfig, CrossTrainConfig, train_bi, train_cross
+from stagewise.training import (INIT_STRATEGIES, MIN_EXAMPLES, BiTrainConfig, CrossTrainConfig, pretraining_queries,
+                                train_bi, train_cross)
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ def _installed(*aliases: str) -> list[str]:
     """The default candidates: those of ``aliases`` installed here."""
     present = set(installed_aliases())
     return [a for a in aliases if a in present]
+
+
+#: select's cross-encoder recipe unless told otherwise: pre-trained on pseudo-queries from the corpus, then fine-tuned
+CROSS_TRAINING = {"pretrain_queries": 2000}
 
 
 @dataclass
@@ -73,7 +78,7 @@ class SelectConfig:
     init_strategies: list[str] = field(default_factory=lambda: list(INIT_STRATEGIES))
     depths: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])
     bi_training: dict = field(default_factory=dict)  # BiTrainConfig fields, e.g. {epochs: 1}
-    cross_training: dict = field(default_factory=dict)  # CrossTrainConfig fields
+    cross_training: dict = field(default_factory=lambda: dict(CROSS_TRAINING))  # CrossTrainConfig fields
     latency_budget_ms: float | None = None  # per query, on this machine
     latency_metric: str = "p95_ms"
     time_budget_min: float | None = None  # wall clock for the whole selection
@@ -93,10 +98,10 @@ PRESETS: dict[str, dict] = {
         "init_strategies": ["base", "from-finetuned-bi"], "depths": [5, 10, 20, 50],
         "bi_training": {"epochs": 1, "dev_corpus_size": 1000},
         "cross_training": {"epochs": 2, "learning_rate": 1e-4, "hard_negatives": 3, "random_negatives": 1,
-                           "max_length": 128},
+                           "max_length": 128, "pretrain_queries": 1000},
         "time_budget_min": 9, "latency_queries": 10,
     },
-    "full": {},
+    "full": {"cross_training": dict(CROSS_TRAINING)},
 }
 
 
@@ -402,6 +407,10 @@ class Selection:
                                            "model": cand["model"], "init": "base", "data": self.config.data,
                                            "train_split": self.config.train_split, "dev_split": self.config.dev_split,
                                            "first_stage": chosen["spec"], "seed": self.config.seed})
+            if training.pretrain_queries and len(pretraining_queries(training, self.dataset)) < MIN_EXAMPLES:
+                training.pretrain_queries = 0  # a corpus of short or untitled texts: fine-tune on the labels alone
+                cand = {**cand, "pretrain_note": "no pre-training: the corpus gives fewer than "
+                        f"{MIN_EXAMPLES} pseudo-queries"}
             rate = _pairs_per_second(cand["model"], training.max_length, self.dataset, self.dev_queries)
             train_s, eval_s = self._cross_estimate(training, rate)
             later = left * (train_s + eval_s)  # the others' cost, guessed at this one's rate
@@ -418,7 +427,7 @@ class Selection:
             reason = f"estimated {_minutes(train_s + eval_s)}; its share of the time budget is {_minutes(seconds)}"
             self._skip(cand["name"], reason)
             return {**record, "status": "skipped", "note": reason}
-        notes = []
+        notes = []  # what the time budget cut short
         if seconds is not None:  # each phase stops at its share
             share = seconds * train_s / (train_s + eval_s)
             if pretrain_s:
@@ -432,6 +441,14 @@ class Selection:
         record.update(train_seconds=round(time.perf_counter() - started, 1), run=str(run_dir),
                       model_dir=trained["model"], max_length=training.max_length, init_warning=trained.get("init_warning"),
                       health=(trained.get("dev") or {}).get("health"))
+        pretrain = trained.get("pretrain") or {}
+        record["pretrain"] = {k: pretrain.get(k) for k in ("queries", "kinds", "examples", "seconds", "steps", "skipped")
+                              } if pretrain else None
+        if "pretrain_note" in record:
+            record["pretrain"] = {"skipped": record.pop("pretrain_note")}
+        if pretrain.get("stopped_at_time_limit"):
+            notes.append(f"pre-training stopped after {pretrain['steps']} of {pretrain['max_steps']} steps at its "
+                         "share of the time budget")
         if trained["train"].get("stopped_at_time_limit"):
             notes.append(f"training stopped after {trained['train']['steps']} of {trained['train']['max_steps']} "
                          "steps at its share of the time budget")

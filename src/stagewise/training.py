@@ -664,14 +664,20 @@ def _cross_loss(name: str, model, columns: dict, pos_weight: float | None = None
     return losses.LambdaLoss(model)
 
 
-def _pseudo_queries(config: CrossTrainConfig, dataset: RetrievalDataset) -> list:
-    """The pre-training queries, made before any run directory exists so that a corpus without enough is refused
-    first. None is ever an evaluation query (every split other than the training one is excluded)."""
+def pretraining_queries(config: CrossTrainConfig, dataset: RetrievalDataset) -> list:
+    """The pseudo-queries ``train_cross`` pre-trains on (none is ever an evaluation query: every split other than
+    the training one is excluded); cheap, so callers can check a corpus gives enough before any training."""
     if not config.pretrain_queries:
         return []
     exclude = [t for split in dataset.splits if split != config.train_split for t in dataset.split(split)[0].values()]
-    made = make_pseudo_queries(dataset.corpus, config.pretrain_queries, config.pretrain_kind, config.seed, exclude)
-    if len(made) < MIN_EXAMPLES:
+    return make_pseudo_queries(dataset.corpus, config.pretrain_queries, config.pretrain_kind, config.seed, exclude)
+
+
+def _pseudo_queries(config: CrossTrainConfig, dataset: RetrievalDataset) -> list:
+    """The pre-training queries, made before any run directory exists so that a corpus without enough is refused
+    first."""
+    made = pretraining_queries(config, dataset)
+    if config.pretrain_queries and len(made) < MIN_EXAMPLES:
         raise DataError(dataset.source or dataset.name, f"only {len(made)} documents give a pseudo-query of kind "
                         f"'{config.pretrain_kind}'; pre-training needs at least {MIN_EXAMPLES} (or --pretrain-queries 0)")
     return made
@@ -739,8 +745,12 @@ def train_cross(config: CrossTrainConfig, out: str | Path, resume: bool = False)
                              f"{examples.source} has scored pairs")
     if loss_name == "bce" and examples.kind == "scored" and not all(0.0 <= x <= 1.0 for x in examples.columns["score"]):
         raise StagewiseError(f"loss 'bce' needs scores in [0, 1]; {examples.source} has others (use --loss mse)")
-    if config.pretrain_queries < 0:
-        raise StagewiseError(f"--pretrain-queries must be 0 or more, got {config.pretrain_queries}")
+    for option, value, low in (("--pretrain-queries", config.pretrain_queries, 0), ("--skip-top", config.skip_top, 0),
+                               ("--pretrain-skip", config.pretrain_skip, 0)):
+        if value < low:
+            raise StagewiseError(f"{option} must be {low} or more, got {value}")
+    if config.pretrain_epochs <= 0 or (config.pos_weight is not None and config.pos_weight <= 0):
+        raise StagewiseError("--pretrain-epochs and --pos-weight must be positive")
     if config.pretrain_kind not in PSEUDO_QUERY_KINDS:
         raise StagewiseError(f"--pretrain-kind must be one of {', '.join(PSEUDO_QUERY_KINDS)}, "
                              f"not '{config.pretrain_kind}'")
