@@ -214,6 +214,12 @@ _RESUME = typer.Option(False, "--resume", help="Continue an interrupted run in -
 
 
 def _print_training(result: dict, run_dir: Path) -> None:
+    pre = result.get("pretrain") or {}
+    if pre.get("skipped"):
+        console.print(f"pre-training skipped: {pre['skipped']}", highlight=False)
+    elif pre:
+        console.print(f"pre-trained on {pre['queries']} pseudo-queries ({pre['examples']} pairs) in {pre['steps']} "
+                      f"steps; loss {pre['loss_first']} → {pre['loss_last']}", highlight=False)
     train = result["train"]
     console.print(f"trained {train['steps']} steps; loss {train['loss_first']} → {train['loss_last']}", highlight=False)
     dev = result.get("dev") or {}

@@ -3,7 +3,9 @@
 * ``train_bi``: a bi-encoder, contrastive by default (MultipleNegativesRankingLoss) with hard negatives
   mined by ``mine_hard_negatives`` from the base model, or by BM25.
 * ``train_cross``: a cross-encoder, on negatives mined from the first stage it will rerank, at the
-  depth it will rerank, plus random ones, so it learns the mistakes it will actually see.
+  depth it will rerank, plus random ones, so it learns the mistakes it will actually see; optionally
+  pre-trained first on pseudo-queries made from the corpus (``pseudo_queries``), since a few hundred
+  labelled queries are too few for a start that was never a reranker.
 
 Both write a :class:`RunDir` (config, data fingerprints, metrics per evaluation, the model) and can resume.
 Our part is choosing and wiring; losses, mining, trainers and model cards are sentence-transformers'.
