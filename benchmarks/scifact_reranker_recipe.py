@@ -86,18 +86,25 @@ def truncation(dataset, first_stage, model: str) -> dict:
             "over_256": float(np.mean(np.asarray(lengths) > 256)), "over_512": float(np.mean(np.asarray(lengths) > 512))}
 
 
-def dev_fusion(model_dir: str, max_length: int, dataset, first_stage) -> dict:
-    """The first stage alone, pure reranking and the fusion chosen on dev, on the dev top 20."""
+def dev_candidates(model_dir: str, max_length: int, dataset, first_stage, depth: int):
+    """Dev qrels, the first stage's top 100 per query, its top ``depth`` scored by the reranker (fusion's input)
+    and the first-stage order below the depth."""
     queries, qrels = dataset.split("dev")
     retrieved = dict(zip(queries, first_stage.retrieve(list(queries.values()), 100)))
     model = load_cross_encoder(model_dir, max_length=max_length, warn_untrained=False)
     candidates, below = {}, {}
     for q, ranking in retrieved.items():
-        top = ranking[:DEPTH]
+        top = ranking[:depth]
         scores = np.asarray(model.predict([(queries[q], dataset.corpus[d].full_text()) for d, _ in top],
                                           batch_size=64, show_progress_bar=False)).reshape(-1)
         candidates[q] = [(d, s, float(r)) for (d, s), r in zip(top, scores)]
-        below[q] = [d for d, _ in ranking[DEPTH:]]
+        below[q] = [d for d, _ in ranking[depth:]]
+    return qrels, retrieved, candidates, below
+
+
+def dev_fusion(model_dir: str, max_length: int, dataset, first_stage) -> dict:
+    """The first stage alone, pure reranking and the fusion chosen on dev, on the dev top 20."""
+    qrels, retrieved, candidates, below = dev_candidates(model_dir, max_length, dataset, first_stage, DEPTH)
     first = compute_metrics(qrels, run_from_rankings({q: [d for d, _ in r] for q, r in retrieved.items()}))[0]
     fusion, table = choose_fusion(qrels, candidates, DEPTH, below)
     pure = next(row for row in table if row["weight"] == 1.0)
@@ -156,17 +163,8 @@ def cross_validated_fusion(model_dir: str, max_length: int, dataset, first_stage
     from stagewise.evaluation import compare_per_query
     from stagewise.fusion import Fusion, fused_rankings
 
-    queries, qrels = dataset.split("dev")
-    retrieved = dict(zip(queries, first_stage.retrieve(list(queries.values()), 100)))
-    model = load_cross_encoder(model_dir, max_length=max_length, warn_untrained=False)
-    candidates, below = {}, {}
-    for q, ranking in retrieved.items():
-        top = ranking[:depth]
-        scores = np.asarray(model.predict([(queries[q], dataset.corpus[d].full_text()) for d, _ in top],
-                                          batch_size=64, show_progress_bar=False)).reshape(-1)
-        candidates[q] = [(d, s, float(r)) for (d, s), r in zip(top, scores)]
-        below[q] = [d for d, _ in ranking[depth:]]
-    qids = sorted(queries)
+    qrels, _, candidates, below = dev_candidates(model_dir, max_length, dataset, first_stage, depth)
+    qids = sorted(qrels)
     random.Random(seed).shuffle(qids)
     fused_pq, first_pq, weights = {}, {}, []
     for k in range(folds):

@@ -337,7 +337,11 @@ def test_the_file_overrides_the_preset_and_keywords_override_the_file(tmp_path):
     config = load_select_config(path, preset="quick", latency_queries=3, min_gain=None, seed=None, alpha=0.1)
     assert config.depths == [5, 10, 50]  # de-duplicated and sorted
     assert (config.latency_queries, config.min_gain, config.alpha, config.seed) == (3, 0.01, 0.1, 42)
-    assert config.finetune_top == 1 and config.time_budget_min == 9  # from the preset
+    assert config.finetune_top == 1 and config.time_budget_min == 10  # from the preset
+    assert config.cross_training["pretrain_queries"] == 500 and config.init_strategies == ["base"]
+    # the full preset (the default) pre-trains, and a file's cross_training keeps that unless it says otherwise
+    full = load_select_config(write(tmp_path, "cross_training: {epochs: 2}\n", "full.yaml"))
+    assert full.cross_training == {"pretrain_queries": 2000, "epochs": 2}
     assert load_select_config(write(tmp_path, "", "empty.yaml"), preset="quick") == load_select_config(preset="quick")
 
 
