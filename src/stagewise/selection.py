@@ -234,8 +234,12 @@ class Steps:
     def put(self, name: str, record: dict) -> dict:
         """Store a finished step; return it as a resumed run will read it back (JSON types), so both runs agree."""
         path = self.run.write_json(f"steps/{_slug(name)}.json", record)
-        self.run.write_json("steps/_spent.json", {"seconds": self.before + self.run.wall_seconds})
+        self.save_spent(self.before + self.run.wall_seconds)
         return json.loads(path.read_text())
+
+    def save_spent(self, seconds: float) -> float:
+        self.run.write_json("steps/_spent.json", {"seconds": seconds})
+        return seconds
 
     def spent(self) -> float:
         path = self.run.path / "steps" / "_spent.json"
@@ -762,7 +766,8 @@ def select(config: SelectConfig, out: str | Path, resume: bool = False, report: 
             result["confirmation"] = confirm(dataset, config.test_split, run.path / "pipeline.yaml", s.cache,
                                              config.latency_metric)
             result["verdict"]["summary"].append(result["confirmation"]["summary"])
-        result["wall_seconds"] = round(s.budget.spent(), 1)  # every session of this run, resumed ones included
+        # every session of this run, resumed ones included; stored so that a resumed run counts this one whole
+        result["wall_seconds"] = round(s.steps.save_spent(s.budget.spent()), 1)
         result["budget"]["used_s"] = result["wall_seconds"]
         if report:
             from stagewise.report import write_report
