@@ -24,6 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
+from stagewise.backends import Backend, apply_backend
 from stagewise.cache import cache_dir
 from stagewise.errors import ModelError
 
@@ -271,8 +272,11 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def load_bi_encoder(spec: ModelSpec | str, device: str | None = None, max_seq_length: int | None = None):
-    """A ``SentenceTransformer``; a plain base encoder gets mean pooling (sentence-transformers' default)."""
+def load_bi_encoder(spec: ModelSpec | str, device: str | None = None, max_seq_length: int | None = None,
+                    backend: Backend | None = None, threads: int | None = None):
+    """A ``SentenceTransformer``; a plain base encoder gets mean pooling (sentence-transformers' default).
+
+    ``backend`` (or an exported folder's own) decides what runs its transformer: see :mod:`stagewise.backends`."""
     from sentence_transformers import SentenceTransformer
 
     spec = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
@@ -282,11 +286,11 @@ def load_bi_encoder(spec: ModelSpec | str, device: str | None = None, max_seq_le
         model = SentenceTransformer(str(spec.path), device=device, local_files_only=True)
     if max_seq_length and math.isfinite(model.max_seq_length or math.inf):  # static embeddings have no limit
         model.max_seq_length = max_seq_length
-    return model
+    return apply_backend(model, spec.path, backend, threads)
 
 
 def load_cross_encoder(spec: ModelSpec | str, device: str | None = None, max_length: int | None = None,
-                       warn_untrained: bool = True):
+                       warn_untrained: bool = True, backend: Backend | None = None, threads: int | None = None):
     """A ``CrossEncoder``; warns when the directory holds no trained reranking head (unless it is about to be trained).
 
     ``max_length`` None keeps the model's own (what it was trained with), else its tokenizer's limit."""
@@ -302,7 +306,8 @@ def load_cross_encoder(spec: ModelSpec | str, device: str | None = None, max_len
             stacklevel=2,
         )
     with _quiet_transformers():  # our warning above says it in one line; skip transformers' load report
-        return CrossEncoder(str(spec.path), num_labels=1, device=device, max_length=max_length, local_files_only=True)
+        model = CrossEncoder(str(spec.path), num_labels=1, device=device, max_length=max_length, local_files_only=True)
+    return apply_backend(model, spec.path, backend, threads)
 
 
 @contextlib.contextmanager

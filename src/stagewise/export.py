@@ -1,0 +1,372 @@
+"""Export a bi-encoder or cross-encoder to ONNX Runtime or OpenVINO (int8 or not), and prove it still agrees.
+
+The runtimes' own well-kept tools do the work: ``torch.onnx.export`` then onnxruntime's transformer optimiser
+and ``quantize_dynamic``; ``openvino.convert_model`` then NNCF's ``nncf.quantize`` calibrated on the user's texts.
+An exported folder is the source model's files plus the runtime's file and ``export.json`` (source fingerprint,
+backend, quantisation, calibration hash and size, and the measured equivalence to PyTorch on a fixed sample).
+A model whose equivalence falls past the tolerance is refused unless the user insists (``force``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from stagewise.backends import (MANIFEST, Backend, backend_of, output_name, read_manifest, require, set_threads,
+                                transformer_module)
+from stagewise.cache import cache_dir, texts_hash
+from stagewise.errors import DataError, ModelError, StagewiseError
+from stagewise.models import ModelSpec, _atomic_dir, load_bi_encoder, load_cross_encoder, model_kind, resolve_model
+from stagewise.rundir import cpu, versions
+
+# where each variant's file goes: sentence-transformers' own layout, so its backends can load them one day
+FILES = {
+    ("onnx", "none"): "onnx/model.onnx",
+    ("onnx", "int8"): "onnx/model_qint8.onnx",
+    ("openvino", "none"): "openvino/openvino_model.xml",
+    ("openvino", "int8"): "openvino/openvino_model_qint8_quantized.xml",
+}
+CALIBRATION_SIZE = 300  # texts (or pairs) for NNCF's statistics; its own default subset size
+SAMPLE_SIZE = 64  # texts (or pairs) the equivalence check compares on
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far an export may drift from float32 PyTorch on the sample before it is refused."""
+
+    min_cosine: float = 0.98  # bi-encoder: the worst text's embedding cosine
+    min_correlation: float = 0.98  # cross-encoder: Spearman correlation of the pair scores
+    min_top10: float = 0.8  # both: mean overlap of each query's top 10 on the sample
+
+
+# ---------------------------------------------------------------------------------------------
+# Texts to calibrate and check on
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Calibration:
+    """Queries and documents from the user's data, and where they came from (its hash goes into the manifest)."""
+
+    queries: list[str]
+    documents: list[str]
+    source: str
+
+    def texts(self, n: int) -> list[str]:
+        """Up to ``n`` texts, queries and documents interleaved (both kinds go through a bi-encoder)."""
+        mixed = [t for pair in zip(self.queries, self.documents) for t in pair]
+        mixed += self.queries[len(self.documents):] + self.documents[len(self.queries):]
+        return mixed[:n]
+
+    def pairs(self, n: int) -> list[tuple[str, str]]:
+        """Up to ``n`` (query, document) pairs: each query with several documents, so rankings can be compared."""
+        queries = self.queries or self.documents
+        per_query = min(8, max(1, len(self.documents)))
+        out = [(q, self.documents[(i * 3 + j) % len(self.documents)]) for i, q in enumerate(queries)
+               for j in range(per_query)]
+        return out[:n]
+
+    def record(self) -> dict:
+        return {"source": self.source, "queries": len(self.queries), "documents": len(self.documents),
+                "hash": texts_hash(self.queries + ["\x1d"] + self.documents)}
+
+
+def load_calibration(source: str | Path, seed: int = 42, size: int = CALIBRATION_SIZE) -> Calibration:
+    """A dataset (``default`` or a BEIR folder: its queries and documents) or a text file (one text per line)."""
+    path = Path(source)
+    if path.is_file():
+        try:
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(path, f"cannot read calibration texts ({e})") from None
+        texts = [t for t in lines if t]
+        if not texts:
+            raise DataError(path, "no calibration texts (the file is empty)", field="calibration")
+        rng = random.Random(seed)
+        texts = rng.sample(texts, min(size, len(texts)))
+        return Calibration(texts[::2], texts[1::2] or texts, str(path))
+    from stagewise.data import load_dataset
+
+    dataset = load_dataset(source)
+    rng = random.Random(seed)
+    docs = [d.full_text() for d in dataset.corpus.values()]
+    queries = list(dataset.queries.values())
+    if not docs:
+        raise DataError(dataset.source or str(source), "no calibration texts (the corpus is empty)", field="calibration")
+    return Calibration(rng.sample(queries, min(size // 2, len(queries))), rng.sample(docs, min(size // 2, len(docs))),
+                       str(source))
+
+
+_BUILTIN_SAMPLE = [  # checks equivalence when the user gives no calibration data (quantisation needs theirs)
+    ("what causes rain", "Rain forms when water vapour condenses into droplets heavy enough to fall."),
+    ("how do vaccines work", "Vaccines train the immune system to recognise a pathogen without causing disease."),
+    ("python list sort", "The sort method orders a list in place; sorted returns a new list."),
+    ("capital of france", "Paris is the capital and largest city of France."),
+    ("why is the sky blue", "Sunlight scatters off air molecules, and blue light scatters the most."),
+    ("symptoms of flu", "Influenza brings fever, cough, sore throat, aches and tiredness."),
+    ("how to boil an egg", "Place the egg in boiling water for seven to nine minutes, then cool it."),
+    ("speed of light", "Light travels at about 299,792 kilometres per second in a vacuum."),
+    ("what is photosynthesis", "Plants turn light, water and carbon dioxide into sugar and oxygen."),
+    ("largest ocean", "The Pacific is the largest and deepest of Earth's oceans."),
+    ("who wrote hamlet", "Hamlet is a tragedy written by William Shakespeare around 1600."),
+    ("benefits of exercise", "Regular exercise strengthens the heart and improves mood and sleep."),
+]
+
+
+def builtin_calibration() -> Calibration:
+    return Calibration([q for q, _ in _BUILTIN_SAMPLE], [d for _, d in _BUILTIN_SAMPLE], "built-in sample")
+
+
+# ---------------------------------------------------------------------------------------------
+# Equivalence to float32 PyTorch
+# ---------------------------------------------------------------------------------------------
+
+
+def _top10_overlap(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Mean overlap of each row's top 10 columns (rows: queries, columns: documents)."""
+    k = min(10, reference.shape[1])
+    ref = np.argsort(-reference, axis=1, kind="stable")[:, :k]
+    cand = np.argsort(-candidate, axis=1, kind="stable")[:, :k]
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ref, cand)]))
+
+
+def equivalence(kind: str, reference, candidate, sample: Calibration) -> dict:
+    """Compare two loaded models of the same ``kind`` on the sample: the numbers the tolerance judges."""
+    if kind == "bi-encoder":
+        texts = sample.texts(SAMPLE_SIZE)
+        a = reference.encode(texts, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+        b = candidate.encode(texts, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+        cosines = np.sum(a * b, axis=1)
+        half = max(1, len(texts) // 2)
+        return {"texts": len(texts), "min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean()),
+                "top10_agreement": _top10_overlap(a[:half] @ a[half:].T, b[:half] @ b[half:].T) if len(texts) > 1
+                else 1.0}
+    from scipy.stats import spearmanr
+
+    pairs = sample.pairs(SAMPLE_SIZE)
+    a = np.asarray(reference.predict(pairs, show_progress_bar=False, convert_to_numpy=True), dtype=np.float64)
+    b = np.asarray(candidate.predict(pairs, show_progress_bar=False, convert_to_numpy=True), dtype=np.float64)
+    queries = sorted({q for q, _ in pairs}, key=[q for q, _ in pairs].index)
+    width = len(pairs) // len(queries)
+    rows = len(queries) if width * len(queries) == len(pairs) else 0
+    correlation = float(spearmanr(a, b).statistic) if np.ptp(a) > 0 and np.ptp(b) > 0 else float(np.allclose(a, b))
+    return {"pairs": len(pairs), "spearman": correlation, "max_abs_diff": float(np.max(np.abs(a - b))),
+            "top10_agreement": _top10_overlap(a[:rows * width].reshape(rows, width), b[:rows * width].reshape(rows, width))
+            if rows else 1.0}
+
+
+def failures(kind: str, numbers: dict, tolerance: Tolerance) -> list[str]:
+    """What falls past the tolerance, in words (empty: the export agrees)."""
+    out = []
+    if kind == "bi-encoder" and numbers["min_cosine"] < tolerance.min_cosine:
+        out.append(f"min cosine {numbers['min_cosine']:.4f} < {tolerance.min_cosine}")
+    if kind == "cross-encoder" and numbers["spearman"] < tolerance.min_correlation:
+        out.append(f"score correlation {numbers['spearman']:.4f} < {tolerance.min_correlation}")
+    if numbers["top10_agreement"] < tolerance.min_top10:
+        out.append(f"top-10 agreement {numbers['top10_agreement']:.3f} < {tolerance.min_top10}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+
+
+def _load(spec: ModelSpec | str, kind: str, backend: Backend | None = None, threads: int | None = None):
+    if kind == "bi-encoder":
+        return load_bi_encoder(spec, device="cpu", backend=backend, threads=threads)
+    return load_cross_encoder(spec, device="cpu", warn_untrained=False, backend=backend, threads=threads)
+
+
+class _Forward:
+    """The Hugging Face model as a function of the tokenizer's tensors, returning the one output ST reads."""
+
+    def __init__(self, model, inputs: list[str], output: str):
+        import torch
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, *tensors):
+                return getattr(self.model(**dict(zip(inputs, tensors)), return_dict=True), output)
+
+        self.module = Wrapped().eval()
+        self.inputs, self.output = inputs, output
+
+
+def _features(model, texts: Sequence) -> dict:
+    """Tokenised inputs as the model's own preprocessing makes them (pairs for a cross-encoder)."""
+    return transformer_module(model).preprocess(list(texts))
+
+
+def _input_names(model) -> list[str]:
+    features = _features(model, ["an example", "another example text"])
+    return [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in features]
+
+
+def _export_onnx(model, folder: Path, quantize: str, inputs: list[str], output: str, calibration: Calibration | None):
+    import torch
+
+    require("onnx", export=True)
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers import optimizer
+
+    forward = _Forward(transformer_module(model).model, inputs, output)
+    example = _features(model, ["an example", "another example text"])
+    raw = folder / "onnx" / "model_raw.onnx"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    axes = {name: {0: "batch", 1: "sequence"} for name in inputs}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice: it is still the one
+        # whose graphs onnxruntime's transformer optimiser recognises (fused attention, layer norm, GELU)
+        torch.onnx.export(forward.module, tuple(example[n] for n in inputs), str(raw), input_names=inputs,
+                          output_names=[output], dynamic_axes={**axes, output: {0: "batch"}}, opset_version=17,
+                          dynamo=False)
+    config = transformer_module(model).model.config
+    model_type = getattr(config, "model_type", "bert")
+    optimised = folder / FILES["onnx", "none"]
+    try:
+        opt = optimizer.optimize_model(str(raw), model_type=model_type if model_type in optimizer.MODEL_TYPES else "bert",
+                                       num_heads=getattr(config, "num_attention_heads", 0) or 0,
+                                       hidden_size=getattr(config, "hidden_size", 0) or 0)
+        opt.save_model_to_file(str(optimised))
+    except Exception:  # an architecture the fusions do not know: the plain graph still runs (ORT optimises it)
+        shutil.copyfile(raw, optimised)
+    raw.unlink()
+    if quantize == "none":
+        return optimised
+    import onnx
+
+    target = folder / FILES["onnx", "int8"]
+    root = logging.getLogger()
+    level, _ = root.level, root.setLevel(logging.ERROR)  # its advice to pre-process is for image models
+    try:  # per-channel scales: per-tensor int8 loses too much (a min cosine near 0.90 on MiniLM)
+        quantize_dynamic(str(optimised), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # fused ops carry no type info
+    finally:
+        root.setLevel(level)
+    optimised.unlink()
+    return target
+
+
+def _export_openvino(model, folder: Path, quantize: str, inputs: list[str], output: str, kind: str,
+                     calibration: Calibration | None):
+    import torch
+
+    ov = require("openvino", export=quantize == "int8")
+    forward = _Forward(transformer_module(model).model, inputs, output)
+    example = _features(model, ["an example", "another example text"])
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        converted = ov.convert_model(forward.module, example_input=tuple(example[n] for n in inputs))
+    for port, name in zip(converted.inputs, inputs):
+        port.get_tensor().set_names({name})
+    converted.outputs[0].get_tensor().set_names({output})
+    converted.reshape({name: ov.PartialShape([-1, -1]) for name in inputs})
+    target = folder / FILES["openvino", quantize]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if quantize == "int8":
+        import nncf
+
+        items = calibration.texts(CALIBRATION_SIZE) if kind == "bi-encoder" else calibration.pairs(CALIBRATION_SIZE)
+        batches = [_features(model, items[i:i + 8]) for i in range(0, len(items), 8)]
+        dataset = nncf.Dataset([{n: b[n].numpy() for n in inputs} for b in batches])
+        converted = nncf.quantize(converted, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches))
+    ov.save_model(converted, str(target), compress_to_fp16=False)
+    return target
+
+
+def export_model(model: str | ModelSpec, backend: Backend, out: str | Path, calibration: Calibration | None = None,
+                 tolerance: Tolerance = Tolerance(), force: bool = False, threads: int | None = None) -> dict:
+    """Export ``model`` for ``backend`` into the new folder ``out``; return its manifest.
+
+    Static int8 (OpenVINO) needs ``calibration``; the equivalence sample is the calibration data when given,
+    else a built-in one. Nothing is written at ``out`` unless the export succeeds and agrees (or ``force``)."""
+    if not backend.exported:
+        raise StagewiseError("option '--backend': export needs onnx or openvino (torch runs the model as it is)")
+    spec = model if isinstance(model, ModelSpec) else resolve_model(model)
+    if read_manifest(spec.path) is not None:
+        raise ModelError(f"'{spec.spec}' is already an exported folder: export its source model instead")
+    kind = model_kind(spec.path)
+    if kind == "base":
+        raise ModelError(f"'{spec.spec}' is a plain base encoder, neither a bi-encoder nor a trained cross-encoder: "
+                         "train it first (`stagewise train bi|cross`)")
+    if backend.quantize == "int8" and backend.name == "openvino" and calibration is None:
+        raise StagewiseError("option '--calibration': OpenVINO int8 is calibrated on your own texts: pass a dataset "
+                             "or a text file (one text per line)")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise StagewiseError(f"option '--out': {out} already exists and is not empty; choose a new folder")
+    require(backend.name, export=True)
+    threads = set_threads(threads)
+    reference = _load(spec, kind)
+    try:
+        transformer_module(reference)
+    except ModelError as e:
+        raise ModelError(f"'{spec.spec}': {e}") from None
+    inputs, output = _input_names(reference), output_name(reference)
+    manifest: dict = {}
+
+    def fill(tmp: Path) -> None:
+        for f in spec.path.iterdir():
+            if f.name in (MANIFEST, "onnx", "openvino") or f.name.startswith("."):
+                continue
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        if backend.name == "onnx":
+            file = _export_onnx(reference, tmp, backend.quantize, inputs, output, calibration)
+        else:
+            file = _export_openvino(reference, tmp, backend.quantize, inputs, output, kind, calibration)
+        manifest.update({
+            "format": 1,
+            "kind": kind,
+            "source": {"spec": spec.spec, "fingerprint": spec.fingerprint},
+            "backend": backend.config(),
+            "file": file.relative_to(tmp).as_posix(),
+            "inputs": inputs,
+            "calibration": calibration.record() if calibration and backend.quantize == "int8" else None,
+            "tolerance": asdict(tolerance),
+            "versions": versions(),
+            "cpu": cpu(),
+        })
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        candidate = _load(str(tmp), kind, threads=threads)
+        manifest["equivalence"] = equivalence(kind, reference, candidate, calibration or builtin_calibration())
+        manifest["equivalence"]["sample"] = (calibration or builtin_calibration()).source
+        problems = failures(kind, manifest["equivalence"], tolerance)
+        manifest["accepted"] = "forced" if problems and force else not problems
+        if problems and not force:
+            raise ModelError(f"export to {backend.label} drifts from PyTorch past the tolerance ({'; '.join(problems)}): "
+                             "nothing written; use --force to keep it anyway")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+    _atomic_dir(out, fill)
+    return manifest
+
+
+def prepare(model: str | ModelSpec, backend: Backend | None) -> tuple[ModelSpec, Backend]:
+    """The model folder a stage should load for ``backend``, and the backend it will run on.
+
+    An exported folder runs on its own backend. A plain model asked for ONNX, or for OpenVINO without int8, is
+    exported once into the cache (keyed by its fingerprint) and checked like any export; OpenVINO int8 needs
+    calibration data, so it must be exported explicitly."""
+    spec = model if isinstance(model, ModelSpec) else resolve_model(model)
+    own = backend_of(spec.path, backend)
+    if not own.exported or read_manifest(spec.path) is not None:
+        return spec, own
+    if own.name == "openvino" and own.quantize == "int8":
+        raise StagewiseError(f"option '--quantize': OpenVINO int8 is calibrated on your texts: run `stagewise export "
+                             f"{spec.spec} --backend openvino --quantize int8 --calibration DATA --out DIR` and use DIR")
+    target = cache_dir() / "exports" / f"{spec.fingerprint}-{own.name}-{own.quantize}"
+    if read_manifest(target) is None:
+        export_model(spec, Backend(own.name, own.quantize), target)
+    return resolve_model(str(target)), own
