@@ -187,8 +187,11 @@ def _load(url: str, texts: list[str], expected: dict, rerank: bool, clients: int
             "p99_ms": round(float(np.percentile(lat, 99)), 1)}
 
 
-def load_benchmark(dataset, bi: str, cross: str, depth: int, clients: int, seconds: float, work: Path) -> dict:
-    pipeline = Pipeline(build_first_stage(bi), CrossEncoderReranker(cross), depth=depth)
+def load_benchmark(dataset, bi: str, cross: str, depth: int, clients: int, seconds: float, work: Path,
+                   cross_backend=None, cache=None) -> dict:
+    """``cross_backend`` runs the reranker on another backend (benchmarks/scifact_backends.py); ``cache`` is the
+    embedding cache the first stage reads."""
+    pipeline = Pipeline(build_first_stage(bi, cache), CrossEncoderReranker(cross, backend=cross_backend), depth=depth)
     index = Index.build(pipeline, dataset.corpus, work / "ix-serve", VectorIndexConfig("hnsw"))
     queries, _ = dataset.split("dev")
     texts = list(queries.values())

@@ -231,6 +231,20 @@ def read_manifest(folder: Path) -> dict | None:
     return manifest
 
 
+def fingerprints(spec) -> set[str]:
+    """The identities a model spec answers to: its own fingerprint and, for an export, its source model's (an index
+    built with the source may be searched through an export of it, which the export's equivalence check vouches for)."""
+    manifest = read_manifest(spec.path)
+    return {spec.fingerprint} | ({manifest["source"]["fingerprint"]} if manifest else set())
+
+
+def stage_name(spec, backend: Backend) -> str:
+    """``minilm-l6`` on torch, ``minilm-l6@onnx-int8`` on another backend (an export is named by its source)."""
+    manifest = read_manifest(spec.path)
+    base = manifest["source"]["spec"] if manifest else spec.name
+    return base if backend.is_default else f"{base}@{backend.label}"
+
+
 def backend_of(folder: Path, requested: Backend | None = None) -> Backend:
     """The backend a model folder runs on: an exported folder's own, else ``requested`` (torch by default).
 

@@ -32,6 +32,25 @@ RAY_ADDRESS_OPTION = typer.Option(None, "--ray-address", help="Ray cluster to jo
                                                                "default: a local Ray.")
 
 
+BACKEND_OPTION = typer.Option(None, "--backend", help="What runs the models: torch | onnx | openvino (default: "
+                                                     "torch, or an exported folder's own). Measure which is fastest "
+                                                     "here: `stagewise select` does.")
+QUANTIZE_OPTION = typer.Option(None, "--quantize", help="none | int8 (onnx: dynamic; openvino: needs an export "
+                                                       "calibrated with `stagewise export --calibration`).")
+DTYPE_OPTION = typer.Option(None, "--dtype", help="float32 | bfloat16 (torch, or openvino's inference precision).")
+THREADS_OPTION = typer.Option(None, "--threads", help="Intra-op threads for every backend (default: OMP_NUM_THREADS, "
+                                                     "else all cores).")
+
+
+def backend_option(backend: str | None, quantize: str | None, dtype: str | None):
+    """The backend the options ask for, or None when none is given (then each model runs on its own)."""
+    from stagewise.backends import Backend
+
+    if backend is None and quantize is None and dtype is None:
+        return None
+    return Backend(backend or "torch", quantize or "none", dtype or "float32")
+
+
 def user_errors(command):
     """Turn a StagewiseError into one red line on stderr and exit code 2: never a traceback for a user's mistake."""
 
@@ -121,6 +140,10 @@ def eval_command(
     seed: int = typer.Option(0, "--seed"),
     engine_name: str = ENGINE_OPTION,
     ray_address: Optional[str] = RAY_ADDRESS_OPTION,
+    backend_name: Optional[str] = BACKEND_OPTION,
+    quantize: Optional[str] = QUANTIZE_OPTION,
+    dtype: Optional[str] = DTYPE_OPTION,
+    threads: Optional[int] = THREADS_OPTION,
 ):
     """Evaluate first stages alone and reranked: nDCG@10, MRR@10, Recall@10/100, MAP@100, latency."""
     from stagewise.data import load_dataset
@@ -132,6 +155,7 @@ def eval_command(
     if pipeline_path is not None and (first_stage or reranker or depth):
         raise StagewiseError("--pipeline evaluates the pipeline as saved: it cannot be combined with "
                              "-f/--first-stage, -r/--reranker or -d/--depth")
+    backend = backend_option(backend_name, quantize, dtype)
     first_stage, depth = first_stage or ["bm25"], depth or [20]
     if any(d < 1 for d in depth):
         raise StagewiseError(f"--depth must be at least 1, got {min(depth)}")
@@ -140,7 +164,7 @@ def eval_command(
     dataset.split(split)  # a missing split fails now, before any model loads
     if pipeline_path is not None:
         path = pipeline_path / "pipeline.yaml" if pipeline_path.is_dir() else pipeline_path
-        pipeline = Pipeline.load(path, batch_size=batch_size)
+        pipeline = Pipeline.load(path, batch_size=batch_size, backend=backend, threads=threads)
         config = {"command": "eval", "data": data, "dataset_fingerprint": dataset.fingerprint(), "split": split,
                   "pipeline": str(path), "pipeline_config": pipeline.config(), "max_queries": max_queries, "seed": seed}
         run = RunDir(out or RunDir.default_path("eval"), config)
@@ -149,9 +173,10 @@ def eval_command(
         results, comparisons = [first] + ([final] if final else []), [comparison] if comparison else []
     else:
         shared: dict = {}
-        stages = [build_first_stage(spec, shared=shared, batch_size=batch_size, max_seq_length=max_seq_length)
-                  for spec in first_stage]
-        cross = CrossEncoderReranker(reranker, batch_size=batch_size) if reranker else None
+        stages = [build_first_stage(spec, shared=shared, batch_size=batch_size, max_seq_length=max_seq_length,
+                                    backend=backend, threads=threads) for spec in first_stage]
+        cross = CrossEncoderReranker(reranker, batch_size=batch_size, backend=backend, threads=threads) \
+            if reranker else None
         config = {
             "command": "eval", "data": data, "dataset_fingerprint": dataset.fingerprint(), "split": split,
             "first_stages": [s.config() for s in stages], "reranker": cross.config() if cross else None,
@@ -406,6 +431,45 @@ def select_command(
                   "stagewise serve INDEX", highlight=False, markup=False)
 
 
+@app.command("export")
+@user_errors
+def export_command(
+    model: str = typer.Argument(..., help="A bi-encoder or trained cross-encoder: alias, directory, or a train/select "
+                                          "run's model folder."),
+    backend_name: str = typer.Option(..., "--backend", help="onnx | openvino."),
+    quantize: str = typer.Option("none", "--quantize", help="none | int8 (onnx: dynamic, weights per channel; "
+                                                           "openvino: static, NNCF calibrated on --calibration)."),
+    dtype: str = typer.Option("float32", "--dtype", help="openvino: float32 | bfloat16 inference precision."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="Your texts: a dataset ('default', a BEIR "
+                                                                          "folder) or a file with one text per line. "
+                                                                          "Needed for openvino int8; also the "
+                                                                          "equivalence sample."),
+    out: Path = typer.Option(..., "--out", "-o", help="New folder for the exported model."),
+    min_cosine: float = typer.Option(0.98, "--min-cosine", help="Refuse a bi-encoder whose worst embedding cosine "
+                                                                "to PyTorch on the sample is lower."),
+    min_correlation: float = typer.Option(0.98, "--min-correlation", help="Refuse a cross-encoder whose score "
+                                                                          "Spearman correlation is lower."),
+    min_top10: float = typer.Option(0.8, "--min-top10", help="Refuse a model whose mean top-10 agreement is lower."),
+    force: bool = typer.Option(False, "--force", help="Keep an export past the tolerance (recorded as forced)."),
+    threads: Optional[int] = THREADS_OPTION,
+):
+    """Export a model to ONNX Runtime or OpenVINO (int8 or not); its equivalence to PyTorch is measured and kept."""
+    from stagewise.backends import Backend
+    from stagewise.export import Tolerance, export_model, load_calibration
+
+    backend = Backend(backend_name, quantize, dtype)
+    tolerance = Tolerance(min_cosine, min_correlation, min_top10)
+    samples = load_calibration(calibration) if calibration else None
+    manifest = export_model(model, backend, out, samples, tolerance, force=force, threads=threads)
+    eq = manifest["equivalence"]
+    agreement = (f"min cosine {eq['min_cosine']:.4f}" if "min_cosine" in eq else f"score correlation {eq['spearman']:.4f}")
+    size = sum(f.stat().st_size for f in (out / manifest["file"]).parent.iterdir()) / 1e6
+    console.print(f"exported {manifest['kind']} {model} for {backend.label} → {out / manifest['file']} ({size:.1f} MB); "
+                  f"vs PyTorch on {eq['sample']}: {agreement}, top-10 agreement {eq['top10_agreement']:.3f}"
+                  + (" [bold yellow](past the tolerance, kept with --force)[/]" if manifest["accepted"] == "forced"
+                     else ""), highlight=False)
+
+
 @index_app.command("build")
 @user_errors
 def index_build_command(
@@ -425,6 +489,10 @@ def index_build_command(
                                                                         "http://host:19530 (default INDEX/milvus.db)."),
     engine_name: str = ENGINE_OPTION,
     ray_address: Optional[str] = RAY_ADDRESS_OPTION,
+    backend_name: Optional[str] = BACKEND_OPTION,
+    quantize: Optional[str] = QUANTIZE_OPTION,
+    dtype: Optional[str] = DTYPE_OPTION,
+    threads: Optional[int] = THREADS_OPTION,
 ):
     """Encode a corpus with the pipeline's first stage and store it as a versioned, checksummed index."""
     from stagewise.index import Index, load_pipeline_spec, load_corpus_spec
@@ -432,7 +500,8 @@ def index_build_command(
 
     vectors = VectorIndexConfig(kind, quantization, rescore, connectivity, ef_construction, ef_search, milvus_uri)
     with engine.use(engine_name, ray_address):
-        index = Index.build(load_pipeline_spec(pipeline), load_corpus_spec(corpus), out, vectors, replace=replace)
+        index = Index.build(load_pipeline_spec(pipeline, backend_option(backend_name, quantize, dtype), threads),
+                            load_corpus_spec(corpus), out, vectors, replace=replace)
     _print_index(index)
 
 
@@ -512,11 +581,16 @@ def search_command(
     pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Another pipeline.yaml over the same first "
                                                                      "stage (a different reranker, depth or fusion)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    backend_name: Optional[str] = BACKEND_OPTION,
+    quantize: Optional[str] = QUANTIZE_OPTION,
+    dtype: Optional[str] = DTYPE_OPTION,
+    threads: Optional[int] = THREADS_OPTION,
 ):
     """Search an index from the command line: both stages' scores and ranks (and the fused score) for every hit."""
     from stagewise.index import Index
 
-    index = Index.load(index_path, pipeline=pipeline)
+    index = Index.load(index_path, pipeline=pipeline, backend=backend_option(backend_name, quantize, dtype),
+                       threads=threads)
     hits = index.search(query, k=k, depth=depth, rerank=not no_rerank)
     if as_json:
         print(json.dumps([h.to_dict() for h in hits], indent=2, ensure_ascii=False))
@@ -549,6 +623,10 @@ def serve_command(
     max_depth: int = typer.Option(200, "--max-depth"),
     max_batch: int = typer.Option(32, "--max-batch", help="Queries run through the models together."),
     batch_wait_ms: float = typer.Option(2.0, "--batch-wait-ms", help="How long a batch waits for more requests."),
+    backend_name: Optional[str] = BACKEND_OPTION,
+    quantize: Optional[str] = QUANTIZE_OPTION,
+    dtype: Optional[str] = DTYPE_OPTION,
+    threads: Optional[int] = THREADS_OPTION,
 ):
     """Serve an index over HTTP: POST /search, POST /search/batch, GET /health, /stats, a search page at /."""
     from stagewise.index import Index
@@ -556,7 +634,8 @@ def serve_command(
 
     settings = ServiceSettings(max_k=max_k, max_depth=max_depth, timeout_s=timeout, max_batch=max_batch,
                                batch_wait_ms=batch_wait_ms)
-    index = Index.load(index_path, pipeline=pipeline)
+    index = Index.load(index_path, pipeline=pipeline, backend=backend_option(backend_name, quantize, dtype),
+                       threads=threads)
     if not is_loopback(host):
         console.print(f"[yellow]warning:[/] binding to {host}: anyone who can reach it can query the index "
                       "(no authentication)", highlight=False)

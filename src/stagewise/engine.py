@@ -80,13 +80,13 @@ def _init_ray(address: str | None) -> None:
 class _EncodeActor:
     """One bi-encoder per actor process, loaded once; encodes each batch of documents."""
 
-    def __init__(self, model_path: str, max_seq_length: int | None, normalize: bool, batch_size: int, threads: int):
-        import torch
-
+    def __init__(self, model_path: str, max_seq_length: int | None, normalize: bool, batch_size: int, backend: dict,
+                 threads: int):
+        from stagewise.backends import Backend
         from stagewise.models import load_bi_encoder
 
-        torch.set_num_threads(max(1, threads))
-        self.model = load_bi_encoder(model_path, device="cpu", max_seq_length=max_seq_length)
+        self.model = load_bi_encoder(model_path, device="cpu", max_seq_length=max_seq_length,
+                                     backend=Backend.from_config(backend), threads=max(1, threads))
         self.normalize, self.batch_size = normalize, batch_size
 
     def __call__(self, batch: dict) -> dict:
@@ -98,13 +98,12 @@ class _EncodeActor:
 class _ScoreActor:
     """One cross-encoder per actor process, loaded once; scores each batch of (query, document) pairs."""
 
-    def __init__(self, model_path: str, max_length: int | None, batch_size: int, threads: int):
-        import torch
-
+    def __init__(self, model_path: str, max_length: int | None, batch_size: int, backend: dict, threads: int):
+        from stagewise.backends import Backend
         from stagewise.models import load_cross_encoder
 
-        torch.set_num_threads(max(1, threads))
-        self.model = load_cross_encoder(model_path, device="cpu", max_length=max_length, warn_untrained=False)
+        self.model = load_cross_encoder(model_path, device="cpu", max_length=max_length, warn_untrained=False,
+                                        backend=Backend.from_config(backend), threads=max(1, threads))
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
@@ -141,18 +140,19 @@ def _run(items: list[dict], actor, constructor_kwargs: dict) -> np.ndarray:
 
 
 def encode_documents(model_path: str, texts: Sequence[str], max_seq_length: int | None, normalize: bool,
-                     batch_size: int) -> np.ndarray:
-    """Corpus embeddings computed by Ray actors, in the order of ``texts``."""
+                     batch_size: int, backend=None) -> np.ndarray:
+    """Corpus embeddings computed by Ray actors, in the order of ``texts``; each actor runs ``backend``."""
     logger.info("encoding %d documents on Ray", len(texts))
     return _run([{"text": t} for t in texts], _EncodeActor,
                 {"model_path": model_path, "max_seq_length": max_seq_length, "normalize": normalize,
-                 "batch_size": batch_size})
+                 "batch_size": batch_size, "backend": backend.config() if backend else None})
 
 
 def score_pairs(model_path: str, pairs: Sequence[tuple[str, str]], max_length: int | None,
-                batch_size: int) -> np.ndarray:
-    """Cross-encoder scores computed by Ray actors, in the order of ``pairs``."""
+                batch_size: int, backend=None) -> np.ndarray:
+    """Cross-encoder scores computed by Ray actors, in the order of ``pairs``; each actor runs ``backend``."""
     logger.info("scoring %d pairs on Ray", len(pairs))
     scores = _run([{"query": q, "text": t} for q, t in pairs], _ScoreActor,
-                  {"model_path": model_path, "max_length": max_length, "batch_size": batch_size})
+                  {"model_path": model_path, "max_length": max_length, "batch_size": batch_size,
+                   "backend": backend.config() if backend else None})
     return scores.reshape(len(pairs))

@@ -36,6 +36,7 @@ from typing import Iterable
 
 import numpy as np
 
+from stagewise.backends import Backend, fingerprints
 from stagewise.data import Document, load_corpus, load_dataset
 from stagewise.errors import StagewiseError
 from stagewise.pipeline import Hit, Pipeline, Query, StageTimings
@@ -135,15 +136,20 @@ class Index:
         return cls.load(path)
 
     @classmethod
-    def load(cls, path: str | Path, pipeline: Pipeline | str | Path | None = None, verify: bool = True) -> "Index":
-        """Load the current version; ``pipeline`` swaps in another reranker/depth/fusion over the same first stage."""
+    def load(cls, path: str | Path, pipeline: Pipeline | str | Path | None = None, verify: bool = True,
+             backend: Backend | None = None, threads: int | None = None) -> "Index":
+        """Load the current version; ``pipeline`` swaps in another reranker/depth/fusion over the same first stage.
+
+        ``backend`` runs the models on another backend than the one they were built with: an export of the same
+        model passes the fingerprint check (its equivalence was checked when it was exported)."""
         path = Path(path)
         version, manifest = _read_manifest(path, verify)
         folder = path / version
-        stored = Pipeline.load(folder / "pipeline.yaml")
+        stored = Pipeline.load(folder / "pipeline.yaml", backend=backend, threads=threads)
         _check_models(stored, manifest, folder)
         if pipeline is not None:
-            other = pipeline if isinstance(pipeline, Pipeline) else Pipeline.load(pipeline)
+            other = pipeline if isinstance(pipeline, Pipeline) else Pipeline.load(pipeline, backend=backend,
+                                                                                    threads=threads)
             _check_same_first_stage(other, stored, path)
             other.first_stage = stored.first_stage
             stored = other
@@ -223,16 +229,16 @@ class Index:
                 "memory_bytes": self.pipeline.first_stage.index_bytes(), "models": m["models"]}
 
 
-def load_pipeline_spec(spec: str | Path) -> Pipeline:
+def load_pipeline_spec(spec: str | Path, backend: Backend | None = None, threads: int | None = None) -> Pipeline:
     """A ``pipeline.yaml``, a folder holding one (a ``select`` run), or a first stage (``bm25``, a model, ``a+b``)."""
     path = Path(spec)
     if path.is_dir() and (path / "pipeline.yaml").is_file():
         path = path / "pipeline.yaml"
     if path.is_file():
-        return Pipeline.load(path)
+        return Pipeline.load(path, backend=backend, threads=threads)
     if str(spec).endswith((".yaml", ".yml")):
         raise StagewiseError(f"{spec}: pipeline file not found")
-    return Pipeline(build_first_stage(str(spec)))
+    return Pipeline(build_first_stage(str(spec), backend=backend, threads=threads))
 
 
 def load_corpus_spec(spec: str | Path) -> dict[str, Document]:
@@ -438,7 +444,7 @@ def _check_models(pipeline: Pipeline, manifest: dict, folder: Path) -> None:
         raise InvalidIndexError(f"{folder / 'pipeline.yaml'}: names {len(stages)} models, the manifest "
                                 f"{len(manifest['models'])}: the index is corrupted")
     for stage, expected in zip(stages, manifest["models"]):
-        if expected["fingerprint"] != stage.spec.fingerprint:
+        if expected["fingerprint"] not in fingerprints(stage.spec):
             raise InvalidIndexError(
                 f"{folder}: built with model '{expected['name']}' (fingerprint {expected['fingerprint']}), but "
                 f"'{stage.spec.spec}' now has fingerprint {stage.spec.fingerprint}: rebuild the index")

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import yaml
 
+from stagewise.backends import Backend
 from stagewise.cache import EmbeddingCache
 from stagewise.data import Document
 from stagewise.errors import StagewiseError
@@ -181,7 +182,9 @@ class Pipeline:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, cache: EmbeddingCache | None = None, **options) -> "Pipeline":
+    def load(cls, path: str | Path, cache: EmbeddingCache | None = None, backend: Backend | None = None,
+             threads: int | None = None, **options) -> "Pipeline":
+        """``backend`` (when given) runs every model stage on it instead of the backends the file names."""
         path = Path(path)
         try:
             config = yaml.safe_load(path.read_text())
@@ -197,11 +200,14 @@ class Pipeline:
             raise StagewiseError(f"{path}: field 'fusion': needs a reranker (this pipeline has none)")
         here = path.parent
         config = _map_models(config, lambda m: str(here / m) if not Path(m).is_absolute() and (here / m).is_dir() else m)
-        first_stage = build_first_stage(config["first_stage"], cache, **options)
+        first_stage = build_first_stage(config["first_stage"], cache, backend=backend, threads=threads, **options)
         reranker_config = config.get("reranker")
         reranker = None
         if reranker_config:
-            reranker = CrossEncoderReranker(reranker_config["model"], max_length=reranker_config.get("max_length"))
+            saved = Backend.from_config(reranker_config, f"{path}: field 'reranker'") if "backend" in reranker_config \
+                else None
+            reranker = CrossEncoderReranker(reranker_config["model"], max_length=reranker_config.get("max_length"),
+                                            backend=backend or saved, threads=threads)
             reranker.name = reranker_config.get("name") or reranker.name
             warn_if_changed(reranker_config, reranker.spec)
         return cls(first_stage, reranker, depth, fusion)

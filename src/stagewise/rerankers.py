@@ -7,22 +7,27 @@ from typing import Sequence
 import numpy as np
 
 from stagewise import engine
-from stagewise.models import ModelSpec, load_cross_encoder, resolve_model
+from stagewise.backends import Backend, stage_name
+from stagewise.export import prepare
+from stagewise.models import ModelSpec, load_cross_encoder
 
 
 class CrossEncoderReranker:
-    """A sentence-transformers ``CrossEncoder``; one forward pass per pair, so it only sees the top ``depth``."""
+    """A sentence-transformers ``CrossEncoder``; one forward pass per pair, so it only sees the top ``depth``.
+
+    ``backend`` runs it on ONNX Runtime, OpenVINO or bf16, like :class:`~stagewise.retrievers.DenseRetriever`."""
 
     def __init__(self, model: str | ModelSpec, batch_size: int = 32, max_length: int | None = None,
-                 device: str | None = None):
-        self.spec = model if isinstance(model, ModelSpec) else resolve_model(model)
-        self.name = self.spec.name
+                 device: str | None = None, backend: Backend | None = None, threads: int | None = None):
+        self.spec, self.backend = prepare(model, backend)
+        self.name = stage_name(self.spec, self.backend)
         self.batch_size = batch_size
-        self.model = load_cross_encoder(self.spec, device=device, max_length=max_length)
+        self.model = load_cross_encoder(self.spec, device=device, max_length=max_length, backend=self.backend,
+                                        threads=threads)
 
     def config(self) -> dict:
         return {"type": "cross-encoder", "name": self.name, "model": self.spec.spec, "fingerprint": self.spec.fingerprint,
-                "max_length": self.model.max_length}
+                "max_length": self.model.max_length, **({} if self.backend.is_default else self.backend.config())}
 
     def score(self, query: str, texts: Sequence[str]) -> np.ndarray:
         return self.score_pairs([(query, t) for t in texts])
@@ -35,7 +40,7 @@ class CrossEncoderReranker:
         if not pairs:
             return np.zeros(0, dtype=np.float32)
         if batch_job and engine.distributed(len(pairs)):
-            return engine.score_pairs(str(self.spec.path), pairs, self.model.max_length, self.batch_size)
+            return engine.score_pairs(str(self.spec.path), pairs, self.model.max_length, self.batch_size, self.backend)
         return np.asarray(
             self.model.predict(list(pairs), batch_size=self.batch_size, show_progress_bar=batch_job,
                                convert_to_numpy=True),

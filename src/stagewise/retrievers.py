@@ -16,10 +16,12 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from stagewise import engine
+from stagewise.backends import Backend, fingerprints, stage_name
 from stagewise.cache import EmbeddingCache
 from stagewise.data import Document
 from stagewise.errors import StagewiseError
-from stagewise.models import ModelSpec, load_bi_encoder, resolve_model
+from stagewise.export import prepare
+from stagewise.models import ModelSpec, load_bi_encoder
 from stagewise.vector_index import VectorIndex, VectorIndexConfig, top_k
 
 logger = logging.getLogger(__name__)
@@ -117,7 +119,10 @@ class BM25Retriever:
 
 
 class DenseRetriever:
-    """A bi-encoder with exact search over cached corpus embeddings, using the similarity the model defines."""
+    """A bi-encoder with exact search over cached corpus embeddings, using the similarity the model defines.
+
+    ``backend`` runs it on ONNX Runtime, OpenVINO or bf16 (a plain model is exported once into the cache, see
+    :func:`stagewise.export.prepare`); an exported folder runs on its own."""
 
     def __init__(
         self,
@@ -128,11 +133,14 @@ class DenseRetriever:
         cache: EmbeddingCache | None = None,
         show_progress: bool = True,
         vectors: VectorIndexConfig | None = None,
+        backend: Backend | None = None,
+        threads: int | None = None,
     ):
-        self.spec = model if isinstance(model, ModelSpec) else resolve_model(model)
-        self.name = self.spec.name
+        self.spec, self.backend = prepare(model, backend)
+        self.name = stage_name(self.spec, self.backend)
         self.batch_size, self.device, self.show_progress = batch_size, device, show_progress
-        self.model = load_bi_encoder(self.spec, device=device, max_seq_length=max_seq_length)
+        self.model = load_bi_encoder(self.spec, device=device, max_seq_length=max_seq_length, backend=self.backend,
+                                     threads=threads)
         self.cache = cache or EmbeddingCache()
         self.similarity = self.model.similarity_fn_name or "cosine"
         self.vector_config = vectors or VectorIndexConfig()
@@ -147,7 +155,8 @@ class DenseRetriever:
 
     def config(self) -> dict:
         return {"type": "dense", "name": self.name, "model": self.spec.spec, "fingerprint": self.spec.fingerprint,
-                "similarity": self.similarity, "max_seq_length": self.model.max_seq_length}
+                "similarity": self.similarity, "max_seq_length": self.model.max_seq_length,
+                **({} if self.backend.is_default else self.backend.config())}
 
     def _normalize(self) -> bool:
         return self.similarity == "cosine"
@@ -155,7 +164,7 @@ class DenseRetriever:
     def encode_documents(self, texts: Sequence[str], show_progress: bool | None = None) -> np.ndarray:
         if engine.distributed(len(texts)):  # a corpus: on Ray when it is the engine in use
             return engine.encode_documents(str(self.spec.path), texts, self.model.max_seq_length, self._normalize(),
-                                           self.batch_size)
+                                           self.batch_size, self.backend)
         return self.model.encode_document(
             list(texts), batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=self._normalize(),
             show_progress_bar=self.show_progress if show_progress is None else show_progress,
@@ -171,7 +180,8 @@ class DenseRetriever:
         if self._indexed is corpus:
             return
         texts = [d.full_text() for d in corpus.values()]
-        options = {"max_seq_length": self.model.max_seq_length, "normalize": self._normalize(), "kind": "document"}
+        options = {"max_seq_length": self.model.max_seq_length, "normalize": self._normalize(), "kind": "document",
+                   **({} if self.backend.is_default else {"backend": self.backend.label})}
         if len(texts) > 0:
             logger.info("encoding %d documents with %s", len(texts), self.name)
         result = self.cache.get_or_encode(self.spec.fingerprint, texts, options, self.encode_documents)
@@ -269,7 +279,7 @@ def _stage_folder(folder: Path, i: int) -> Path:
 
 def warn_if_changed(saved: dict, spec: ModelSpec) -> None:
     """A saved config names a model by spec and fingerprint: say so when the files have changed since."""
-    if saved.get("fingerprint") and saved["fingerprint"] != spec.fingerprint:
+    if saved.get("fingerprint") and saved["fingerprint"] not in fingerprints(spec):
         warnings.warn(
             f"model '{spec.spec}' has changed since this config was saved (fingerprint {saved['fingerprint']} "
             f"→ {spec.fingerprint}): results may differ from the ones recorded",
@@ -306,6 +316,8 @@ def _first_stage_from_config(spec: dict, cache, shared, dense_options) -> FirstS
         return BM25Retriever(spec.get("k1", 1.5), spec.get("b", 0.75), spec.get("stopwords", "en"))
     if kind == "dense":
         options = {**dense_options, "max_seq_length": spec.get("max_seq_length")}
+        if "backend" in spec and not options.get("backend"):  # an explicit backend option overrides the saved one
+            options["backend"] = Backend.from_config(spec, f"first stage '{spec.get('name')}'")
         stage = DenseRetriever(spec["model"], cache=cache, **options)
         warn_if_changed(spec, stage.spec)
         return stage
