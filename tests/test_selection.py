@@ -41,7 +41,8 @@ def tiny_config(data, bi, cross, **extra) -> SelectConfig:
                     bi_training={"epochs": 1, "batch_size": 8, "dev_corpus_size": 24, "hard_negatives": "bm25",
                                  "range_min": 1, "range_max": 5},
                     cross_training={"epochs": 1, "batch_size": 8, "hard_negatives": 2, "random_negatives": 1,
-                                    "max_length": 32})
+                                    "max_length": 32},
+                    backends=["torch"])  # stage 3's candidates are tested in test_backend_selection.py
     return load_select_config(**{**settings, **extra})
 
 

@@ -384,6 +384,35 @@ def _confirmation_section(sel: dict) -> Section | None:
     return Section(f"Confirmation on {_text(conf.get('split'))} (held out)", blocks + [_kv(rows)])
 
 
+def _backends_section(sel: dict) -> Section:
+    """Stage 3: every backend candidate for each chosen stage, against PyTorch float32 measured in the same run."""
+    backends = sel.get("backends") or {}
+    blocks: list[Block] = [Para(
+        "Each chosen stage on each backend: exported (its equivalence to PyTorch float32 checked on a sample of "
+        "your texts), timed on a fixed sample of the corpus in this run, and measured on dev where it was faster. "
+        f"Recommended: the fastest within a {(_num(backends.get('max_loss')) or 0):.0%} relative nDCG@10 loss. "
+        "Which backend is fastest depends on the CPU (see Machine).")]
+    lat = _latency_label(_latency_metric(sel))
+    rows, chosen = [], set()
+    for stage, stage_rows in (backends.get("stages") or {}).items():
+        for r in stage_rows:
+            eq = r.get("equivalence") or {}
+            agreement = (f"cos ≥ {eq['min_cosine']:.4f}" if "min_cosine" in eq else
+                         f"ρ {eq['spearman']:.4f}" if "spearman" in eq else NA)
+            if r.get("recommended"):
+                chosen.add(len(rows))
+            rows.append([stage.replace("_", " "), _text(r.get("backend")), _text(r.get("status")),
+                         _fmt(r.get("rate"), ".1f", f" {r.get('unit', '')}"), _fmt(r.get("speedup"), ".2f", "×"),
+                         f3(r.get("ndcg@10")), _fmt(_num(r.get("relative_change")) and 100 * r["relative_change"],
+                                                    "+.2f", "%") if r.get("relative_change") is not None else NA,
+                         ms(r.get("latency_ms")), agreement, _text(r.get("note")) if r.get("note") else ""])
+    if rows:
+        blocks.append(Table(["Stage", "Backend", "Status", "Throughput", "vs torch", "nDCG@10", "Change", lat,
+                             "Equivalence", "Note"], rows, numeric={3, 4, 5, 6, 7}, highlight=chosen))
+    blocks += [Para(line) for line in backends.get("summary") or []] or [Para("No backend candidates were measured.")]
+    return Section("Stage 3: backends", blocks)
+
+
 def _init_costs_table(sel: dict) -> Table:
     rows = [[_text(c.get("init")), _text(c.get("label")), _text(c.get("status")), f3(c.get("best_ndcg@10")),
              signed(c.get("vs_best_other")), _fmt(c.get("train_seconds"), ".1f")]
@@ -461,6 +490,7 @@ def build_document(sel: dict, plots: dict[str, str | None]) -> list[Section]:
         Section("Stage 1: first-stage candidates", ([Para(f"Chosen: {fs_reason}.")] if fs_reason else [])
                 + [_first_stage_table(sel)]),
         Section("Stage 2: rerankers", stage2),
+        _backends_section(sel),
         Section("Cross-encoder initialisation", [
             Para("What each way of initialising the cross-encoder cost against the best other start.")]
             + ([init_costs] if init_costs.rows else [Para("No initialisation costs were recorded.")])),

@@ -34,6 +34,7 @@ from typing import Callable
 
 import yaml
 
+from stagewise.backend_selection import BackendSelection, first_stage_on, deployed, parse_backend
 from stagewise.cache import EmbeddingCache
 from stagewise.data import RetrievalDataset, load_dataset
 from stagewise.errors import StagewiseError
@@ -58,6 +59,9 @@ def _installed(*aliases: str) -> list[str]:
     present = set(installed_aliases())
     return [a for a in aliases if a in present]
 
+
+#: every backend candidate; the time budget and measured throughput decide how far each one is measured
+BACKEND_CANDIDATES = ("torch", "torch-bf16", "onnx", "onnx-int8", "openvino", "openvino-bf16", "openvino-int8")
 
 #: select's cross-encoder recipe unless told otherwise: pre-trained on pseudo-queries from the corpus, then fine-tuned
 CROSS_TRAINING = {"pretrain_queries": 2000}
@@ -88,6 +92,9 @@ class SelectConfig:
     max_dev_queries: int | None = None
     fusion: bool = True  # also consider each reranker fused with the first stage (weight chosen on dev)
     test_split: str | None = None  # confirm the chosen pipeline once on this split (never used to choose)
+    # stage 3: what runs each chosen stage (labels: torch, torch-bf16, onnx[-int8], openvino[-int8|-bf16])
+    backends: list[str] = field(default_factory=lambda: list(BACKEND_CANDIDATES))
+    backend_max_loss: float = 0.01  # relative nDCG@10 a faster backend may lose against PyTorch float32
     seed: int = 42
 
 
@@ -101,6 +108,7 @@ PRESETS: dict[str, dict] = {
         "cross_training": {"epochs": 2, "learning_rate": 1e-4, "hard_negatives": 3, "random_negatives": 1,
                            "max_length": 128, "pretrain_queries": 500},
         "time_budget_min": 10, "latency_queries": 10,
+        "backends": ["torch", "torch-bf16", "onnx", "onnx-int8"],  # the exports that take seconds, not a minute
     },
     "full": {"cross_training": dict(CROSS_TRAINING)},
 }
@@ -165,6 +173,13 @@ def _check_config(config: SelectConfig, path) -> None:
             raise StagewiseError(f"{where}field '{name}': unknown training settings {sorted(unknown)}")
     if not config.bm25 and not config.bi_encoders:
         raise StagewiseError(f"{where}no first stage to select from: enable bm25 or name bi_encoders")
+    for label in config.backends:
+        try:
+            parse_backend(label)
+        except StagewiseError as e:
+            raise StagewiseError(f"{where}{e}") from None
+    if not 0 <= config.backend_max_loss < 1:
+        raise StagewiseError(f"{where}field 'backend_max_loss': a fraction between 0 and 1, got {config.backend_max_loss!r}")
     if not isinstance(config.fusion, bool):
         raise StagewiseError(f"{where}field 'fusion': true or false, not {config.fusion!r}")
     if config.test_split is not None and (not isinstance(config.test_split, str) or config.test_split in (
@@ -759,7 +774,12 @@ def select(config: SelectConfig, out: str | Path, resume: bool = False, report: 
         first_result = _as_result(chosen)
         rerankers = s.rerankers(chosen, first_result, s.reranker_candidates(chosen, fine_tuned))
         result = _assemble(s, candidates, chosen, reason, rerankers)
-        pipeline = _pipeline(s, chosen, rerankers, result["verdict"])
+        result["backends"] = BackendSelection(s, chosen, result["verdict"], rerankers).run()
+        result["verdict"]["summary"] += result["backends"]["summary"]
+        result["verdict"]["backends"] = result["backends"]["recommended"]
+        result["systems"] += _backend_systems(result["backends"])
+        pareto_front(result["systems"])
+        pipeline = _pipeline(s, chosen, rerankers, result["verdict"], result["backends"])
         result["pipeline_yaml"] = str(pipeline.save(run.path / "pipeline.yaml").relative_to(run.path))
         if config.test_split:  # only now that the choice is made and written
             console.print(f"[bold]Confirmation[/]: the chosen pipeline on {config.test_split}, once")
@@ -783,12 +803,28 @@ def _stage2_guess(bi_estimate: float, config: SelectConfig) -> float:
     return bi_estimate * 0.5 * max(1, len(config.cross_encoders)) if config.cross_encoders else 0.0
 
 
-def _pipeline(s: Selection, chosen: dict, rerankers: list[dict], v: dict) -> Pipeline:
-    first = build_first_stage(chosen["config"], s.cache)
+def _backend_systems(backends: dict) -> list[dict]:
+    """Stage 3's measured candidates as systems on the quality-against-latency plot (PyTorch float32's are there)."""
+    return [{"name": r["name"], "stage": "backend", "ndcg@10": r["ndcg@10"], "p50_ms": r["latency"]["total" if stage ==
+             "reranker" else "first_stage"]["p50_ms"], "p95_ms": r["latency"]["total" if stage == "reranker" else
+             "first_stage"]["p95_ms"], "latency_ms": r["latency_ms"], "within_budget": True}
+            for stage, rows in backends.get("stages", {}).items() for r in rows
+            if r["status"] == "ok" and r["backend"] != "torch"]
+
+
+def _pipeline(s: Selection, chosen: dict, rerankers: list[dict], v: dict, backends: dict | None = None) -> Pipeline:
+    """The chosen pipeline, each stage on the backend stage 3 recommends."""
+    backends = backends or {}
+    first_backend = deployed(backends, "first_stage")
+    first = build_first_stage(first_stage_on(chosen["config"], *first_backend) if first_backend else chosen["config"],
+                              s.cache)
+    first.name = chosen["name"] + (f"@{first_backend[1].label}" if first_backend else "")
     if not v["reranker_worth_it"]:
         return Pipeline(first)
     r = next(r for r in rerankers if r["name"] == v["reranker"])
-    reranker = CrossEncoderReranker(r["model_dir"], max_length=r["max_length"])
+    reranker_backend = deployed(backends, "reranker")
+    model, backend = reranker_backend or (r["model_dir"], None)
+    reranker = CrossEncoderReranker(model, max_length=r["max_length"], backend=backend)
     reranker.name = r["name"]
     return Pipeline(first, reranker, depth=v["depth"], fusion=Fusion.from_config(v.get("fusion")))
 
