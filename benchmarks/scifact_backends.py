@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stagewise.backends import Backend, read_manifest, transformer_module
+from stagewise.backends import Backend, read_manifest
 from stagewise.cache import EmbeddingCache
 from stagewise.data import RetrievalDataset, load_dataset
 from stagewise.export import equivalence, export_model, load_calibration
@@ -135,9 +135,10 @@ def _export(source: str, kind: str, backend: Backend, work: Path, calibration, f
 
 def _precision(stage_object, backend: Backend) -> str:
     """What the transformer really computes in: OpenVINO only honours bf16 where the CPU has it."""
-    model = transformer_module(stage_object.model).model
-    if hasattr(model, "precision"):
-        return model.precision
+    model = stage_object.model[0].model  # sentence-transformers' Transformer module holds the transformer
+    if hasattr(model, "precision"):  # OpenVINO's inference precision, as the compiled model reports it
+        text = str(model.precision)
+        return {"f32": "float32", "bf16": "bfloat16"}.get(text, text.split("'")[1] if "'" in text else text)
     if backend.name == "torch":
         return str(next(model.parameters()).dtype).replace("torch.", "")
     return "float32" if backend.quantize == "none" else "int8 (weights) / float32"

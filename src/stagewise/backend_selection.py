@@ -10,7 +10,7 @@ the ranking flips between CPUs (bf16 and int8 need AMX / AVX-512 to pay).
 from __future__ import annotations
 
 import time
-from stagewise.backends import Backend, read_manifest, require
+from stagewise.backends import Backend, read_manifest, require_export
 from stagewise.errors import StagewiseError
 from stagewise.evaluation import evaluate, evaluate_pipeline
 from stagewise.export import export_model, load_calibration
@@ -88,7 +88,7 @@ class BackendSelection:
         if not backend.exported:
             return None
         try:
-            require(backend.name, export=True)
+            require_export(backend)
         except StagewiseError as e:
             return str(e)
         return None
@@ -211,7 +211,7 @@ class BackendSelection:
 
     def run(self) -> dict:
         out: dict = {"stages": {}, "recommended": {}, "summary": [], "max_loss": self.config.backend_max_loss}
-        if not self.candidates:
+        if all(b.is_default for b in self.candidates):  # nothing to compare PyTorch float32 with
             return out
         dense = _dense_config(self.chosen["config"])
         work = []

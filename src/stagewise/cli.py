@@ -387,17 +387,22 @@ def select_command(
                                                               "(default: the first dev query)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/select-<time>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted selection in --out."),
+    backends: Optional[List[str]] = typer.Option(None, "--backend", help="A backend candidate for the chosen stages "
+                                                                         "(repeatable): torch, torch-bf16, onnx, "
+                                                                         "onnx-int8, openvino, openvino-bf16, "
+                                                                         "openvino-int8."),
     engine_name: str = ENGINE_OPTION,
     ray_address: Optional[str] = RAY_ADDRESS_OPTION,
 ):
-    """Choose a pipeline stage by stage: first stages, then rerankers on the chosen one; report and verdict."""
+    """Choose a pipeline stage by stage: first stages, rerankers on the chosen one, then backends; report, verdict."""
     from stagewise.data import load_dataset
     from stagewise.pipeline import Pipeline
     from stagewise.selection import load_select_config, select
 
     settings = load_select_config(config, preset, data=data, bi_encoders=bi or None, cross_encoders=cross or None,
                                   depths=depth or None, latency_budget_ms=latency_budget_ms,
-                                  time_budget_min=time_budget, max_dev_queries=max_dev_queries, test_split=test_split)
+                                  time_budget_min=time_budget, max_dev_queries=max_dev_queries, test_split=test_split,
+                                  backends=backends or None)
     run_dir = out or RunDir.default_path("select")
     with engine.use(engine_name, ray_address):
         result = select(settings, run_dir, resume=resume)
@@ -513,12 +518,14 @@ def index_add_command(
     upsert: bool = typer.Option(False, "--upsert", help="Replace documents whose id is already indexed."),
     engine_name: str = ENGINE_OPTION,
     ray_address: Optional[str] = RAY_ADDRESS_OPTION,
+    threads: Optional[int] = THREADS_OPTION,
 ):
-    """Add documents without a rebuild: only they are encoded; the previous version answers until the commit."""
+    """Add documents without a rebuild: only they are encoded (on the backend the index was built with); the
+    previous version answers until the commit."""
     from stagewise.index import Index
 
     with engine.use(engine_name, ray_address):
-        _print_index(Index.load(index_path).add(documents, upsert=upsert))
+        _print_index(Index.load(index_path, threads=threads).add(documents, upsert=upsert))
 
 
 @index_app.command("delete")

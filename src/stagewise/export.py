@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
-from stagewise.backends import (MANIFEST, Backend, backend_of, output_name, read_manifest, require, set_threads,
-                                transformer_module)
+from stagewise.backends import MANIFEST, Backend, backend_of, read_manifest, require_export, set_threads
 from stagewise.cache import cache_dir, texts_hash
 from stagewise.errors import DataError, ModelError, StagewiseError
-from stagewise.models import ModelSpec, _atomic_dir, load_bi_encoder, load_cross_encoder, model_kind, resolve_model
+from stagewise.models import (ModelSpec, _atomic_dir, _quiet_transformers, load_bi_encoder, load_cross_encoder, model_kind,
+                              resolve_model)
 from stagewise.rundir import cpu, versions
+from stagewise.runtimes import output_name, transformer_module
 
 # where each variant's file goes: sentence-transformers' own layout, so its backends can load them one day
 FILES = {
@@ -186,22 +188,16 @@ def _load(spec: ModelSpec | str, kind: str, backend: Backend | None = None, thre
     return load_cross_encoder(spec, device="cpu", warn_untrained=False, backend=backend, threads=threads)
 
 
-class _Forward:
-    """The Hugging Face model as a function of the tokenizer's tensors, returning the one output ST reads."""
+class _Forward(torch.nn.Module):
+    """The Hugging Face model as a function of the tokenizer's tensors (positional, as exporters pass them),
+    returning the one output sentence-transformers reads: the graph the runtimes get."""
 
     def __init__(self, model, inputs: list[str], output: str):
-        import torch
+        super().__init__()
+        self.model, self.inputs, self.output = model, inputs, output
 
-        class Wrapped(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = model
-
-            def forward(self, *tensors):
-                return getattr(self.model(**dict(zip(inputs, tensors)), return_dict=True), output)
-
-        self.module = Wrapped().eval()
-        self.inputs, self.output = inputs, output
+    def forward(self, *tensors):
+        return getattr(self.model(**dict(zip(self.inputs, tensors)), return_dict=True), self.output)
 
 
 def _features(model, texts: Sequence) -> dict:
@@ -214,14 +210,11 @@ def _input_names(model) -> list[str]:
     return [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in features]
 
 
-def _export_onnx(model, folder: Path, quantize: str, inputs: list[str], output: str, calibration: Calibration | None):
-    import torch
-
-    require("onnx", export=True)
+def _export_onnx(model, folder: Path, quantize: str, inputs: list[str], output: str):
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers import optimizer
 
-    forward = _Forward(transformer_module(model).model, inputs, output)
+    forward = _Forward(transformer_module(model).model, inputs, output).eval()
     example = _features(model, ["an example", "another example text"])
     raw = folder / "onnx" / "model_raw.onnx"
     raw.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +222,7 @@ def _export_onnx(model, folder: Path, quantize: str, inputs: list[str], output: 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice: it is still the one
         # whose graphs onnxruntime's transformer optimiser recognises (fused attention, layer norm, GELU)
-        torch.onnx.export(forward.module, tuple(example[n] for n in inputs), str(raw), input_names=inputs,
+        torch.onnx.export(forward, tuple(example[n] for n in inputs), str(raw), input_names=inputs,
                           output_names=[output], dynamic_axes={**axes, output: {0: "batch"}}, opset_version=17,
                           dynamo=False)
     config = transformer_module(model).model.config
@@ -261,14 +254,12 @@ def _export_onnx(model, folder: Path, quantize: str, inputs: list[str], output: 
 
 def _export_openvino(model, folder: Path, quantize: str, inputs: list[str], output: str, kind: str,
                      calibration: Calibration | None):
-    import torch
-
-    ov = require("openvino", export=quantize == "int8")
-    forward = _Forward(transformer_module(model).model, inputs, output)
+    import openvino as ov
+    forward = _Forward(transformer_module(model).model, inputs, output).eval()
     example = _features(model, ["an example", "another example text"])
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        converted = ov.convert_model(forward.module, example_input=tuple(example[n] for n in inputs))
+        converted = ov.convert_model(forward, example_input=tuple(example[n] for n in inputs))
     for port, name in zip(converted.inputs, inputs):
         port.get_tensor().set_names({name})
     converted.outputs[0].get_tensor().set_names({output})
@@ -307,7 +298,7 @@ def export_model(model: str | ModelSpec, backend: Backend, out: str | Path, cali
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise StagewiseError(f"option '--out': {out} already exists and is not empty; choose a new folder")
-    require(backend.name, export=True)
+    require_export(backend)
     threads = set_threads(threads)
     reference = _load(spec, kind)
     try:
@@ -323,7 +314,7 @@ def export_model(model: str | ModelSpec, backend: Backend, out: str | Path, cali
                 continue
             (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
         if backend.name == "onnx":
-            file = _export_onnx(reference, tmp, backend.quantize, inputs, output, calibration)
+            file = _export_onnx(reference, tmp, backend.quantize, inputs, output)
         else:
             file = _export_openvino(reference, tmp, backend.quantize, inputs, output, kind, calibration)
         manifest.update({
@@ -349,7 +340,8 @@ def export_model(model: str | ModelSpec, backend: Backend, out: str | Path, cali
                              "nothing written; use --force to keep it anyway")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
-    _atomic_dir(out, fill)
+    with _quiet_transformers():  # tracing the model makes transformers talk about losses it will never compute
+        _atomic_dir(out, fill)
     return manifest
 
 

@@ -24,9 +24,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from stagewise.backends import Backend, apply_backend
+from stagewise.backends import Backend
 from stagewise.cache import cache_dir
 from stagewise.errors import ModelError
+from stagewise.runtimes import apply_backend
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +277,7 @@ def load_bi_encoder(spec: ModelSpec | str, device: str | None = None, max_seq_le
                     backend: Backend | None = None, threads: int | None = None):
     """A ``SentenceTransformer``; a plain base encoder gets mean pooling (sentence-transformers' default).
 
-    ``backend`` (or an exported folder's own) decides what runs its transformer: see :mod:`stagewise.backends`."""
+    ``backend`` (or an exported folder's own) decides what runs its transformer: see :mod:`stagewise.runtimes`."""
     from sentence_transformers import SentenceTransformer
 
     spec = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
