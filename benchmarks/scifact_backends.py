@@ -224,14 +224,16 @@ def throughput(candidates: dict, work_fn, items: int, rounds: int, pause: float 
 # ---- quality -----------------------------------------------------------------------------------
 
 
-def bi_quality(candidates: dict, dataset, queries: dict, qrels: dict) -> dict | None:
-    """nDCG@10 of each candidate's dense retrieval over the whole corpus; the reference's top 20 per dev query."""
+def bi_quality(candidates: dict, dataset, queries: dict, qrels: dict, done=lambda: None) -> dict | None:
+    """nDCG@10 of each candidate's dense retrieval over the whole corpus; the reference's top 20 per dev query.
+    ``done`` is called after each candidate (the result so far is written)."""
     top = None
     qids = list(queries)
     for name, row in candidates.items():
         if "object" not in row or "error" in row:
             continue
         stage = row["object"]
+        print(f"  bi {name}: indexing {len(dataset.corpus)} documents ({time.strftime('%H:%M:%S')})", flush=True)
         try:
             start = time.perf_counter()
             stage.index(dataset.corpus)
@@ -248,7 +250,8 @@ def bi_quality(candidates: dict, dataset, queries: dict, qrels: dict) -> dict | 
               f" at {stage.docs_per_second or 0:.1f} docs/s)", flush=True)
         if name == REFERENCE:
             top = {q: [d for d, _ in r[:DEPTH]] for q, r in zip(qids, rankings)}
-    _relative(candidates)
+        _relative(candidates)
+        done()
     return top
 
 
@@ -314,8 +317,8 @@ def markdown(result: dict) -> str:
                   f"Throughput: {what}, median of {result['settings']['rounds']} interleaved rounds (min–max). "
                   f"Quality: nDCG@10 on SciFact dev ({data['queries']} queries, {data['corpus']} documents), "
                   f"{quality}.", "",
-                  f"| candidate | {unit} median (min–max) | vs float32 torch | nDCG@10 | relative change | equivalence | "
-                  "runs as |", "|---|---|---|---|---|---|---|"]
+                  f"| candidate | {unit} median (min–max) | vs float32 torch | nDCG@10 | relative change | "
+                  "equivalence | runs as |", "|---|---|---|---|---|---|---|"]
         for name, row in data["candidates"].items():
             t, q = row.get("throughput"), row.get("quality")
             speed = f"{t['median']:.1f} ({t['min']:.1f}–{t['max']:.1f})" if t else "—"
@@ -324,6 +327,8 @@ def markdown(result: dict) -> str:
             rel = f"{q['relative_change']:+.2%}" if q and "relative_change" in q else "—"
             eq = _equivalence_text(row.get("equivalence"), stage) if name != REFERENCE else "reference"
             runs = row.get("precision", "")
+            if row["backend"]["dtype"] == "bfloat16" and runs == "float32":
+                runs = "float32 (this CPU has no bf16: the same computation as `openvino`)"
             if "error" in row:
                 runs = f"**failed**: {row['error']}"
             lines.append(f"| {name} | {speed} | {ratio} | {ndcg} | {rel} | {eq} | {runs} |")
@@ -340,6 +345,8 @@ def markdown(result: dict) -> str:
                 ratio = b["throughput_qps"] / a["throughput_qps"] if a["throughput_qps"] else float("nan")
                 lines.append(f"| {a['max_batch']} | {'on' if a['rerank'] else 'off'} | {a['throughput_qps']:.2f} | "
                              f"{b['throughput_qps']:.2f} | {ratio:.2f}× | {a['p95_ms']:.0f} / {b['p95_ms']:.0f} |")
+            lines += ["", f"The candidate is the fastest reranker losing at most {MAX_LOSS:.0%} nDCG@10. Rows with "
+                      "reranking off run the same first stage in both servers: their ratio shows the machine's noise."]
     lines += ["", f"Wall time {result['wall_seconds'] / 60:.1f} min. Command: `{' '.join(result['command'])}`"]
     return "\n".join(lines) + "\n"
 
@@ -431,6 +438,8 @@ def main() -> int:
               "stages": {}}
 
     def write() -> None:
+        for stage, candidates in built.items():
+            result["stages"][stage]["candidates"] = _public(candidates)
         result["wall_seconds"] = round(time.perf_counter() - started, 1)
         (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
         (out / "result.md").write_text(markdown(result))
@@ -439,8 +448,6 @@ def main() -> int:
     texts = [dataset.corpus[d].full_text() for d in rng.sample(sorted(dataset.corpus), min(args.docs,
                                                                                            len(dataset.corpus)))]
     built, top = {}, None
-    # the first stage (torch float32) gives the cross-encoder its candidates, so it is needed for both stages
-    reference_bi = None
     for stage in stages:
         source = args.bi if stage == "bi" else args.cross
         print(f"== {KINDS[stage]} {source}: preparing {', '.join(names)}", flush=True)
@@ -449,12 +456,12 @@ def main() -> int:
                 "docs/s" if stage == "bi" else "pairs/s", "queries": len(queries), "corpus": len(dataset.corpus)}
         result["stages"][stage] = data
         if stage == "bi":
-            reference_bi = built["bi"][REFERENCE].get("object")
             data["items"] = len(texts)
             print(f"== throughput: {len(texts)} documents × {args.rounds} rounds", flush=True)
             throughput(built[stage], lambda s: s.encode_documents(texts, show_progress=False), len(texts), args.rounds)
             print("== quality: dense retrieval on dev", flush=True)
-            top = bi_quality(built[stage], dataset, queries, qrels)
+            write()
+            top = bi_quality(built[stage], dataset, queries, qrels, write)
         else:
             if top is None:  # --stage cross: the float32 first stage's top 20 (its corpus embeddings cached)
                 reference_bi = DenseRetriever(args.bi, cache=cache, show_progress=False)
@@ -470,7 +477,6 @@ def main() -> int:
             throughput(built[stage], lambda s: s.score_pairs(pairs), len(pairs), args.rounds)
             print("== quality: pure reranking on dev", flush=True)
             cross_quality(built[stage], dataset, queries, qrels, top)
-        data["candidates"] = _public(built[stage])
         write()
     if args.load:
         if "cross" not in built:

@@ -219,12 +219,12 @@ def _export_onnx(model, folder: Path, quantize: str, inputs: list[str], output: 
     raw = folder / "onnx" / "model_raw.onnx"
     raw.parent.mkdir(parents=True, exist_ok=True)
     axes = {name: {0: "batch", 1: "sequence"} for name in inputs}
+    axes[output] = {0: "batch", 1: "sequence"} if output == "last_hidden_state" else {0: "batch"}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice: it is still the one
         # whose graphs onnxruntime's transformer optimiser recognises (fused attention, layer norm, GELU)
         torch.onnx.export(forward, tuple(example[n] for n in inputs), str(raw), input_names=inputs,
-                          output_names=[output], dynamic_axes={**axes, output: {0: "batch"}}, opset_version=17,
-                          dynamo=False)
+                          output_names=[output], dynamic_axes=axes, opset_version=17, dynamo=False)
     config = transformer_module(model).model.config
     model_type = getattr(config, "model_type", "bert")
     optimised = folder / FILES["onnx", "none"]
@@ -255,6 +255,7 @@ def _export_onnx(model, folder: Path, quantize: str, inputs: list[str], output: 
 def _export_openvino(model, folder: Path, quantize: str, inputs: list[str], output: str, kind: str,
                      calibration: Calibration | None):
     import openvino as ov
+
     forward = _Forward(transformer_module(model).model, inputs, output).eval()
     example = _features(model, ["an example", "another example text"])
     with warnings.catch_warnings(), torch.no_grad():
