@@ -84,6 +84,9 @@ def _row(backend, latency, change=0.0, status="ok"):
     ([_row("torch", 100), _row("onnx-int8", 40, change=-0.02)], "torch"),  # faster, but loses 2% > 1%
     ([_row("torch", 100), _row("onnx", 97)], "torch"),  # within the noise: no export for 3%
     ([_row("torch", 100), _row("onnx", 60, status="refused"), _row("openvino", 70, change=-0.005)], "openvino"),
+    # a tie within 5% goes to the smaller loss (float32 before int8), not to noise in the latency
+    ([_row("torch", 100), _row("onnx", 51), _row("onnx-int8", 50, change=-0.004)], "onnx"),
+    ([_row("torch", 100), _row("onnx", 70), _row("onnx-int8", 50, change=-0.004)], "onnx-int8"),
 ])
 def test_the_fastest_within_the_loss_is_recommended(rows, expected):
     chooser = BackendSelection.__new__(BackendSelection)

@@ -200,14 +200,15 @@ class BackendSelection:
         return rows
 
     def _recommend(self, rows: list[dict]) -> dict | None:
-        """The fastest (by the latency metric, then throughput) within the allowed relative nDCG@10 loss; PyTorch
-        float32 unless another is clearly faster."""
+        """The fastest by the latency metric within the allowed relative nDCG@10 loss. Candidates within
+        ``MIN_SPEEDUP`` of the fastest are a tie, which goes to PyTorch float32 (no export), then to the smaller
+        loss (a float32 export before an int8 one), then to the higher throughput."""
         fitting = [r for r in rows if r["status"] == "ok" and r.get("relative_change", 0.0) >= -self.config.backend_max_loss]
-        best = min(fitting, key=lambda r: (r["latency_ms"], -r["rate"]), default=None)
-        reference = rows[0] if rows[0]["status"] == "ok" else None
-        if best is not None and reference is not None and best["latency_ms"] > (1 - MIN_SPEEDUP) * reference["latency_ms"]:
-            return reference  # within the noise of PyTorch float32, which needs no export
-        return best
+        if not fitting:
+            return None
+        fastest = min(r["latency_ms"] for r in fitting)
+        tied = [r for r in fitting if r["latency_ms"] * (1 - MIN_SPEEDUP) <= fastest]
+        return max(tied, key=lambda r: (r["backend"] == "torch", round(r.get("relative_change", 0.0), 4), r["rate"]))
 
     def run(self) -> dict:
         out: dict = {"stages": {}, "recommended": {}, "summary": [], "max_loss": self.config.backend_max_loss}

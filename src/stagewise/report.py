@@ -119,7 +119,7 @@ def _latency_label(metric: str) -> str:
     return metric.removesuffix("_ms")
 
 
-_KEY_LABELS = {"cpus": "CPUs", "gpu": "GPU", "used_s": "Time used (s)", "wall_seconds": "Wall time (s)"}
+_KEY_LABELS = {"cpus": "CPUs", "cpu": "CPU", "cpu_flags": "CPU flags", "gpu": "GPU", "used_s": "Time used (s)", "wall_seconds": "Wall time (s)"}
 
 
 def _key_label(key: str) -> str:
@@ -407,7 +407,7 @@ def _backends_section(sel: dict) -> Section:
                                                     "+.2f", "%") if r.get("relative_change") is not None else NA,
                          ms(r.get("latency_ms")), agreement, _text(r.get("note")) if r.get("note") else ""])
     if rows:
-        blocks.append(Table(["Stage", "Backend", "Status", "Throughput", "vs torch", "nDCG@10", "Change", lat,
+        blocks.append(Table(["Stage", "Backend", "Status", "Throughput", "vs torch", "nDCG@10", "Change", f"{lat} ms",
                              "Equivalence", "Note"], rows, numeric={3, 4, 5, 6, 7}, highlight=chosen))
     blocks += [Para(line) for line in backends.get("summary") or []] or [Para("No backend candidates were measured.")]
     return Section("Stage 3: backends", blocks)

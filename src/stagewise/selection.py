@@ -45,7 +45,7 @@ from stagewise.pipeline import Pipeline
 from stagewise.progress import console
 from stagewise.rerankers import CrossEncoderReranker
 from stagewise.retrievers import build_first_stage
-from stagewise.rundir import RunDir, seed_everything, versions
+from stagewise.rundir import RunDir, cpu, seed_everything, versions
 from stagewise.training import (INIT_STRATEGIES, MIN_EXAMPLES, BiTrainConfig, CrossTrainConfig, pretraining_queries,
                                 train_bi, train_cross)
 
@@ -856,8 +856,8 @@ def _assemble(s: Selection, candidates: list[dict], chosen: dict, reason: str, r
         "dataset": {"name": s.dataset.name, "source": str(s.dataset.source), "fingerprint": s.dataset.fingerprint(),
                     "documents": len(s.dataset.corpus), "train_queries": s.train_queries,
                     "dev_queries": len(s.dev_queries), "dev_split": config.dev_split, "train_split": config.train_split},
-        "machine": {"cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                    **versions()},
+        "machine": {"cpus": os.cpu_count(), "cpu": cpu()["model"], "cpu_flags": " ".join(cpu()["flags"]),
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, **versions()},
         "config": asdict(config),
         "budget": {"time_budget_s": None if config.time_budget_min is None else config.time_budget_min * 60,
                    "latency_budget_ms": config.latency_budget_ms, "latency_metric": metric},
