@@ -137,8 +137,8 @@ def _precision(stage_object, backend: Backend) -> str:
     """What the transformer really computes in: OpenVINO only honours bf16 where the CPU has it."""
     model = stage_object.model[0].model  # sentence-transformers' Transformer module holds the transformer
     if hasattr(model, "precision"):  # OpenVINO's inference precision, as the compiled model reports it
-        text = str(model.precision)
-        return {"f32": "float32", "bf16": "bfloat16"}.get(text, text.split("'")[1] if "'" in text else text)
+        text = {"f32": "float32", "bf16": "bfloat16"}.get(model.precision, model.precision)
+        return f"int8 (static) / {text}" if backend.quantize == "int8" else text
     if backend.name == "torch":
         return str(next(model.parameters()).dtype).replace("torch.", "")
     return "float32" if backend.quantize == "none" else "int8 (weights) / float32"
@@ -224,13 +224,28 @@ def throughput(candidates: dict, work_fn, items: int, rounds: int, pause: float 
 # ---- quality -----------------------------------------------------------------------------------
 
 
-def bi_quality(candidates: dict, dataset, queries: dict, qrels: dict, done=lambda: None) -> dict | None:
+def _measured(name: str, row: dict, min_speedup: float | None) -> bool:
+    """Whether a candidate's dev quality is measured: it loaded, and (with ``--quality-min-speedup``) it is at least
+    that fast against torch float32, as ``select`` does (a slower one cannot be recommended; its equivalence on
+    the sample still shows how close it is)."""
+    if "object" not in row or "error" in row:
+        return False
+    ratio = (row.get("throughput") or {}).get("vs_torch")
+    if name != REFERENCE and min_speedup is not None and ratio is not None and ratio < min_speedup:
+        row["quality_skipped"] = f"{ratio:.2f}× torch float32's throughput (< {min_speedup:g}): dev quality not measured"
+        print(f"  {name}: {row['quality_skipped']}", flush=True)
+        return False
+    return True
+
+
+def bi_quality(candidates: dict, dataset, queries: dict, qrels: dict, done=lambda: None,
+               min_speedup: float | None = None) -> dict | None:
     """nDCG@10 of each candidate's dense retrieval over the whole corpus; the reference's top 20 per dev query.
     ``done`` is called after each candidate (the result so far is written)."""
     top = None
     qids = list(queries)
     for name, row in candidates.items():
-        if "object" not in row or "error" in row:
+        if not _measured(name, row, min_speedup):
             continue
         stage = row["object"]
         print(f"  bi {name}: indexing {len(dataset.corpus)} documents ({time.strftime('%H:%M:%S')})", flush=True)
@@ -255,11 +270,12 @@ def bi_quality(candidates: dict, dataset, queries: dict, qrels: dict, done=lambd
     return top
 
 
-def cross_quality(candidates: dict, dataset, queries: dict, qrels: dict, top: dict[str, list[str]]) -> None:
+def cross_quality(candidates: dict, dataset, queries: dict, qrels: dict, top: dict[str, list[str]],
+                  min_speedup: float | None = None) -> None:
     """nDCG@10 of each candidate's pure reranking of the reference first stage's top 20."""
     pairs = [(queries[q], dataset.corpus[d].full_text()) for q in top for d in top[q]]
     for name, row in candidates.items():
-        if "object" not in row or "error" in row:
+        if not _measured(name, row, min_speedup):
             continue
         try:
             start = time.perf_counter()
@@ -323,7 +339,7 @@ def markdown(result: dict) -> str:
             t, q = row.get("throughput"), row.get("quality")
             speed = f"{t['median']:.1f} ({t['min']:.1f}–{t['max']:.1f})" if t else "—"
             ratio = f"{t['vs_torch']:.2f}×" if t and t.get("vs_torch") else "—"
-            ndcg = f"{q['ndcg@10']:.4f}" if q else "—"
+            ndcg = f"{q['ndcg@10']:.4f}" if q else "not measured (slower)" if "quality_skipped" in row else "—"
             rel = f"{q['relative_change']:+.2%}" if q and "relative_change" in q else "—"
             eq = _equivalence_text(row.get("equivalence"), stage) if name != REFERENCE else "reference"
             runs = row.get("precision", "")
@@ -405,6 +421,8 @@ def main() -> int:
     parser.add_argument("--load", action="store_true", help="then the service load test, torch vs the fastest")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--quality-min-speedup", type=float, help="measure dev quality only for candidates at least "
+                                                                   "this fast against torch float32 (select's rule: 1)")
     parser.add_argument("--max-queries", type=int, help="smoke runs: only the first N dev queries")
     parser.add_argument("--corpus-limit", type=int, help="smoke runs: only the first N documents (+ judged ones)")
     parser.add_argument("--work", default=str(HERE / "results" / "scifact_backends" / "runs"),
@@ -461,7 +479,7 @@ def main() -> int:
             throughput(built[stage], lambda s: s.encode_documents(texts, show_progress=False), len(texts), args.rounds)
             print("== quality: dense retrieval on dev", flush=True)
             write()
-            top = bi_quality(built[stage], dataset, queries, qrels, write)
+            top = bi_quality(built[stage], dataset, queries, qrels, write, args.quality_min_speedup)
         else:
             if top is None:  # --stage cross: the float32 first stage's top 20 (its corpus embeddings cached)
                 reference_bi = DenseRetriever(args.bi, cache=cache, show_progress=False)
@@ -476,7 +494,7 @@ def main() -> int:
             print(f"== throughput: {len(pairs)} pairs × {args.rounds} rounds", flush=True)
             throughput(built[stage], lambda s: s.score_pairs(pairs), len(pairs), args.rounds)
             print("== quality: pure reranking on dev", flush=True)
-            cross_quality(built[stage], dataset, queries, qrels, top)
+            cross_quality(built[stage], dataset, queries, qrels, top, args.quality_min_speedup)
         write()
     if args.load:
         if "cross" not in built:
