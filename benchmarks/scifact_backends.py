@@ -29,7 +29,6 @@ under ``--out``; the CPU's model and flags are printed first and recorded.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import json
 import os
 import random
@@ -76,16 +75,6 @@ def _default(path: str, *fallbacks: str) -> str:
         if (REPO / p).is_dir():
             return str(REPO / p)
     return fallbacks[-1] if fallbacks else path
-
-
-def _versions() -> dict:
-    out = versions()
-    for package in ("onnxruntime", "onnx", "openvino", "nncf"):
-        try:
-            out[package] = md.version(package)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def _error(e: BaseException) -> str:
@@ -449,7 +438,7 @@ def main() -> int:
     smoke = ", ".join(s for s in (args.max_queries and f"--max-queries {args.max_queries}",
                                   args.corpus_limit and f"--corpus-limit {args.corpus_limit}") if s)
     result = {"command": ["python", "benchmarks/scifact_backends.py", *sys.argv[1:]], "cpu": machine,
-              "versions": _versions(), "threads": torch.get_num_threads(),
+              "versions": versions(), "threads": torch.get_num_threads(),
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "smoke": smoke or False,
               "settings": {"docs": args.docs, "pairs": args.pairs, "rounds": args.rounds, "depth": DEPTH,
                            "force": args.force, "calibration": calibration.record()},

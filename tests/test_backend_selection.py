@@ -32,6 +32,8 @@ def test_every_candidate_is_measured_against_torch_float32(backend_run):
     rows = result["backends"]["stages"]["first_stage"]
     assert [r["backend"] for r in rows] == CANDIDATES  # PyTorch float32 first: every ratio is against it
     assert rows[0]["status"] == "ok" and rows[0]["speedup"] == 1.0 and rows[0]["relative_change"] == 0.0
+    chosen = next(c for c in result["first_stage"]["candidates"] if c["name"] == result["first_stage"]["chosen"])
+    assert rows[0]["ndcg@10"] == chosen["metrics"]["ndcg@10"]  # PyTorch float32: stage 1's numbers, not remeasured
     for r in rows:
         assert r["status"] in ("ok", "slower", "refused"), r
         assert r["status"] == "refused" and "tolerance" in r["note"] or r["rate"] > 0 and r["unit"] == "docs/s"
@@ -60,7 +62,8 @@ def test_the_recommended_backend_is_deployed_and_reported(backend_run):
 def test_a_chosen_reranker_gets_its_backends_measured_too(backend_run, tmp_path):
     config, out, result = backend_run
     reranker = result["rerankers"][0]
-    verdict = {"reranker": reranker["name"], "depth": 5, "fusion": None}  # as if it had been worth it
+    alone = next(d for d in reranker["depths"] if d["mode"] == "rerank")
+    verdict = {"reranker": reranker["name"], "depth": 5, "fusion": None, "name": alone["name"]}  # as if worth it
     with RunDir(tmp_path / "stage3", {"command": "test"}) as run:
         s = Selection(config, run, load_dataset(config.data))
         chosen = json.loads((out / "steps" / f"{_slug('first-' + result['first_stage']['chosen'])}.json").read_text())

@@ -10,6 +10,7 @@ the ranking flips between CPUs (bf16 and int8 need AMX / AVX-512 to pay).
 from __future__ import annotations
 
 import time
+
 from stagewise.backends import Backend, read_manifest, require_export
 from stagewise.errors import StagewiseError
 from stagewise.evaluation import evaluate, evaluate_pipeline
@@ -23,7 +24,16 @@ from stagewise.retrievers import build_first_stage
 
 THROUGHPUT_SAMPLE = 64  # corpus documents (first stage) or (query, document) pairs (reranker) timed per candidate
 THROUGHPUT_REPEATS = 3  # the best of these, so a burst from another process does not decide
-MIN_SPEEDUP = 0.05  # another backend must cut the latency by at least this much to be worth its export
+LATENCY_TIE = 0.05  # latencies within this fraction of the fastest are a tie (noise, not a reason to export)
+
+
+SECONDS_PER_CANDIDATE = 30.0  # what stages 1 and 2 leave of a time budget for each backend candidate: an export
+# and a timing (a float32 export of MiniLM takes about 10 s here, NNCF's int8 about 45 s)
+
+
+def stage3_reserve(config) -> float:
+    """Seconds of the time budget that stage 3 needs, set aside while stages 1 and 2 plan theirs."""
+    return SECONDS_PER_CANDIDATE * sum(not parse_backend(b).is_default for b in config.backends)
 
 
 def parse_backend(label: str) -> Backend:
@@ -77,11 +87,12 @@ class BackendSelection:
         self._calibration = None
 
     def calibration(self):
-        """The user's own texts: train queries and corpus documents (never the dev queries being measured)."""
+        """The user's own texts: corpus documents and training queries (never the dev or test queries that
+        measure the result)."""
         if self._calibration is None:
             self._calibration = load_calibration(self.config.data, seed=self.config.seed)
-            dev = set(self.s.dev_queries.values())
-            self._calibration.queries = [q for q in self._calibration.queries if q not in dev]
+            train = set(self.s.dataset.split(self.config.train_split)[0].values())
+            self._calibration.queries = [q for q in self._calibration.queries if q in train]
         return self._calibration
 
     def _missing(self, backend: Backend) -> str | None:
@@ -100,9 +111,7 @@ class BackendSelection:
         folder = self.s.run.path / "exports" / f"{stage}-{backend.name}-{backend.quantize}"
         manifest = read_manifest(folder)
         if manifest is None:
-            calibration = self.calibration()
-            manifest = export_model(model, Backend(backend.name, backend.quantize), folder, calibration,
-                                    threads=None)
+            manifest = export_model(model, Backend(backend.name, backend.quantize), folder, self.calibration())
         return str(folder), manifest
 
     def _row(self, backend: Backend, stage: str, reference: dict | None) -> dict:
@@ -120,10 +129,10 @@ class BackendSelection:
             built, rate, manifest = self._build(stage, backend)
             row.update(rate=rate, unit="docs/s" if stage == "first_stage" else "pairs/s",
                        equivalence=(manifest or {}).get("equivalence"), model=built["model"])
-            if reference:
+            if reference and reference.get("rate"):
                 row["speedup"] = rate / max(reference["rate"], 1e-9)
-            cost = self._quality_cost(stage, rate)
-            if reference and row["speedup"] < 1:
+            cost = 0.0 if backend.is_default else self._quality_cost(stage, rate)
+            if row.get("speedup", 1.0) < 1:
                 row.update(status="slower", note=f"{row['speedup']:.2f}× PyTorch float32's throughput on this "
                                                   "machine: not measured further")
             elif self.s.budget.remaining() < cost:
@@ -131,8 +140,8 @@ class BackendSelection:
                                                   f"{self.s.budget.remaining() / 60:.1f} min of the budget are left")
                 return row  # not stored: a resumed run with more time measures it
             else:
-                row.update(self._quality(stage, built))
-                if reference:
+                row.update(self._measured(stage) if backend.is_default else self._quality(stage, built))
+                if reference and "ndcg@10" in reference:
                     row["relative_change"] = row["ndcg@10"] / max(reference["ndcg@10"], 1e-9) - 1
         except StagewiseError as e:  # an export past the tolerance …
             row.update(status="refused", note=str(e))
@@ -186,6 +195,16 @@ class BackendSelection:
         return {"name": final.name, "ndcg@10": final.metrics["ndcg@10"], "latency": final.latency,
                 "latency_ms": final.latency["total"][metric]}
 
+    def _measured(self, stage: str) -> dict:
+        """PyTorch float32's dev quality and latency, as stages 1 and 2 already measured them."""
+        metric = self.config.latency_metric
+        if stage == "first_stage":
+            return {"name": self.chosen["name"], "ndcg@10": self.chosen["metrics"]["ndcg@10"],
+                    "latency": self.chosen["latency"], "latency_ms": self.chosen["latency"]["first_stage"][metric]}
+        row = next(d for d in self._reranker_record()["depths"] if d["name"] == self.verdict["name"])
+        return {"name": row["name"], "ndcg@10": row["metrics"]["ndcg@10"], "latency": row["latency"],
+                "latency_ms": row["latency"]["total"][metric]}
+
     def _reranker_record(self) -> dict | None:
         return next((r for r in self.rerankers if r["name"] == self.verdict.get("reranker")), None)
 
@@ -201,13 +220,14 @@ class BackendSelection:
 
     def _recommend(self, rows: list[dict]) -> dict | None:
         """The fastest by the latency metric within the allowed relative nDCG@10 loss. Candidates within
-        ``MIN_SPEEDUP`` of the fastest are a tie, which goes to PyTorch float32 (no export), then to the smaller
+        ``LATENCY_TIE`` of the fastest are a tie, which goes to PyTorch float32 (no export), then to the smaller
         loss (a float32 export before an int8 one), then to the higher throughput."""
-        fitting = [r for r in rows if r["status"] == "ok" and r.get("relative_change", 0.0) >= -self.config.backend_max_loss]
+        fitting = [r for r in rows if r["status"] == "ok" and "relative_change" in r
+                   and r["relative_change"] >= -self.config.backend_max_loss]
         if not fitting:
             return None
         fastest = min(r["latency_ms"] for r in fitting)
-        tied = [r for r in fitting if r["latency_ms"] * (1 - MIN_SPEEDUP) <= fastest]
+        tied = [r for r in fitting if r["latency_ms"] * (1 - LATENCY_TIE) <= fastest]
         return max(tied, key=lambda r: (r["backend"] == "torch", round(r.get("relative_change", 0.0), 4), r["rate"]))
 
     def run(self) -> dict:
@@ -241,10 +261,13 @@ class BackendSelection:
 
 def _summary(stage: str, best: dict, rows: list[dict], max_loss: float) -> str:
     what = stage.replace("_", " ").capitalize()
-    slower = [r["backend"] for r in rows if r["status"] == "ok" and r.get("speedup", 1) < 1]
-    line = (f"{what}: run it on {best['backend']} ({best.get('speedup', 1):.2f}× PyTorch float32's throughput, "
-            f"nDCG@10 {best.get('relative_change', 0):+.1%} relative; the fastest within a {max_loss:.0%} loss on "
-            "this machine).")
+    slower = [f"{r['backend']} {r['speedup']:.2f}×" for r in rows if r.get("speedup", 1) < 1]
+    if best["backend"] == "torch":
+        line = f"{what}: stays on PyTorch float32; no other backend was clearly faster within a {max_loss:.0%} loss here."
+    else:
+        line = (f"{what}: run it on {best['backend']} ({best['speedup']:.2f}× PyTorch float32's throughput, "
+                f"nDCG@10 {best['relative_change']:+.1%} relative; the fastest within a {max_loss:.0%} loss on "
+                "this machine).")
     if slower:
         line += f" Slower than PyTorch float32 here: {', '.join(slower)}."
     return line

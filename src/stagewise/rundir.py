@@ -35,7 +35,8 @@ def versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for package in ("stagewise", "sentence-transformers", "transformers", "torch"):
+    for package in ("stagewise", "sentence-transformers", "transformers", "torch", "onnxruntime", "onnx", "openvino",
+                    "nncf"):  # the backends' runtimes, where installed
         try:
             out[package] = md.version(package)
         except md.PackageNotFoundError:

@@ -34,7 +34,7 @@ from typing import Callable
 
 import yaml
 
-from stagewise.backend_selection import BackendSelection, first_stage_on, deployed, parse_backend
+from stagewise.backend_selection import BackendSelection, deployed, first_stage_on, parse_backend, stage3_reserve
 from stagewise.cache import EmbeddingCache
 from stagewise.data import RetrievalDataset, load_dataset
 from stagewise.errors import StagewiseError
@@ -433,7 +433,7 @@ class Selection:
                         f"{MIN_EXAMPLES} pseudo-queries"}
             rate = _pairs_per_second(cand["model"], training.max_length, self.dataset, self.dev_queries)
             train_s, eval_s = self._cross_estimate(training, rate)
-            later = left * (train_s + eval_s)  # the others' cost, guessed at this one's rate
+            later = left * (train_s + eval_s) + stage3_reserve(self.config)  # the others' cost, at this one's rate
             pretrain_s = _pretrain_estimate(training, rate, len(self.dataset.corpus))
             records.append(self.reranker(cand, training, chosen, first_result, train_s, eval_s, later, pretrain_s))
         return records
@@ -757,7 +757,8 @@ def select(config: SelectConfig, out: str | Path, resume: bool = False, report: 
         estimates = [sum(s._bi_estimate(z, BiTrainConfig(**config.bi_training))) for z in promising]
         fine_tuned = {}
         for i, z in enumerate(promising):
-            tuned = s.finetune_bi(z, later=sum(estimates[i + 1:]) + _stage2_guess(estimates[i], config))
+            tuned = s.finetune_bi(z, later=sum(estimates[i + 1:]) + _stage2_guess(estimates[i], config)
+                                  + stage3_reserve(config))
             if tuned:
                 fine_tuned[z["spec"]] = tuned
                 candidates.append(tuned)
