@@ -69,9 +69,10 @@ class Calibration:
         return mixed[:n]
 
     def pairs(self, n: int) -> list[tuple[str, str]]:
-        """Up to ``n`` (query, document) pairs: each query with several documents, so rankings can be compared."""
+        """Up to ``n`` (query, document) pairs: each query with 16 documents (fewer if there are fewer), so that
+        a top 10 is a real choice and its agreement can fail."""
         queries = self.queries or self.documents
-        per_query = min(8, max(1, len(self.documents)))
+        per_query = min(16, max(1, len(self.documents)))
         out = [(q, self.documents[(i * 3 + j) % len(self.documents)]) for i, q in enumerate(queries)
                for j in range(per_query)]
         return out[:n]

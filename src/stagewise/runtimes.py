@@ -7,6 +7,7 @@ pools and scores exactly as the PyTorch one does. :func:`apply_backend` is what 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,9 @@ class OpenVINOModel(_RuntimeModel):
         super().__init__(config, [i.get_any_name() for i in compiled.inputs], output)
         self.compiled, self.request = compiled, compiled.create_infer_request()
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # bf16 only where the CPU has it
+        if dtype == "bfloat16" and self.precision != "bf16":
+            warnings.warn(f"OpenVINO runs {path.name} in {self.precision}, not bfloat16: this CPU has no bf16",
+                          stacklevel=2)
 
     def run(self, feeds: dict):
         return self.request.infer(feeds)[self.output]
