@@ -109,8 +109,6 @@ def load_runtime(folder: Path, file: str, backend: Backend, model, threads: int)
 
 def to_bfloat16(model):
     """PyTorch bfloat16: no export; fast where the CPU has AMX or AVX-512 BF16, slow where it must emulate it."""
-    import torch
-
     transformer_module(model).model.to(torch.bfloat16)
     return model
 
