@@ -55,12 +55,12 @@ def block_search(monkeypatch):
         entered, release, original = threading.Event(), threading.Event(), index.search_many
         calls = []
 
-        def blocking(queries):
+        def blocking(queries, cancelled=None):
             calls.append(len(queries))
             if len(calls) == 1:
                 entered.set()
                 release.wait(20)
-            return original(queries)
+            return original(queries, cancelled)
 
         monkeypatch.setattr(index, "search_many", blocking)
         events.append(release)
@@ -113,7 +113,7 @@ def assert_same_hits(got: list[dict], want, swap_tol: float = 0.0) -> None:
         if not swap_tol:
             assert g["first_stage_rank"] == w.first_stage_rank
         doc = DOCS[g["doc_id"]]
-        assert (g["title"], g["text"]) == (doc["title"], doc["text"])
+        assert (g["title"], g["text"], g["truncated"]) == (doc["title"], doc["text"], False)
 
 
 # ---- answers ---------------------------------------------------------------------------------------------
@@ -129,8 +129,9 @@ def test_search_answers_what_the_index_answers_in_process(url, reranked_index, o
         r = post(url, "/search", {"query": query, **options})
         assert r.status_code == 200, r.text
         body = r.json()
-        assert set(body) == {"query", "hits", "reranked", "depth", "timings_ms"}
+        assert set(body) == {"query", "hits", "reranked", "depth", "index_version", "timings_ms"}
         assert (body["query"], body["reranked"], body["depth"]) == (query, rerank, depth)
+        assert body["index_version"] == reranked_index.version
         assert set(body["timings_ms"]) == {"first_stage", "rerank", "total"}
         assert all(v >= 0 for v in body["timings_ms"].values())
         assert body["timings_ms"]["total"] >= body["timings_ms"]["first_stage"]
@@ -228,7 +229,9 @@ def test_a_fused_index_answers_with_the_in_process_fused_scores(start, fused):
 def test_health_and_stats_report_the_index_and_the_traffic(start, reranked_index):
     """/stats starts empty, then counts queries, errors, latency percentiles and batch sizes as they happen."""
     base = start(reranked_index, **SETTINGS)
-    assert httpx.get(base + "/health").json() == {"status": "ok", "documents": 30, "version": reranked_index.version}
+    health = httpx.get(base + "/health").json()
+    assert health.pop("loaded")
+    assert health == {"status": "ok", "documents": 30, "version": reranked_index.version, "reloads": 0}
 
     stats = httpx.get(base + "/stats").json()
     index = stats["index"]
@@ -406,11 +409,11 @@ def test_a_failing_model_is_a_500_and_the_service_keeps_answering(start, reranke
     """An exception in search_many answers that batch with 500 and its message; the next request is fine."""
     original, calls = reranked_index.search_many, []
 
-    def fail_once(queries):
+    def fail_once(queries, cancelled=None):
         calls.append(queries)
         if len(calls) == 1:
             raise RuntimeError("the cross-encoder fell over")
-        return original(queries)
+        return original(queries, cancelled)
 
     monkeypatch.setattr(reranked_index, "search_many", fail_once)
     base = start(reranked_index)

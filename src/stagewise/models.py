@@ -306,9 +306,23 @@ def load_cross_encoder(spec: ModelSpec | str, device: str | None = None, max_len
             f"head{dropped}, so its scores are meaningless until fine-tuned",
             stacklevel=2,
         )
-    with _quiet_transformers():  # our warning above says it in one line; skip transformers' load report
+    with _quiet_transformers(), _fixed_seed(kind != "cross-encoder"):  # our warning says it; no load report
         model = CrossEncoder(str(spec.path), num_labels=1, device=device, max_length=max_length, local_files_only=True)
     return apply_backend(model, spec.path, backend, threads)
+
+
+@contextlib.contextmanager
+def _fixed_seed(active: bool, seed: int = 0):
+    """An untrained head drawn from a fixed seed: the same model gives the same scores on every load (and the
+    caller's random state is left as it was)."""
+    if not active:
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 @contextlib.contextmanager

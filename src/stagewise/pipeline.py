@@ -6,10 +6,12 @@ The reranked candidates are ordered by a ``Fusion`` of both stages' scores (pure
 
 from __future__ import annotations
 
+import threading
 import time
+import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import yaml
 
@@ -36,6 +38,12 @@ class Hit:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def is_blank(text: str) -> bool:
+    """Nothing to search for: only whitespace, separators, control or invisible format characters (zero-width
+    spaces, BOM). Every entry point (Python API, CLI, service) refuses such a query the same way."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Zs", "Zl", "Zp") for c in text)
 
 
 @dataclass
@@ -70,6 +78,9 @@ class Pipeline:
             raise StagewiseError("fusion needs a reranker: there is no reranker score to fuse")
         self.first_stage, self.reranker, self.depth, self.fusion = first_stage, reranker, depth, fusion
         self.corpus: dict[str, Document] | None = None
+        # first stages are not all safe to call from two threads at once (a service runs first-stage-only
+        # requests beside reranked ones); the reranker, the long part, runs outside it
+        self.first_stage_lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -99,26 +110,36 @@ class Pipeline:
         """Many queries at once: one encoder batch for the first stage, one cross-encoder batch for all pairs."""
         return self.search_many([Query(q, k, depth, rerank) for q in queries])[0]
 
-    def search_many(self, queries: Sequence[Query]) -> tuple[list[list[Hit]], StageTimings]:
+    def search_many(self, queries: Sequence[Query], cancelled: Callable[[int], bool] | None = None
+                    ) -> tuple[list[list[Hit]], StageTimings]:
         """Answer queries that may differ in ``k``, ``depth`` and ``rerank``, batched through both models.
 
         Each query retrieves ``max(k, depth)``; its top ``depth`` are reranked (ordered by the fusion); first-stage
-        order is kept below it.
+        order is kept below it. ``cancelled(i)`` is asked between reranker chunks: once it is true, query ``i``'s
+        remaining pairs are not scored and it gets no hits (a service stops work whose deadline has passed).
         """
         if self.corpus is None:
             raise StagewiseError("the pipeline has no corpus yet: call index(corpus) first")
         if not queries:
             return [], StageTimings(0.0, 0.0)
+        blank = next((i for i, q in enumerate(queries) if is_blank(q.text)), None)
+        if blank is not None:
+            where = "query" if len(queries) == 1 else f"query {blank}"
+            raise StagewiseError(f"{where}: is blank (only spaces or invisible characters): nothing to search for")
         depths = [(q.depth if q.depth is not None else self.depth) if q.rerank and self.reranker else 0
                   for q in queries]
         start = time.perf_counter()
         wanted = max(max(q.k, depth) for q, depth in zip(queries, depths))
-        retrieved = self.first_stage.retrieve([q.text for q in queries], wanted)
+        with self.first_stage_lock:
+            retrieved = self.first_stage.retrieve([q.text for q in queries], wanted)
         first_done = time.perf_counter()
-        reranked = self._rerank_all(queries, retrieved, depths)
+        reranked = self._rerank_all(queries, retrieved, depths, cancelled or (lambda i: False))
         timings = StageTimings(first_done - start, time.perf_counter() - first_done)
         results = []
         for query, candidates, top in zip(queries, retrieved, reranked):
+            if top is None:  # cancelled
+                results.append([])
+                continue
             first = {doc_id: (rank, score) for rank, (doc_id, score) in enumerate(candidates, start=1)}
             order = top + [(d, s, None, None) for d, s in candidates[len(top):]]
             hits = []
@@ -130,21 +151,31 @@ class Pipeline:
             results.append(hits)
         return results, timings
 
-    def _rerank_all(self, queries, retrieved, depths) -> list[list[tuple[str, float, float, float | None]]]:
-        """The top ``depth`` of every query scored in one cross-encoder call, each query's best first.
+    def _rerank_all(self, queries, retrieved, depths, cancelled: Callable[[int], bool]
+                    ) -> list[list[tuple[str, float, float, float | None]] | None]:
+        """The top ``depth`` of every query scored in shared cross-encoder chunks, each query's best first.
 
-        Each entry is (doc id, final score, reranker score, fused score or None when purely reranked).
+        Each entry is (doc id, final score, reranker score, fused score or None when purely reranked), or None for a
+        query cancelled before all its pairs were scored.
         """
-        pairs = [(q.text, d, self.corpus[d].full_text()) for q, cands, depth in zip(queries, retrieved, depths)
-                 for d, _ in cands[:depth]]
-        if not pairs:
-            return [[] for _ in queries]
-        scores = iter(self.reranker.score_pairs([(q, t) for q, _, t in pairs]).tolist())
+        pairs = [(i, q.text, self.corpus[d].full_text()) for i, (q, cands, depth)
+                 in enumerate(zip(queries, retrieved, depths)) for d, _ in cands[:depth]]
+        scores: dict[int, list[float]] = {i: [] for i in range(len(queries))}
+        dropped: set[int] = set()
+        chunk = self.reranker.batch_size if self.reranker else 1
+        for begin in range(0, len(pairs), chunk):
+            dropped |= {i for i, _, _ in pairs[begin:begin + chunk] if i not in dropped and cancelled(i)}
+            todo = [p for p in pairs[begin:begin + chunk] if p[0] not in dropped]
+            if todo:
+                for (i, _, _), score in zip(todo, self.reranker.score_pairs([(q, t) for _, q, t in todo]).tolist()):
+                    scores[i].append(score)
         out = []
         fused = not self.fusion.pure_rerank
-        for cands, depth in zip(retrieved, depths):
-            top = cands[:depth]
-            rerank = [next(scores) for _ in top]
+        for i, (cands, depth) in enumerate(zip(retrieved, depths)):
+            if i in dropped:
+                out.append(None)
+                continue
+            top, rerank = cands[:depth], scores[i]
             order, final = self.fusion.order([s for _, s in top], rerank)  # stable: ties keep first-stage order
             out.append([(top[i][0], float(final[i]), rerank[i], float(final[i]) if fused else None) for i in order])
         return out

@@ -9,7 +9,8 @@ import numpy as np
 from stagewise import engine
 from stagewise.backends import Backend, stage_name
 from stagewise.export import prepare
-from stagewise.models import ModelSpec, load_cross_encoder
+from stagewise.errors import StagewiseError
+from stagewise.models import ModelSpec, load_cross_encoder, model_kind
 
 
 class CrossEncoderReranker:
@@ -22,6 +23,8 @@ class CrossEncoderReranker:
         self.spec, self.backend = prepare(model, backend)
         self.name = stage_name(self.spec, self.backend)
         self.batch_size = batch_size
+        # a base encoder or bi-encoder has no trained scoring head: its scores mean nothing until it is trained
+        self.trained = model_kind(self.spec.path) == "cross-encoder"
         self.model = load_cross_encoder(self.spec, device=device, max_length=max_length, backend=self.backend,
                                         threads=threads)
 
@@ -53,3 +56,12 @@ class CrossEncoderReranker:
         scores = self.score(query, [text for _, text in top])
         order = np.argsort(-scores, kind="stable")
         return [(top[i][0], float(scores[i])) for i in order]
+
+
+def require_trained(reranker: CrossEncoderReranker | None, allowed: bool, what: str) -> None:
+    """Refuse to deploy a reranker without a trained head (``what``: the command), unless the user allows it."""
+    if reranker is not None and not reranker.trained and not allowed:
+        raise StagewiseError(
+            f"{what}: the reranker '{reranker.spec.spec}' is not a trained cross-encoder (a base model gets an "
+            "untrained scoring head, so its scores mean nothing): train one with `stagewise train cross`, or pass "
+            "--allow-untrained-reranker")

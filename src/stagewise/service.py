@@ -1,127 +1,85 @@
-"""The search service: a FastAPI app over a loaded :class:`~stagewise.index.Index`.
+"""The search service: a FastAPI app over a :class:`~stagewise.live_index.LiveIndex`.
 
-Requests that arrive together are answered together: a micro-batcher collects concurrent requests for up to
-``batch_wait_ms`` (or ``max_batch`` queries) and runs them through the models in one call (one encoder batch,
-one cross-encoder batch), on one worker thread so the models never compete for the CPU. Every request has
-bounds (query length, ``k``, ``depth``, batch size, body size), a timeout, and errors that say what is wrong,
-always as ``{"error": "..."}``. It binds to loopback unless told otherwise: it has no authentication.
+Concurrent requests are micro-batched through the models (:mod:`stagewise.batching`). Every request has bounds
+on its fields (query length, ``k``, ``depth``, batch size, body size) and on the work and the answer they add up
+to (reranking pairs, hits, text per hit), a timeout after which its work stops, and errors that say what is
+wrong, always as ``{"error": "..."}``, each documented in ``/openapi.json``. The index follows ``CURRENT``: a
+version committed by ``index add`` is served as soon as it is loaded. ``/docs`` serves Swagger UI from the
+package, offline. It binds to loopback unless told otherwise: it has no authentication.
 """
-
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
+import json
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 
+from stagewise.batching import Batcher, ServiceError
+from stagewise.errors import StagewiseError
 from stagewise.index import Index
-from stagewise.pipeline import Query
+from stagewise.live_index import LiveIndex
+from stagewise.pipeline import Query, is_blank
 
 PAGE = Path(__file__).with_name("search_page.html")
 
 
 @dataclass
 class ServiceSettings:
+    """Every bound of the service; ``validate`` refuses a setting that would make every request fail."""
+
     max_query_chars: int = 1000
     max_k: int = 100
     max_depth: int = 200
     max_batch_queries: int = 64  # per /search/batch request
+    max_request_pairs: int = 2048  # queries × depth: cross-encoder pairs one request may cost
+    max_request_hits: int = 1000  # queries × k: hits one request may return
+    max_text_chars: int = 2000  # each hit's title and text are cut to this many characters
     max_body_bytes: int = 1 << 20
-    timeout_s: float = 10.0  # per request, queueing included
+    timeout_s: float = 10.0  # per request, queueing included; its work stops when it passes
     max_batch: int = 32  # queries run through the models together
+    max_batch_pairs: int = 512  # pairs one micro-batch scores (a larger request runs alone)
     batch_wait_ms: float = 2.0  # how long the batcher waits for more requests to join a batch
     max_queued: int = 1024  # requests waiting beyond this are refused with 503
+    max_queued_pairs: int = 32768  # reranking pairs waiting beyond this are refused with 503
+    reload_interval_s: float = 1.0  # how often CURRENT is checked for a new version (0: never)
 
+    # the command-line option of each setting, for error messages
+    OPTIONS = {"max_k": "--max-k", "max_depth": "--max-depth", "timeout_s": "--timeout", "max_batch": "--max-batch",
+               "batch_wait_ms": "--batch-wait-ms", "max_request_pairs": "--max-request-pairs",
+               "max_request_hits": "--max-request-hits", "max_text_chars": "--max-text-chars",
+               "max_batch_queries": "--max-batch-queries", "reload_interval_s": "--reload-interval"}
 
-class ServiceError(Exception):
-    def __init__(self, status: int, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
+    def validate(self) -> "ServiceSettings":
+        def bad(name: str, rule: str):
+            option = self.OPTIONS.get(name)
+            where = f"option '{option}'" if option else f"setting '{name}'"
+            raise StagewiseError(f"{where}: {rule}, got {getattr(self, name)!r}")
 
-
-@dataclass
-class _Pending:
-    queries: list[Query]
-    future: asyncio.Future
-    enqueued: float
-
-
-class Batcher:
-    """Collects concurrent requests into batches and answers them on one model thread."""
-
-    def __init__(self, index: Index, settings: ServiceSettings):
-        self.index, self.settings = index, settings
-        self.queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=settings.max_queued)
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stagewise-model")
-        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)
-        self.stage_ms: dict[str, collections.deque[float]] = {
-            stage: collections.deque(maxlen=10_000) for stage in ("queue", "first_stage", "rerank")}
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-        self.executor.shutdown(wait=False, cancel_futures=True)
-
-    async def submit(self, queries: list[Query]):
-        """Results for ``queries`` and the batch's stage timings, or a 504 after ``timeout_s``."""
-        future = asyncio.get_running_loop().create_future()
-        try:
-            self.queue.put_nowait(_Pending(queries, future, time.perf_counter()))
-        except asyncio.QueueFull:
-            raise ServiceError(503, f"server busy: {self.queue.qsize()} requests queued; retry shortly",
-                               {"Retry-After": "1"}) from None
-        try:
-            return await asyncio.wait_for(future, self.settings.timeout_s)
-        except asyncio.TimeoutError:
-            raise ServiceError(504, f"timed out after {self.settings.timeout_s:g} s "
-                                    f"({self.queue.qsize()} requests queued)") from None
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self.queue.get()]
-            deadline = loop.time() + self.settings.batch_wait_ms / 1000
-            while sum(len(p.queries) for p in batch) < self.settings.max_batch:
-                if not self.queue.empty():  # already waiting: always joins, whatever batch_wait_ms is
-                    batch.append(self.queue.get_nowait())
-                    continue
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
-            batch = [p for p in batch if not p.future.done()]  # timed out while queued: skip the work
-            if not batch:
-                continue
-            queries = [q for p in batch for q in p.queries]
-            started = time.perf_counter()
-            self.stage_ms["queue"].extend((started - p.enqueued) * 1000 for p in batch)
-            try:
-                results, timings = await loop.run_in_executor(self.executor, self.index.search_many, queries)
-            except Exception as e:  # a model failure answers this batch with 500, the service keeps running
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(ServiceError(500, f"search failed: {type(e).__name__}: {e}"))
-                continue
-            self.batch_sizes.append(len(queries))
-            self.stage_ms["first_stage"].append(timings.first_stage_s * 1000)
-            self.stage_ms["rerank"].append(timings.rerank_s * 1000)
-            start = 0
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_result((results[start:start + len(p.queries)], timings))
-                start += len(p.queries)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                bad(f.name, "must be a finite number")
+            if f.name in ("batch_wait_ms", "reload_interval_s"):
+                if value < 0:
+                    bad(f.name, "must be 0 or more")
+            elif f.type in (int, "int") and not isinstance(value, int):
+                bad(f.name, "must be an integer")
+            elif value <= 0:
+                bad(f.name, "must be more than 0 (0 would refuse every request)")
+        if self.max_request_pairs < self.max_depth:
+            bad("max_request_pairs", f"must be at least --max-depth ({self.max_depth}), or one query at full depth "
+                                     "is refused")
+        if self.max_request_hits < self.max_k:
+            bad("max_request_hits", f"must be at least --max-k ({self.max_k})")
+        if self.max_queued_pairs < self.max_request_pairs:
+            bad("max_queued_pairs", f"must be at least max_request_pairs ({self.max_request_pairs})")
+        return self
 
 
 def _percentiles(values) -> dict:
@@ -132,37 +90,92 @@ def _percentiles(values) -> dict:
             "p99": round(float(np.percentile(a, 99)), 2), "max": round(float(a.max()), 2)}
 
 
-def create_app(index: Index | str | Path, settings: ServiceSettings | None = None):
-    """The FastAPI app: ``/`` (search page), ``POST /search``, ``POST /search/batch``, ``/health``, ``/stats``."""
+def _integral(value):
+    """JSON Schema's integers include 89.0: accept a float with no fraction where an integer is asked for."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 63:
+        return int(value)
+    return value
+
+
+def _unicode(text: str) -> str:
+    """A lone surrogate (``"\ud800"`` in JSON) is not text: refuse it rather than fail inside the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds an invalid character (a lone surrogate) at position {e.start}") from None
+    return text
+
+
+def _check_body(body: bytes) -> str | None:
+    """Why a JSON body cannot be parsed (invalid UTF-8, too deep, a number too long), in one line, or None."""
+    try:
+        json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return f"body: not UTF-8 (byte {e.start})"
+    except json.JSONDecodeError as e:
+        return f"body: invalid JSON at character {e.pos} ({e.msg})"
+    except RecursionError:
+        return "body: JSON nested too deeply"
+    except ValueError as e:  # e.g. an integer of more than 4,300 digits
+        return f"body: unreadable JSON ({str(e).splitlines()[0]})"
+    return None
+
+
+def create_app(index: Index | LiveIndex | str | Path, settings: ServiceSettings | None = None,
+               allow_untrained_reranker: bool = False):
+    """The FastAPI app: ``/`` (search page), ``POST /search``, ``POST /search/batch``, ``/health``, ``/stats``,
+    ``/docs``. ``index`` is followed as it changes on disk (see :class:`~stagewise.live_index.LiveIndex`)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse
-    from pydantic import BaseModel, ConfigDict, Field
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    index = index if isinstance(index, Index) else Index.load(index)
-    settings = settings or ServiceSettings()
+    if not isinstance(index, LiveIndex):
+        index = LiveIndex(index if isinstance(index, Index) else Index.load(index),
+                          allow_untrained_reranker=allow_untrained_reranker)
+    live = index
+    settings = (settings or ServiceSettings()).validate()
     s = settings
-    has_reranker = index.pipeline.reranker is not None
-    batcher = Batcher(index, settings)
+    served = live.index  # what the schema describes: the pipeline at start (a reload keeps its shape)
+
+    def search(queries, cancelled):  # on a lane's model thread: one version answers the whole batch
+        current = live.index
+        results, timings = current.search_many(queries, cancelled)
+        return results, timings, current.version
+
+    batcher = Batcher(search, settings)
     started = time.time()
     latency_ms: dict[str, collections.deque[float]] = {
         "/search": collections.deque(maxlen=10_000), "/search/batch": collections.deque(maxlen=10_000)}
     counts: collections.Counter = collections.Counter()
 
+    def integer(low: int, high: int):
+        return Annotated[int, Field(ge=low, le=high), BeforeValidator(_integral)]
+
+    def text(low: int, high: int):
+        return Annotated[str, Field(min_length=low, max_length=high), AfterValidator(_unicode)]
+
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)
-        k: int = Field(10, ge=1, le=s.max_k, description="results to return")
-        depth: int | None = Field(None, ge=1, le=s.max_depth,
-                                  description=f"candidates the reranker reads (default {index.pipeline.depth})")
+        k: integer(1, s.max_k) = Field(10, description="results to return")
+        depth: integer(1, s.max_depth) | None = Field(
+            None, description=f"candidates the reranker reads (default {served.pipeline.depth})")
         rerank: bool | None = Field(None, description="run the reranker (default: when the index has one)")
+        include_text: bool = Field(True, description="return each hit's title and text (cut to "
+                                                     f"{s.max_text_chars:,} characters each); false: ids and scores "
+                                                     "only")
 
     class SearchRequest(Options):
-        query: str = Field(..., min_length=1, max_length=s.max_query_chars)
+        query: text(1, s.max_query_chars) = Field(
+            ..., description="the query; one of only spaces or invisible characters is refused (422)")
 
     class BatchRequest(Options):
-        queries: list[Annotated[str, Field(min_length=1, max_length=s.max_query_chars)]] = Field(
-            ..., min_length=1, max_length=s.max_batch_queries)
+        queries: list[text(1, s.max_query_chars)] = Field(
+            ..., min_length=1, max_length=s.max_batch_queries,
+            description=f"queries × k may be at most {s.max_request_hits:,} hits, and with reranking queries × depth "
+                        f"at most {s.max_request_pairs:,} pairs")
 
     class HitOut(BaseModel):
         doc_id: str
@@ -174,27 +187,63 @@ def create_app(index: Index | str | Path, settings: ServiceSettings | None = Non
         rerank_score: float | None
         fused_score: float | None = Field(..., description="the pipeline's fusion of both stages' scores, which "
                                                            "ordered the reranked hits; null when purely reranked")
-        title: str
-        text: str
+        title: str | None = Field(..., description=f"at most {s.max_text_chars:,} characters; null without "
+                                                   "include_text")
+        text: str | None = Field(..., description=f"at most {s.max_text_chars:,} characters; null without "
+                                                  "include_text")
+        truncated: bool = Field(..., description="the title or the text was cut to the limit")
 
     class SearchResponse(BaseModel):
         query: str
         hits: list[HitOut]
         reranked: bool
         depth: int | None
+        index_version: str = Field(..., description="the index version that answered")
         timings_ms: dict[str, float]
 
     class BatchResponse(BaseModel):
         results: list[SearchResponse]
 
+    class ErrorOut(BaseModel):
+        error: str = Field(..., description="what is wrong, in one line")
+
+    class HealthOut(BaseModel):
+        status: str
+        documents: int
+        version: str = Field(..., description="the index version being served")
+        reloads: int = Field(..., description="new versions picked up since the start")
+        loaded: str
+        reload_failed: dict | None = Field(None, description="a newer version that could not be served, and why")
+
+    def documented(*statuses: int) -> dict:
+        reasons = {400: "rerank asked of an index without a reranker", 413: "request body too large",
+                   422: "a field, the body, or the work it asks for is out of bounds (the message says which)",
+                   500: "the models failed on this batch", 503: "too busy: retry after Retry-After seconds",
+                   504: "not answered within the timeout; its work was stopped"}
+        return {status: {"model": ErrorOut, "description": reasons[status]} for status in statuses}
+
+    search_errors = documented(400, 413, 422, 500, 503, 504)
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         batcher.start()
+        watcher = asyncio.get_running_loop().create_task(follow_index()) if s.reload_interval_s else None
         yield
+        if watcher:
+            watcher.cancel()
         await batcher.stop()
 
-    app = FastAPI(title="Stagewise search", version=index.version, lifespan=lifespan,
-                  description=f"Two-stage search over {len(index):,} documents: {index.pipeline.name}.")
+    async def follow_index():
+        """Poll CURRENT; load a new version on a thread of its own (the model threads keep answering)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(s.reload_interval_s)
+            if live.stale():
+                await loop.run_in_executor(None, live.reload)
+
+    app = FastAPI(title="Stagewise search", version=served.version, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, description=f"Two-stage search over {len(served):,} documents: "
+                                              f"{served.pipeline.name}. Every error is `{{\"error\": \"...\"}}`.")
 
     def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
         counts[f"error_{status}"] += 1
@@ -203,6 +252,10 @@ def create_app(index: Index | str | Path, settings: ServiceSettings | None = Non
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, e: ServiceError):
         return error(e.status, e.message, e.headers)
+
+    @app.exception_handler(StagewiseError)
+    async def _stagewise_error(request: Request, e: StagewiseError):
+        return error(422, str(e))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
@@ -220,78 +273,137 @@ def create_app(index: Index | str | Path, settings: ServiceSettings | None = Non
         return error(e.status_code, str(e.detail), getattr(e, "headers", None))  # keeps 405's Allow
 
     @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
+    async def _read_body(request: Request, call_next):
+        """Bound the body (also when streamed in chunks), and refuse one that is not JSON with a 422."""
+        if request.method not in ("POST", "PUT", "PATCH"):
+            return await call_next(request)
         too_big = f"request body exceeds the limit of {s.max_body_bytes:,} bytes"
         length = request.headers.get("content-length")
-        if length is not None:
-            if length.isdigit() and int(length) > s.max_body_bytes:
-                return error(413, f"request body of {int(length):,} bytes: {too_big}")
-            return await call_next(request)
-        chunks, size = [], 0  # streamed (chunked) body: count as it arrives, stop at the limit
+        if length is not None and length.isdigit() and int(length) > s.max_body_bytes:
+            return error(413, f"request body of {int(length):,} bytes: {too_big}")
+        chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > s.max_body_bytes:
                 return error(413, too_big)
             chunks.append(chunk)
-        request._body = b"".join(chunks)  # Starlette hands the read body on to the endpoint
+        body = b"".join(chunks)
+        if body and request.url.path in ("/search", "/search/batch") and (problem := _check_body(body)):
+            return error(422, problem)
+        request._body = body  # Starlette hands the read body on to the endpoint
         return await call_next(request)
 
-    def plan(options: Options, texts: list[str], field: str) -> tuple[list[Query], bool, int | None]:
+    def plan(options: Options, texts: list[str], field: str) -> tuple[list[Query], bool, int | None, int]:
+        """The queries to run, and the pairs they cost; refuses what this index or the bounds cannot do."""
+        has_reranker = live.index.pipeline.reranker is not None
         rerank = has_reranker if options.rerank is None else options.rerank
         if rerank and not has_reranker:
             raise ServiceError(400, "rerank: this index has no reranker (omit rerank or set it to false)")
-        blank = [i for i, text in enumerate(texts) if not text.strip()]
+        blank = [i for i, text in enumerate(texts) if is_blank(text)]
         if blank:
-            raise ServiceError(422, f"{field if field == 'query' else f'{field}.{blank[0]}'}: is blank")
-        depth = (options.depth or index.pipeline.depth) if rerank else None
-        return [Query(t, options.k, depth, rerank) for t in texts], rerank, depth
+            raise ServiceError(422, f"{field if field == 'query' else f'{field}.{blank[0]}'}: is blank (only spaces "
+                                    "or invisible characters)")
+        depth = (options.depth or live.index.pipeline.depth) if rerank else None
+        if len(texts) * options.k > s.max_request_hits:
+            raise ServiceError(422, f"{field} × k: {len(texts)} × {options.k} = {len(texts) * options.k:,} hits, over "
+                                    f"the limit of {s.max_request_hits:,} per request (fewer queries or a smaller k)")
+        pairs = len(texts) * depth if rerank else 0
+        if pairs > s.max_request_pairs:
+            raise ServiceError(422, f"{field} × depth: {len(texts)} × {depth} = {pairs:,} pairs to rerank, over the "
+                                    f"limit of {s.max_request_pairs:,} per request (fewer queries or a smaller depth)")
+        return [Query(t, options.k, depth, rerank) for t in texts], rerank, depth, pairs
 
-    def response(query: str, hits, rerank: bool, depth, timings, total_ms: float) -> SearchResponse:
-        return SearchResponse(query=query, hits=[HitOut(**h.to_dict()) for h in hits], reranked=rerank, depth=depth,
+    def hit_out(hit, include_text: bool) -> HitOut:
+        h = hit.to_dict()
+        title, text = h.pop("title"), h.pop("text")
+        cut = len(title) > s.max_text_chars or len(text) > s.max_text_chars
+        if not include_text:
+            return HitOut(**h, title=None, text=None, truncated=False)
+        return HitOut(**h, title=title[:s.max_text_chars], text=text[:s.max_text_chars], truncated=cut)
+
+    def response(query: str, hits, options: Options, rerank: bool, depth, timings, version: str,
+                 total_ms: float) -> SearchResponse:
+        return SearchResponse(query=query, hits=[hit_out(h, options.include_text) for h in hits], reranked=rerank,
+                              depth=depth, index_version=version,
                               timings_ms={"first_stage": round(timings.first_stage_s * 1000, 2),
                                           "rerank": round(timings.rerank_s * 1000, 2), "total": round(total_ms, 2)})
 
-    @app.post("/search", response_model=SearchResponse, summary="Search: first stage, then rerank the top depth")
-    async def search(request: SearchRequest):
+    @app.post("/search", response_model=SearchResponse, responses=search_errors,
+              summary="Search: first stage, then rerank the top depth")
+    async def search_one(request: SearchRequest):
         start = time.perf_counter()
-        queries, rerank, depth = plan(request, [request.query], "query")
-        results, timings = await batcher.submit(queries)
+        queries, rerank, depth, pairs = plan(request, [request.query], "query")
+        results, timings, version = await batcher.submit(queries, pairs)
         total = (time.perf_counter() - start) * 1000
         latency_ms["/search"].append(total)
         counts["queries"] += 1
-        return response(request.query, results[0], rerank, depth, timings, total)
+        return response(request.query, results[0], request, rerank, depth, timings, version, total)
 
-    @app.post("/search/batch", response_model=BatchResponse, summary="Search many queries in one request")
+    @app.post("/search/batch", response_model=BatchResponse, responses=search_errors,
+              summary="Search many queries in one request")
     async def search_batch(request: BatchRequest):
         start = time.perf_counter()
-        queries, rerank, depth = plan(request, request.queries, "queries")
-        results, timings = await batcher.submit(queries)
+        queries, rerank, depth, pairs = plan(request, request.queries, "queries")
+        results, timings, version = await batcher.submit(queries, pairs)
         total = (time.perf_counter() - start) * 1000
         latency_ms["/search/batch"].append(total)
         counts["queries"] += len(queries)
-        return BatchResponse(results=[response(q.text, hits, rerank, depth, timings, total)
+        return BatchResponse(results=[response(q.text, hits, request, rerank, depth, timings, version, total)
                                       for q, hits in zip(queries, results)])
 
-    @app.get("/health", summary="Liveness: the index is loaded")
+    @app.get("/health", response_model=HealthOut, response_model_exclude_none=True,
+             summary="Liveness: the index version being served")
     async def health():
-        return {"status": "ok", "documents": len(index), "version": index.version}
+        return {"status": "ok", **live.health()}
 
     @app.get("/stats", summary="Index, models, settings, request counts and latency percentiles (ms)")
     async def stats():
+        lanes = batcher.lanes
         return {
-            "index": index.describe(), "settings": asdict(settings), "uptime_s": round(time.time() - started, 1),
-            "requests": dict(counts), "queued": batcher.queue.qsize(),
+            "index": live.index.describe(), "settings": asdict(settings), "uptime_s": round(time.time() - started, 1),
+            "requests": dict(counts), "queued": batcher.queued(),
             "latency_ms": {path: _percentiles(v) for path, v in latency_ms.items()},
-            "batch_stage_ms": {stage: _percentiles(v) for stage, v in batcher.stage_ms.items()},
-            "batch_size": _percentiles(batcher.batch_sizes),
+            "batch_stage_ms": {stage: _percentiles([x for lane in lanes.values() for x in lane.stats.stage_ms[stage]])
+                               for stage in ("queue", "first_stage", "rerank")},
+            "batch_size": _percentiles([x for lane in lanes.values() for x in lane.stats.batch_sizes]),
+            "lanes": {name: {"queued": len(lane.pending), "queued_pairs": lane.queued_pairs,
+                             "pairs_per_s": round(lane.pairs_per_s, 1) if lane.pairs_per_s else None,
+                             "skipped_past_deadline": lane.stats.skipped, "stopped_past_deadline": lane.stats.stopped,
+                             "refused_busy": lane.stats.refused} for name, lane in lanes.items()},
         }
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return PAGE.read_text(encoding="utf-8")
 
-    app.state.index, app.state.settings = index, settings
+    swagger = _swagger_assets()
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title}: API",
+                                   swagger_js_url="/docs/swagger-ui-bundle.js", swagger_css_url="/docs/swagger-ui.css",
+                                   swagger_favicon_url="/docs/favicon-32x32.png")
+
+    @app.get("/docs/{asset}", include_in_schema=False)
+    async def docs_asset(asset: str):
+        if asset not in swagger:
+            raise StarletteHTTPException(404, "Not Found")
+        return Response(swagger[asset].read_bytes(), media_type=_MEDIA[Path(asset).suffix],
+                        headers={"Cache-Control": "max-age=86400"})
+
+    app.state.live, app.state.settings = live, settings
     return app
+
+
+_MEDIA = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
+
+
+def _swagger_assets() -> dict:
+    """Swagger UI's files, from the ``fastapi-swagger`` package: /docs works with no internet."""
+    from importlib import resources
+
+    folder = resources.files("fastapi_swagger") / "resources"
+    return {name: folder / name for name in ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")}
 
 
 def is_loopback(host: str) -> bool:
@@ -305,8 +417,29 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(index: Index | str | Path, host: str = "127.0.0.1", port: int = 8000,
-          settings: ServiceSettings | None = None, log_level: str = "warning") -> None:
+def check_listen(host: str, port: int) -> None:
+    """Refuse, in one line, an address the service could not listen on (before any model loads)."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise StagewiseError(f"option '--port': must be 1 to 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise StagewiseError(f"option '--host': cannot resolve {host!r} ({e})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise StagewiseError(f"option '--port': cannot listen on {host}:{port} ({e.strerror})") from None
+
+
+def serve(index: Index | LiveIndex | str | Path, host: str = "127.0.0.1", port: int = 8000,
+          settings: ServiceSettings | None = None, log_level: str = "warning",
+          allow_untrained_reranker: bool = False) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(index, settings), host=host, port=port, log_level=log_level)
+    check_listen(host, port)
+    uvicorn.run(create_app(index, settings, allow_untrained_reranker), host=host, port=port, log_level=log_level)
