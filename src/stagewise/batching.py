@@ -106,7 +106,7 @@ class Lane:
         try:
             return await asyncio.wait_for(work.future, self.timeout_s)
         except asyncio.TimeoutError:
-            raise ServiceError(504, f"timed out after {self.timeout_s:g} s ({len(self.pending)} requests queued); "
+            raise ServiceError(504, f"timed out after {self.timeout_s:g} s ({len(self.pending)} in the queue); "
                                     "its work was stopped") from None
         finally:
             self._forget(work)

@@ -11,8 +11,10 @@ package, offline. It binds to loopback unless told otherwise: it has no authenti
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -97,13 +99,21 @@ def _integral(value):
     return value
 
 
-def _unicode(text: str) -> str:
-    """A lone surrogate (``"\ud800"`` in JSON) is not text: refuse it rather than fail inside the tokenizer."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"holds an invalid character (a lone surrogate) at position {e.start}") from None
-    return text
+@functools.cache
+def not_blank_pattern() -> str:
+    """The JSON Schema ``pattern`` of a query that is not blank (:func:`~stagewise.pipeline.is_blank`): it holds a
+    character outside the blank ones, so clients and schema-driven tools know what is refused."""
+    blank = [c for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF and is_blank(chr(c))]
+    ranges, start = [], blank[0]
+    for previous, c in zip(blank, blank[1:] + [None]):
+        if c != previous + 1:
+            ranges.append((start, previous))
+            start = c
+
+    def char(c: int) -> str:
+        return "\\" + chr(c) if chr(c) in "\\]^-[" else chr(c)
+
+    return "[^" + "".join(char(a) if a == b else f"{char(a)}-{char(b)}" for a, b in ranges) + "]"
 
 
 def _check_body(body: bytes) -> str | None:
@@ -129,7 +139,7 @@ def create_app(index: Index | LiveIndex | str | Path, settings: ServiceSettings 
     from fastapi.exceptions import RequestValidationError
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+    from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     if not isinstance(index, LiveIndex):
@@ -154,8 +164,8 @@ def create_app(index: Index | LiveIndex | str | Path, settings: ServiceSettings 
     def integer(low: int, high: int):
         return Annotated[int, Field(ge=low, le=high), BeforeValidator(_integral)]
 
-    def text(low: int, high: int):
-        return Annotated[str, Field(min_length=low, max_length=high), AfterValidator(_unicode)]
+    def text(low: int, high: int):  # the pattern documents the blank check, which gives the clearer message
+        return Annotated[str, Field(min_length=low, max_length=high, json_schema_extra={"pattern": not_blank_pattern()})]
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)

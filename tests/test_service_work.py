@@ -1,0 +1,228 @@
+"""What one request can cost the service: bounded work and answers, deadlines that stop work, lanes that keep cheap
+requests answered, and a flood of maximal requests after which the service answers at its normal latency.
+
+The reranker is slowed down (a fixed sleep per pair) so that "expensive" means the same on every machine.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import statistics
+import time
+
+import httpx
+import pytest
+
+from conftest import SERVICE_CORPUS, running_server, write_beir
+from stagewise.service import ServiceSettings, create_app
+
+DOCS = {d["_id"]: d for d in SERVICE_CORPUS}
+
+
+def post(base: str, path: str, body, timeout: float = 30) -> httpx.Response:
+    return httpx.post(base + path, json=body, timeout=timeout)
+
+
+def error_of(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    return body["error"]
+
+
+@pytest.fixture
+def slow_reranker(reranked_index, monkeypatch):
+    """Each scored pair takes ``seconds_per_pair``; counts the pairs actually scored."""
+    reranker = reranked_index.pipeline.reranker
+    original, scored = reranker.score_pairs, []
+
+    def install(seconds_per_pair: float):
+        def slow(pairs, batch_job=False):
+            time.sleep(seconds_per_pair * len(pairs))
+            scored.append(len(pairs))
+            return original(pairs, batch_job)
+
+        monkeypatch.setattr(reranker, "score_pairs", slow)
+        return scored
+
+    return install
+
+
+@pytest.fixture
+def start():
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        yield lambda index, **settings: stack.enter_context(running_server(create_app(index, ServiceSettings(**settings))))
+
+
+# ---- bounds on the work and the answer of one request ------------------------------------------------------
+
+
+def test_the_probe_request_is_refused_at_once_naming_its_cost(start, reranked_index):
+    """64 queries × depth 200 = 12,800 pairs, each field within its bound: refused with 422 before any work."""
+    base = start(reranked_index, max_depth=200)
+    began = time.perf_counter()
+    r = post(base, "/search/batch", {"queries": [f"query {i}" for i in range(64)], "k": 10, "depth": 200})
+    message = error_of(r, 422)
+    assert time.perf_counter() - began < 2
+    assert "64 × 200 = 12,800 pairs" in message and "limit of 2,048" in message
+    r = post(base, "/search/batch", {"queries": [f"query {i}" for i in range(64)], "k": 100, "rerank": False})
+    assert "64 × 100 = 6,400 hits" in error_of(r, 422)
+    stats = httpx.get(base + "/stats").json()
+    assert stats["batch_size"] == {"count": 0}  # nothing reached the models
+
+
+def test_requests_within_the_work_bounds_are_answered(start, reranked_index):
+    base = start(reranked_index, max_request_pairs=30, max_request_hits=40, max_depth=30, max_k=10)
+    assert post(base, "/search/batch", {"queries": ["cats", "dogs", "tea"], "depth": 10, "k": 10}).status_code == 200
+    assert "4 × 10 = 40 pairs" in error_of(post(base, "/search/batch", {"queries": ["a", "b", "c", "d"], "depth": 10,
+                                                                       "k": 10}), 422)
+    assert "5 × 10 = 50 hits" in error_of(post(base, "/search/batch", {"queries": list("abcde"), "k": 10,
+                                                                      "rerank": False}), 422)
+
+
+@pytest.fixture(scope="module")
+def big_document_index(tmp_path_factory):
+    """BM25 over the service corpus plus one 5 MB document that matches every query about 'violins'."""
+    from stagewise.data import load_corpus
+    from stagewise.index import Index
+    from stagewise.pipeline import Pipeline
+    from stagewise.retrievers import build_first_stage
+
+    folder = tmp_path_factory.mktemp("big-doc")
+    big = {"_id": "big", "title": "Violins " * 100, "text": "violins and their care " * 220_000}
+    corpus = load_corpus(write_beir(folder / "data", corpus=SERVICE_CORPUS + [big]) / "corpus.jsonl")
+    return Index.build(Pipeline(build_first_stage("bm25")), corpus, folder / "idx")
+
+
+def test_text_per_hit_is_bounded_and_ids_only_is_an_option(start, big_document_index):
+    """A 5 MB document answers with its first max_text_chars characters (truncated: true); include_text false
+    returns ids and scores only. The 64-query batch that returned 320 MB now returns well under a megabyte."""
+    base = start(big_document_index, max_text_chars=500)
+    hit = post(base, "/search", {"query": "care of violins", "k": 1}).json()["hits"][0]
+    assert hit["doc_id"] == "big" and hit["truncated"] is True
+    assert len(hit["text"]) == 500 and len(hit["title"]) == 500
+    assert hit["text"] == big_document_index.corpus["big"].text[:500]
+    small = post(base, "/search", {"query": "history of trains", "k": 1}).json()["hits"][0]
+    assert small["truncated"] is False and small["text"] == DOCS[small["doc_id"]]["text"]
+
+    ids_only = post(base, "/search", {"query": "care of violins", "k": 3, "include_text": False}).json()["hits"]
+    assert [h["doc_id"] for h in ids_only][:1] == ["big"]
+    assert all(h["title"] is None and h["text"] is None and h["score"] is not None for h in ids_only)
+
+    r = httpx.post(base + "/search/batch", json={"queries": ["care of violins"] * 64, "k": 1}, timeout=60)
+    assert r.status_code == 200 and len(r.content) < 200_000, len(r.content)
+    r = httpx.post(base + "/search/batch", json={"queries": ["care of violins"] * 64, "k": 1,
+                                                 "include_text": False}, timeout=60)
+    assert r.status_code == 200 and len(r.content) < 30_000, len(r.content)
+
+
+# ---- deadlines -------------------------------------------------------------------------------------------------
+
+
+def test_a_timed_out_request_stops_its_work(start, reranked_index, slow_reranker):
+    """A request that costs 10 s of reranking gets its 504 after 0.5 s, and the model thread stops within a chunk:
+    far fewer pairs than asked are scored, and the next request is answered at once."""
+    scored = slow_reranker(0.01)  # 10 ms per pair: 32-pair chunks of 0.32 s
+    base = start(reranked_index, timeout_s=0.5, max_depth=30, max_request_pairs=1020, max_batch_queries=64)
+    began = time.perf_counter()
+    r = post(base, "/search/batch", {"queries": [f"cats {i}" for i in range(34)], "depth": 30, "k": 1})
+    assert "timed out after 0.5 s" in error_of(r, 504)
+    assert time.perf_counter() - began < 2
+    time.sleep(0.5)  # the chunk in flight when the deadline passed
+    assert 0 < sum(scored) <= 96, scored  # of 1,020 pairs
+    began = time.perf_counter()
+    r = post(base, "/search", {"query": "cats", "k": 3})
+    assert r.status_code == 200, r.text
+    assert time.perf_counter() - began < 0.4
+    lane = httpx.get(base + "/stats").json()["lanes"]["rerank"]
+    assert lane["stopped_past_deadline"] == 1
+
+
+def test_first_stage_requests_skip_the_reranking_queue(start, reranked_index, slow_reranker):
+    """While the reranker is busy for seconds, rerank: false requests are answered in their normal time."""
+    slow_reranker(0.01)
+    base = start(reranked_index, timeout_s=5, max_depth=30, max_request_pairs=1000, max_batch_queries=64)
+    normal = statistics.median(_timed(base, {"query": "dogs", "rerank": False}) for _ in range(5))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(post, base, "/search/batch", {"queries": [f"cats {i}" for i in range(10)], "depth": 30})
+        time.sleep(0.3)
+        assert not busy.done()
+        during = [_timed(base, {"query": "dogs", "rerank": False}) for _ in range(5)]
+        assert not busy.done()  # these were answered while the reranker was still at work
+        assert busy.result().status_code == 200
+    assert statistics.median(during) < max(10 * normal, 0.25), (normal, during)
+
+
+def _timed(base: str, body: dict) -> float:
+    began = time.perf_counter()
+    r = post(base, "/search", body)
+    assert r.status_code == 200, r.text
+    return time.perf_counter() - began
+
+
+def test_a_flood_of_maximal_requests_then_normal_latency(start, reranked_index, slow_reranker):
+    """40 concurrent requests of the maximum cost (2 minutes of reranking in all, far over the 1 s timeout), twice.
+
+    The first flood comes before the service has measured its reranker: all are queued, and each is answered 504
+    within its timeout, its work stopped or never started. The second comes once it knows its rate: refused at once
+    with 503. During a flood a first-stage request is answered at once; after it a reranked one is answered at its
+    normal latency, and of all the work asked, less than one maximal request's worth was done."""
+    scored = slow_reranker(0.005)
+    settings = dict(timeout_s=1.0, max_depth=30, max_request_pairs=600, max_batch_queries=20, max_request_hits=600)
+    base = start(reranked_index, **settings)
+    maximal = {"queries": [f"which animal purrs {i}" for i in range(20)], "depth": 30, "k": 30}  # 600 pairs: 3 s
+
+    def flood():
+        def one(_):
+            began = time.perf_counter()
+            r = post(base, "/search/batch", maximal)
+            return r.status_code, time.perf_counter() - began
+
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            answers = pool.map(one, range(40))
+            time.sleep(0.5)
+            during = _timed(base, {"query": "dogs", "rerank": False})
+            answers = list(answers)
+        assert all(seconds < settings["timeout_s"] + 1.5 for _, seconds in answers), answers
+        assert during < 1.0
+        return collections.Counter(status for status, _ in answers)
+
+    assert flood() == {504: 40}
+    first_after = _timed(base, {"query": "cats", "k": 3})  # no leftover work ahead of it
+    assert sum(scored) < 600, sum(scored)  # about one timeout's worth (1 s at 5 ms a pair, and a chunk)
+    normal = statistics.median(_timed(base, {"query": "cats", "k": 3}) for _ in range(5))
+    assert first_after < max(5 * normal, 0.5), (normal, first_after)
+
+    assert flood() == {503: 40}  # 3 s of work each, at the measured rate: could never finish within 1 s
+    assert _timed(base, {"query": "cats", "k": 3}) < max(5 * normal, 0.5)
+    lane = httpx.get(base + "/stats").json()["lanes"]["rerank"]
+    assert lane["queued"] == 0 and lane["queued_pairs"] == 0 and lane["refused_busy"] == 40
+    assert lane["stopped_past_deadline"] >= 1
+
+
+# ---- settings --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting, value, words", [
+    ("timeout_s", 0, ["'--timeout'", "more than 0"]),
+    ("timeout_s", float("nan"), ["'--timeout'", "finite"]),
+    ("max_k", 0, ["'--max-k'", "more than 0"]),
+    ("max_depth", -1, ["'--max-depth'"]),
+    ("max_batch", 0, ["'--max-batch'"]),
+    ("batch_wait_ms", -1, ["'--batch-wait-ms'", "0 or more"]),
+    ("max_request_pairs", 10, ["'--max-request-pairs'", "at least --max-depth"]),
+    ("max_request_hits", 5, ["'--max-request-hits'", "at least --max-k"]),
+    ("max_text_chars", 0, ["'--max-text-chars'"]),
+    ("max_k", 2.5, ["'--max-k'", "integer"]),
+    ("max_queued", 0, ["'max_queued'"]),
+])
+def test_settings_that_would_refuse_every_request_are_refused(setting, value, words):
+    from stagewise.errors import StagewiseError
+
+    with pytest.raises(StagewiseError) as e:
+        ServiceSettings(**{setting: value}).validate()
+    for word in words:
+        assert word in str(e.value), str(e.value)
