@@ -226,3 +226,43 @@ def test_settings_that_would_refuse_every_request_are_refused(setting, value, wo
         ServiceSettings(**{setting: value}).validate()
     for word in words:
         assert word in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--port", "70000"], ["--port"]),
+    (["--port", "0"], ["--port"]),
+    (["--timeout", "0"], ["'--timeout'", "more than 0"]),
+    (["--max-k", "0"], ["'--max-k'"]),
+    (["--max-depth", "0"], ["'--max-depth'"]),
+    (["--batch-wait-ms", "-1"], ["'--batch-wait-ms'"]),
+    (["--host", "no such host.invalid"], ["'--host'"]),
+])
+def test_serve_refuses_its_own_bad_settings_in_one_line(bm25_index, monkeypatch, options, words):
+    """Before anything starts: exit 2, one line naming the option, no traceback; the server is never started."""
+    from typer.testing import CliRunner
+
+    from stagewise.cli import app
+
+    started = []
+    monkeypatch.setattr("stagewise.service.serve", lambda *args, **kwargs: started.append(args))
+    result = CliRunner().invoke(app, ["serve", str(bm25_index.path), *options])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and not started
+    lines = [line for line in result.output.splitlines() if line.strip() and not set(line) <= set("─│╭╮╰╯ ")]
+    assert any(all(w in line for w in words) for line in lines), result.output
+
+
+def test_serve_refuses_a_port_in_use(bm25_index, monkeypatch):
+    import socket
+
+    from typer.testing import CliRunner
+
+    from stagewise.cli import app
+
+    monkeypatch.setattr("stagewise.service.serve", lambda *args, **kwargs: pytest.fail("served"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", str(bm25_index.path), "--port", str(port)])
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output, result.output
