@@ -687,11 +687,11 @@ def assert_same_fused(actual, expected) -> None:
     assert [[(d, f is None, r is None) for d, f, r in hits] for hits in actual] == \
         [[(d, f is None, r is None) for d, f, r in hits] for hits in expected]
     assert any(f is not None for hits in expected for _, f, _ in hits)
-    for got, want in zip(actual, expected):
+    for got, want in zip(actual, expected):  # 1e-5: pairs batched with other documents are padded differently
         assert [f for _, f, _ in got if f is not None] == pytest.approx([f for _, f, _ in want if f is not None],
-                                                                        abs=1e-6)
+                                                                        abs=1e-5)
         assert [r for _, _, r in got if r is not None] == pytest.approx([r for _, _, r in want if r is not None],
-                                                                        abs=1e-6)
+                                                                        abs=1e-5)
 
 
 def test_a_fused_pipeline_is_stored_and_kept_by_every_update(make, tmp_path):

@@ -120,3 +120,13 @@ def test_docs_work_offline(url):
         assert r.status_code == 200 and len(r.content) > 500, asset
     assert "cdn" not in page.text.lower() and "https://" not in page.text
     assert httpx.get(url + "/docs/nope.js").status_code == 404
+
+
+@pytest.mark.parametrize("query", ["", "   ", "\u200b"])
+def test_the_command_line_refuses_a_blank_query_like_the_service(bm25_index, query):
+    from typer.testing import CliRunner
+
+    from stagewise.cli import app
+
+    result = CliRunner().invoke(app, ["search", str(bm25_index.path), query])
+    assert result.exit_code == 2 and "query: is blank" in result.output, result.output

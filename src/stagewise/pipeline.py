@@ -160,9 +160,11 @@ class Pipeline:
         """
         pairs = [(i, q.text, self.corpus[d].full_text()) for i, (q, cands, depth)
                  in enumerate(zip(queries, retrieved, depths)) for d, _ in cands[:depth]]
+        if not pairs:
+            return [[] for _ in queries]
         scores: dict[int, list[float]] = {i: [] for i in range(len(queries))}
         dropped: set[int] = set()
-        chunk = self.reranker.batch_size if self.reranker else 1
+        chunk = self.reranker.batch_size
         for begin in range(0, len(pairs), chunk):
             dropped |= {i for i, _, _ in pairs[begin:begin + chunk] if i not in dropped and cancelled(i)}
             todo = [p for p in pairs[begin:begin + chunk] if p[0] not in dropped]
@@ -177,7 +179,7 @@ class Pipeline:
                 continue
             top, rerank = cands[:depth], scores[i]
             order, final = self.fusion.order([s for _, s in top], rerank)  # stable: ties keep first-stage order
-            out.append([(top[i][0], float(final[i]), rerank[i], float(final[i]) if fused else None) for i in order])
+            out.append([(top[j][0], float(final[j]), rerank[j], float(final[j]) if fused else None) for j in order])
         return out
 
     # ---- persistence --------------------------------------------------------------------------
