@@ -394,6 +394,77 @@ def test_the_cli_builds_updates_and_refuses_milvus_indexes(tiny_bi_encoder, tmp_
     assert not (tmp_path / "idx2").exists()
 
 
+# ---- the current directory ---------------------------------------------------------------------
+
+
+def test_the_milvus_path_writes_nothing_into_the_current_directory(make, tmp_path, monkeypatch):
+    """MilvusClient opens a relative ``.db`` path in the current directory (a ``milvus.db/LOCK`` was once committed
+    at the repository root): building, updating, loading and searching an index elsewhere leaves the cwd empty."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    path = tmp_path / "idx"
+    index = Index.build(make(), docs(), path, vectors=MILVUS)
+    index.add(NEW_DOCS)
+    index.delete(["d2"])
+    loaded = Index.load(path)
+    expected = answers(make().index({d.id: d for d in index.corpus.values()}), k=6)
+    assert_same_answers(answers(loaded, k=6), expected)
+
+    # a loaded stage keeps the index's own file (vectors.json stores it relative to the index), so indexing
+    # another corpus with it makes its collection there, not in a ./milvus.db
+    stage = loaded.pipeline.first_stage
+    assert stage.vector_config.uri == str(path.resolve() / "milvus.db")
+    stage.index(docs())
+    assert vectors_of(loaded).uri == str(path.resolve() / "milvus.db")
+
+    # a version's vectors copied out of the index cannot say which file they mean: refused, nothing opened here
+    copy = tmp_path / "copy"
+    shutil.copytree(path / loaded.version / "first_stage", copy)
+    with pytest.raises(StagewiseError, match="stored relative to its index folder"):
+        VectorIndex.load(next(copy.rglob("vectors.json")).parent)
+    assert list(cwd.iterdir()) == []
+
+
+def test_a_relative_milvus_uri_is_the_one_given_wherever_the_index_is_loaded(make, tmp_path, monkeypatch):
+    """``--milvus-uri vectors.db`` means ./vectors.db where the index is built: stored absolute, so a load from
+    another directory opens that file (not INDEX/vectors.db, nor one in its own cwd)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    config = VectorIndexConfig(kind="milvus", uri="vectors.db")
+    expected = answers(make().index(docs()))
+    Index.build(make(), docs(), tmp_path / "idx", vectors=config)
+    uri = str(tmp_path.resolve() / "a" / "vectors.db")
+    release(uri)
+    monkeypatch.chdir(tmp_path / "b")
+    loaded = Index.load(tmp_path / "idx")
+    assert vectors_of(loaded).uri == uri
+    assert_same_answers(answers(loaded), expected)
+    assert list((tmp_path / "b").iterdir()) == [] and not (tmp_path / "idx" / "vectors.db").exists()
+
+
+def test_a_collection_not_loaded_yet_is_loaded_and_searched_again(built, monkeypatch):
+    """A Milvus server that restarted loads its collections in the background; a search before that is retried
+    once after ``load_collection`` (tests/test_milvus_server.py restarts a real one)."""
+    from pymilvus.exceptions import MilvusException
+
+    index = Index.load(built)
+    before = answers(index)
+    v = vectors_of(index)
+    real, calls = v.client.search, []
+
+    def search(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MilvusException(code=101, message="failed to search: collection not loaded")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(v.client, "search", search)
+    assert_same_answers(answers(index), before)
+    assert len(calls) == 2
+
+
 # ---- refusals ----------------------------------------------------------------------------------
 
 

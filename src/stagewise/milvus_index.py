@@ -9,10 +9,17 @@ new rows get keys above the current watermark (readers filter ``key < watermark`
 stay in Milvus until the next update (readers of the previous version still need them; readers of the new
 one skip them), and rows inserted by a writer that died before its commit are above every committed
 watermark and are removed by the next update.
+
+A Milvus Lite path is never left relative: MilvusClient (milvus-lite) opens a relative ``.db`` path in the
+current directory, so a relative ``--milvus-uri`` is made absolute when the index is built, and a path stored
+relative to its index is resolved against that index folder only (never against the current directory).
+Tested against Milvus Lite and against the standalone server that the ``milvus`` package runs
+(tests/test_milvus_server.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import uuid
@@ -46,10 +53,26 @@ def _is_server(uri: str) -> bool:
 
 
 def resolve_uri(uri: str, index_root: Path | None) -> str:
-    """A Milvus Lite file stored relative to its index folder, made absolute; servers and absolute paths as given."""
-    if _is_server(uri) or Path(uri).is_absolute() or index_root is None:
+    """A Milvus Lite file stored relative to its index folder, made absolute; servers and absolute paths as given.
+
+    Without the index folder a relative file is refused: opening it would make a Milvus Lite folder in the current
+    directory (the ``milvus.db/LOCK`` once committed at the repository root)."""
+    if _is_server(uri) or Path(uri).is_absolute():
         return uri
+    if index_root is None:
+        raise StagewiseError(f"the Milvus Lite file '{uri}' is stored relative to its index folder: load it from "
+                             "the index (a vNNNNNN folder inside it), not from a copy outside it")
     return str(index_root.resolve() / uri)
+
+
+def _hit_key(hit) -> int:
+    """A search hit's primary key: Milvus Lite and servers from 2.4 name it by its field, 2.3 servers ``id``."""
+    return hit["key"] if "key" in hit else hit["id"]
+
+
+def _not_loaded(error: Exception) -> bool:
+    """A server that restarted loads its collections again in the background; until then searches fail so."""
+    return getattr(error, "code", None) == 101 or "not loaded" in str(error)
 
 
 def _index_root(folder: Path) -> Path | None:
@@ -73,6 +96,8 @@ class MilvusVectors:
     def build(cls, embeddings: np.ndarray, config) -> "MilvusVectors":
         if not config.uri:
             raise StagewiseError("a milvus index needs a URI: a local file (Milvus Lite) or http://host:19530")
+        if not _is_server(config.uri):  # relative to where it was built, not to wherever it is loaded next
+            config = dataclasses.replace(config, uri=str(Path(config.uri).resolve()))
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         collection = f"{config.collection or 'stagewise'}_{uuid.uuid4().hex[:10]}"  # a rebuild never clobbers
         store = client(config.uri)
@@ -126,15 +151,24 @@ class MilvusVectors:
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         if k == 0:
             return rows, scores
-        answers = self.client.search(self.collection, data=queries.tolist(), limit=limit,
-                                     filter=f"key < {self.watermark}", output_fields=[], consistency_level="Strong")
+        try:
+            answers = self._search(queries, limit)
+        except Exception as e:
+            if not _not_loaded(e):
+                raise
+            self.client.load_collection(self.collection)  # waits until the restarted server has it again
+            answers = self._search(queries, limit)
         retired = set(self.retired.tolist())
         for i, hits in enumerate(answers):
-            kept = [(h["key"], h["distance"]) for h in hits if h["key"] not in retired][:k]
+            kept = [(key, h["distance"]) for h in hits if (key := _hit_key(h)) not in retired][:k]
             found = np.array([key for key, _ in kept], dtype=np.int64)
             rows[i, :len(kept)] = np.searchsorted(self.keys, found)
             scores[i, :len(kept)] = [score for _, score in kept]
         return rows, scores
+
+    def _search(self, queries: np.ndarray, limit: int):
+        return self.client.search(self.collection, data=queries.tolist(), limit=limit,
+                                  filter=f"key < {self.watermark}", output_fields=[], consistency_level="Strong")
 
     def save(self, folder: Path) -> list[Path]:
         from dataclasses import asdict
@@ -154,10 +188,16 @@ class MilvusVectors:
     def load(cls, folder: Path, config, meta: dict) -> "MilvusVectors":
         uri = resolve_uri(meta["uri"], _index_root(folder))
         store = client(uri)
-        if not store.has_collection(meta["collection"]):
+        try:  # a server that is down or restarting: one StagewiseError, so a service keeps its loaded version
+            found = store.has_collection(meta["collection"])
+            if found:
+                store.load_collection(meta["collection"])
+        except Exception as e:  # pymilvus' MilvusException family
+            raise StagewiseError(f"{folder}: Milvus at {uri} did not answer: {e}") from None
+        if not found:
             raise StagewiseError(f"{folder}: Milvus collection '{meta['collection']}' not found at {uri}: "
                                  "the index's vectors are gone (rebuild the index)")
-        store.load_collection(meta["collection"])
+        config = dataclasses.replace(config, uri=uri)  # stored relative to the index: never reopened from the cwd
         return cls(config, uri, meta["collection"], meta["dim"], np.load(folder / "keys.npy"), meta["watermark"],
                    np.load(folder / "retired.npy"))
 
