@@ -192,7 +192,9 @@ def load_benchmark(dataset, bi: str, cross: str, depth: int, clients: int, secon
     """``cross_backend`` runs the reranker on another backend (benchmarks/scifact_backends.py); ``cache`` is the
     embedding cache the first stage reads."""
     pipeline = Pipeline(build_first_stage(bi, cache), CrossEncoderReranker(cross, backend=cross_backend), depth=depth)
-    index = Index.build(pipeline, dataset.corpus, work / "ix-serve", VectorIndexConfig("hnsw"))
+    untrained = not pipeline.reranker.trained  # the bert-tiny fallback: speed is measured here, not quality
+    index = Index.build(pipeline, dataset.corpus, work / "ix-serve", VectorIndexConfig("hnsw"),
+                        allow_untrained_reranker=untrained)
     queries, _ = dataset.split("dev")
     texts = list(queries.values())
     expected = {rerank: {t: [(h.doc_id, h.score) for h in index.search(t, 10, rerank=rerank)] for t in texts}
@@ -202,7 +204,8 @@ def load_benchmark(dataset, bi: str, cross: str, depth: int, clients: int, secon
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen([sys.executable, "-m", "stagewise.cli", "serve", str(work / "ix-serve"), "--port",
-                                   str(port), "--timeout", "30", "--max-batch", str(max_batch)],
+                                   str(port), "--timeout", "30", "--max-batch", str(max_batch)]
+                                  + (["--allow-untrained-reranker"] if untrained else []),
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             _wait_ready(url, server)
