@@ -172,3 +172,23 @@ def test_eval_pipeline_refuses_stage_options_and_a_missing_file(beir_dir, tmp_pa
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "bm25" / "results.json").read_text())
     assert [s["name"] for s in summary["systems"]] == ["bm25"] and summary["comparisons"] == []
+
+
+def test_long_work_shows_our_progress_bars_only(beir_dir, tiny_bi_encoder, tiny_cross_encoder, tmp_path):
+    """Encoding and scoring run on our rich bars: no sentence-transformers tqdm "Batches" bar among them."""
+    result = runner.invoke(app, ["eval", "--data", str(beir_dir), "-f", str(tiny_bi_encoder), "-r",
+                                 str(tiny_cross_encoder), "-d", "3", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "encode documents" in result.output  # ours: count, rate, ETA
+    assert "Batches" not in result.output and "it/s]" not in result.output, result.output
+
+
+def test_a_batch_of_pairs_is_scored_on_our_bar(tiny_cross_encoder, capfd):
+    from stagewise.rerankers import CrossEncoderReranker
+
+    reranker = CrossEncoderReranker(str(tiny_cross_encoder), batch_size=2)
+    scores = reranker.score_pairs([("q", f"text {i}") for i in range(7)], batch_job=True)
+    assert scores.shape == (7,)
+    assert (scores == reranker.score_pairs([("q", f"text {i}") for i in range(7)])).all()  # chunks change nothing
+    err = capfd.readouterr().err
+    assert "score pairs" in err and "Batches" not in err and "it/s]" not in err, err

@@ -396,3 +396,39 @@ def test_unwritable_cache_still_builds(monkeypatch, tmp_path, dataset):
     monkeypatch.setenv("STAGEWISE_CACHE", str(blocker / "cache"))
     monkeypatch.setattr(sd, "_build_uncached", lambda root: dataset)
     assert sd.build_stdlib_dataset() == dataset
+
+
+def _stagewise_imports(module) -> list[tuple[str, bool]]:
+    """(imported stagewise module, imported inside a function) for every import statement of ``module``."""
+    import ast
+    import inspect
+
+    found = []
+
+    def visit(node, nested):
+        for child in ast.iter_child_nodes(node):
+            inner = nested or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.ImportFrom) and (child.module or "").startswith("stagewise"):
+                found.append((child.module, inner))
+            elif isinstance(child, ast.Import):
+                found.extend((a.name, inner) for a in child.names if a.name.startswith("stagewise"))
+            visit(child, inner)
+
+    visit(ast.parse(inspect.getsource(module)), False)
+    return found
+
+
+def test_data_and_the_stdlib_dataset_do_not_import_each_other():
+    """The dataset types live in stagewise.dataset; data.py uses the builder, the builder never uses data.py."""
+    import stagewise.data as data
+    import stagewise.dataset as dataset_types
+
+    builder = _stagewise_imports(sd)
+    assert not any(name == "stagewise.data" for name, _ in builder), builder
+    loaders = _stagewise_imports(data)
+    assert ("stagewise.stdlib_dataset", False) in loaders  # a plain module-level import
+    assert not any(inner for _, inner in loaders), loaders  # no function-level import hack left
+    assert not any(name in ("stagewise.data", "stagewise.stdlib_dataset") for name, _ in
+                   _stagewise_imports(dataset_types))
+    assert data.Document is dataset_types.Document and data.RetrievalDataset is dataset_types.RetrievalDataset
+    assert sd.RetrievalDataset is data.RetrievalDataset  # the same classes whichever module a caller names

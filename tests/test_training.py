@@ -128,6 +128,12 @@ def cross_config(toy, model, **overrides) -> CrossTrainConfig:
     return CrossTrainConfig(**{**options, **overrides})
 
 
+def _evaluations(run: Path) -> list[dict]:
+    """The dev evaluations in a run's metrics.jsonl (its other lines are the logged training losses)."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if "dev_ndcg@10" in m]
+
+
 def _epoch_means(result: dict, epochs: int) -> tuple[float, float]:
     """Mean logged loss over the first epoch and over the last one."""
     losses = [loss for _, loss in result["train"]["loss_history"]]
@@ -203,7 +209,7 @@ def test_bi_loss_trains_and_writes_a_complete_run(case, toy, files, tiny_bi_enco
     config_json = json.loads((out / "config.json").read_text())
     assert config_json["command"] == "train-bi" and config_json["loss"] == loss_name
     assert config_json["seed"] == 42 and len(config_json["dataset_fingerprint"]) == 16
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = _evaluations(out)
     assert len(metrics) == int(config.epochs)  # one dev evaluation per epoch
     assert all(0.0 <= m["dev_ndcg@10"] <= 1.0 for m in metrics)
     train_data = json.loads((out / "train_data.json").read_text())
@@ -526,7 +532,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_on_the_same_data(toy, ti
     steps = [step for step, _ in result["train"]["loss_history"]]
     assert steps == list(range(1, reference["train"]["steps"] + 1))  # the first epoch's log kept, not redone
     assert (out / "train_data.json").read_bytes() == train_data
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # one evaluation per epoch, none repeated
+    assert len(_evaluations(out)) == 2  # one evaluation per epoch, none repeated
     assert json.loads((out / "result.json").read_text())["train"]["steps"] == reference["train"]["steps"]
     _drop_log_handlers_under(tmp_path)
 
@@ -574,11 +580,11 @@ def test_cli_train_bi_and_cross(toy, tiny_bi_encoder, tiny_cross_encoder, tmp_pa
     (["train", "bi", "--loss", "margin-mse", "--hard-negatives", "bm25"], "--teacher"),
     (["train", "cross", "--init", "same-as-bi"], "needs --bi-run"),
     (["train", "cross", "--train-split", "nope"], "no split 'nope'"),
-    (["train", "cross", "--pretrain-queries", "-1"], "--pretrain-queries must be 0 or more"),
+    (["train", "cross", "--pretrain-queries", "-1"], "'--pretrain-queries'"),  # click's range: one line too
     (["train", "cross", "--pretrain-queries", "10", "--pretrain-kind", "summary"], "--pretrain-kind must be one of"),
     (["train", "cross", "--pretrain-queries", "10"], "pseudo-query"),  # the toy's one-line texts give none
-    (["train", "cross", "--skip-top", "-2"], "--skip-top must be 0 or more"),
-    (["train", "cross", "--pos-weight", "0"], "--pos-weight must be positive"),
+    (["train", "cross", "--skip-top", "-2"], "'--skip-top'"),
+    (["train", "cross", "--pos-weight", "0"], "'--pos-weight': must be greater than 0"),
 ])
 def test_cli_bad_training_input_is_one_line_and_exit_2(args, message, toy, tiny_bi_encoder, tiny_cross_encoder,
                                                        tmp_path):
@@ -600,7 +606,7 @@ def test_a_time_limit_stops_training_after_a_last_evaluation(eval_steps, toy, ti
     result = train_bi(config, tmp_path / "run")
     train = result["train"]
     assert train["stopped_at_time_limit"] and train["steps"] == 1 < train["max_steps"]
-    evaluations = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluations = _evaluations(tmp_path / "run")
     assert [e["steps"] for e in evaluations] == [1]  # the last evaluation, at the step it stopped
     assert train["best_dev_ndcg@10"] == pytest.approx(evaluations[0]["dev_ndcg@10"])
     unlimited = train_bi(bi_config(toy, tiny_bi_encoder, epochs=1), tmp_path / "unlimited")["train"]
@@ -616,3 +622,61 @@ def test_a_static_embedding_model_trains_at_its_own_learning_rate(toy, tmp_path)
         pytest.skip("static-64 is not installed")
     train_bi(bi_config(toy, "static-64", epochs=1, learning_rate=None, max_seq_length=None), tmp_path / "run")
     assert json.loads((tmp_path / "run" / "config.json").read_text())["learning_rate"] == 0.2
+
+
+# --------------------------------------------------------------------------------------------
+# The loss's course: logged often enough to show it, printed and stored; our progress bar, not tqdm
+# --------------------------------------------------------------------------------------------
+
+
+def _logged_losses(run: Path, phase: str = "train") -> list[dict]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if m.get("phase") == phase and "loss" in m]
+
+
+def test_the_loss_is_logged_often_enough_to_show_its_course(toy, tiny_bi_encoder, tiny_cross_encoder, tmp_path):
+    """By default every ceil(steps / 20) steps: every step of the tiny bi run (8 steps), every 2nd of the cross
+    run (28 steps); the logged values are the ones result.json and metrics.jsonl keep."""
+    from stagewise.training import LOSS_POINTS
+
+    for kind, train, config in (("bi", train_bi, bi_config(toy, tiny_bi_encoder, epochs=2, logging_steps=None)),
+                                ("cross", train_cross, cross_config(toy, tiny_cross_encoder, epochs=2,
+                                                                    logging_steps=None))):
+        result = train(config, tmp_path / kind)["train"]
+        every = math.ceil(result["steps"] / LOSS_POINTS)
+        assert result["steps"] >= 4 and (every == 1 or kind == "cross"), result
+        assert [step for step, _ in result["loss_history"]] == list(range(every, result["steps"] + 1, every)), kind
+        assert result["loss_first"] != result["loss_last"]  # the course, not one value twice
+        stored = _logged_losses(tmp_path / kind)
+        assert [(m["steps"], m["loss"]) for m in stored] == [tuple(h) for h in result["loss_history"]], kind
+
+
+def test_a_long_run_logs_its_loss_about_twenty_times(tmp_path):
+    from types import SimpleNamespace
+
+    from sentence_transformers import SentenceTransformerTrainingArguments
+    from transformers.trainer_callback import TrainerState
+
+    from stagewise.training import LOSS_POINTS, _training_arguments
+
+    args = _training_arguments(SentenceTransformerTrainingArguments, BiTrainConfig(), SimpleNamespace(path=tmp_path),
+                               False, {})
+    assert args.disable_tqdm
+    for max_steps, every in ((1000, 50), (30, 2), (7, 1)):
+        state = TrainerState()
+        state.compute_steps(args, max_steps)
+        assert state.logging_steps == every and max_steps // every <= LOSS_POINTS
+
+
+def test_cli_training_prints_the_loss_course_on_our_bar(toy, tiny_bi_encoder, tmp_path):
+    from stagewise.cli import app
+
+    result = runner.invoke(app, ["train", "bi", "--model", str(tiny_bi_encoder), "--data", str(toy),
+                                 "--hard-negatives", "none", "--epochs", "2", "--batch-size", "4", "--lr", "1e-3",
+                                 "--max-seq-length", "64", "--dev-corpus-size", "10", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("trained "))
+    steps = int(line.split()[1])
+    assert f"({steps} values logged)" in line and steps >= 4, line
+    assert "train: steps" in result.output  # our bar drove the trainer
+    assert "{'loss'" not in result.output and "it/s]" not in result.output, result.output

@@ -9,16 +9,51 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+import typer.core
 from rich.markup import escape
 from rich.table import Table
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # the click typer runs on (vendored)
 
 from stagewise import engine
 from stagewise.errors import StagewiseError
-from stagewise.progress import console
+from stagewise.progress import console, printable
 from stagewise.rundir import RunDir, seed_everything
 
+
+def _print_error(message: str) -> None:
+    """Every user mistake, whoever caught it, as one red line on stderr (control characters made visible)."""
+    console.print(f"[bold red]error:[/] {escape(printable(message))}", highlight=False, soft_wrap=True)
+
+
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """click's usage errors (a bad option value, an unknown option or command) as one ``error:`` line with exit
+    code 2, like every other user mistake, instead of a usage block and a boxed panel."""
+
+    @staticmethod
+    def _one_line(e: UsageError) -> typer.Exit:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        _print_error(e.format_message() + hint)
+        return typer.Exit(EXIT_USER_ERROR)
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as e:
+            raise self._one_line(e) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as e:
+            raise self._one_line(e) from None
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Measure and choose two-stage neural search on your own data.")
+                  cls=_OneLineUsageErrors, help="Measure and choose two-stage neural search on your own data.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
 app.add_typer(data_app, name="data")
 train_app = typer.Typer(no_args_is_help=True, help="Fine-tune a bi-encoder or a cross-encoder.")
@@ -38,8 +73,37 @@ BACKEND_OPTION = typer.Option(None, "--backend", help="What runs the models: tor
 QUANTIZE_OPTION = typer.Option(None, "--quantize", help="none | int8 (onnx: dynamic; openvino: needs an export "
                                                        "calibrated with `stagewise export --calibration`).")
 DTYPE_OPTION = typer.Option(None, "--dtype", help="float32 | bfloat16 (torch, or openvino's inference precision).")
-THREADS_OPTION = typer.Option(None, "--threads", help="Intra-op threads for every backend (default: OMP_NUM_THREADS, "
-                                                     "else all cores).")
+THREADS_OPTION = typer.Option(None, "--threads", min=1, help="Intra-op threads for every backend (default: "
+                                                            "OMP_NUM_THREADS, else all cores).")
+#: Seeds: what numpy, random and torch all accept.
+SEED_RANGE = {"min": 0, "max": 2**32 - 1}
+
+
+def _above(low: float):
+    """A float option that must be greater than ``low`` (click's ranges are inclusive and let NaN through)."""
+
+    def check(value):
+        if value is not None and not value > low:
+            raise typer.BadParameter(f"must be greater than {low:g}, got {value:g}")
+        return value
+
+    return check
+
+
+def _between(low: float, high: float):
+    """A float option in [low, high] (NaN refused)."""
+
+    def check(value):
+        if value is not None and not low <= value <= high:
+            raise typer.BadParameter(f"must be between {low:g} and {high:g}, got {value:g}")
+        return value
+
+    return check
+
+
+ALLOW_UNTRAINED_OPTION = typer.Option(False, "--allow-untrained-reranker",
+                                      help="Deploy a reranker without a trained scoring head (a base model: its "
+                                           "scores mean nothing; for plumbing tests only).")
 
 
 def backend_option(backend: str | None, quantize: str | None, dtype: str | None):
@@ -59,7 +123,7 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except StagewiseError as e:
-            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            _print_error(str(e))
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/] (a training run continues with --resume)")
@@ -102,8 +166,8 @@ def describe_command(
     if as_json:
         print(json.dumps(info, indent=2))
         return
-    table = Table(title=f"{info['name']} ({info['documents']} documents, {info['queries']} queries, "
-                        f"fingerprint {info['fingerprint']})")
+    table = Table(title=escape(printable(f"{info['name']} ({info['documents']} documents, {info['queries']} "
+                                         f"queries, fingerprint {info['fingerprint']})")))
     for col in ("", "count", "mean words", "median", "p95", "max"):
         table.add_column(col)
     for label, key, count in (("documents", "document_length", info["documents"]),
@@ -116,7 +180,7 @@ def describe_command(
     for col in ("split", "queries", "judgements", "relevant per query"):
         splits.add_column(col)
     for name, s in info["splits"].items():
-        splits.add_row(name, str(s["queries"]), str(s["judgements"]), str(s["relevant_per_query"]))
+        splits.add_row(escape(printable(name)), str(s["queries"]), str(s["judgements"]), str(s["relevant_per_query"]))
     console.print(splits)
 
 
@@ -129,15 +193,16 @@ def eval_command(
         None, "--first-stage", "-f",
         help="bm25 (default) | model (alias, directory, hub id) | a+b (hybrid, reciprocal rank fusion). Repeatable."),
     reranker: Optional[str] = typer.Option(None, "--reranker", "-r", help="Cross-encoder model to rerank with."),
-    depth: Optional[List[int]] = typer.Option(None, "--depth", "-d", help="Rerank depth (repeatable; default 20)."),
+    depth: Optional[List[int]] = typer.Option(None, "--depth", "-d", min=1,
+                                              help="Rerank depth (repeatable; default 20)."),
     pipeline_path: Optional[Path] = typer.Option(
         None, "--pipeline", help="Evaluate exactly this pipeline.yaml (or a select run folder holding one) and its "
                                  "first stage alone, instead of -f/-r/-d."),
-    max_queries: Optional[int] = typer.Option(None, "--max-queries", help="Evaluate only the first N queries."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Encoding / scoring batch size."),
-    max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", help="Override the bi-encoder's."),
+    max_queries: Optional[int] = typer.Option(None, "--max-queries", min=1, help="Evaluate only the first N queries."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Encoding / scoring batch size."),
+    max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", min=1, help="Override the bi-encoder's."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/eval-<time>)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", **SEED_RANGE),
     engine_name: str = ENGINE_OPTION,
     ray_address: Optional[str] = RAY_ADDRESS_OPTION,
     backend_name: Optional[str] = BACKEND_OPTION,
@@ -191,9 +256,10 @@ def eval_command(
     run.close()
     console.print(results_table(results, f"{dataset.name} / {split}"))
     for c in comparisons:
-        console.print(f"{c.b}: nDCG@10 {c.mean_diff:+.4f} vs first stage (95% CI {c.ci95[0]:+.4f}..{c.ci95[1]:+.4f}, "
-                      f"p={c.p_value:.3g}; {c.wins} wins / {c.losses} losses / {c.ties} ties)", highlight=False)
-    console.print(f"results: {path}")
+        console.print(printable(f"{c.b}: nDCG@10 {c.mean_diff:+.4f} vs first stage (95% CI {c.ci95[0]:+.4f}.."
+                                f"{c.ci95[1]:+.4f}, p={c.p_value:.3g}; {c.wins} wins / {c.losses} losses / {c.ties} "
+                                "ties)"), highlight=False, markup=False)
+    console.print(printable(f"results: {path}"), highlight=False, markup=False)
 
 
 @app.command("compare")
@@ -207,13 +273,13 @@ def compare_command(
     from stagewise.evaluation import compare_per_query, load_per_query
 
     c = compare_per_query(a.stem, load_per_query(a), b.stem, load_per_query(b), metric)
-    console.print(f"{c.metric}: {c.a} {c.mean_a:.4f} → {c.b} {c.mean_b:.4f}  diff {c.mean_diff:+.4f} "
-                  f"(95% CI {c.ci95[0]:+.4f}..{c.ci95[1]:+.4f}, paired t-test p={c.p_value:.3g}); "
-                  f"B wins {c.wins}, loses {c.losses}, ties {c.ties}", highlight=False)
+    console.print(printable(f"{c.metric}: {c.a} {c.mean_a:.4f} → {c.b} {c.mean_b:.4f}  diff {c.mean_diff:+.4f} "
+                            f"(95% CI {c.ci95[0]:+.4f}..{c.ci95[1]:+.4f}, paired t-test p={c.p_value:.3g}); "
+                            f"B wins {c.wins}, loses {c.losses}, ties {c.ties}"), highlight=False, markup=False)
 
 
 def results_table(results, title: str) -> Table:
-    table = Table(title=title)
+    table = Table(title=escape(printable(title)))
     for col in ("system", "nDCG@10", "MRR@10", "R@10", "R@100", "MAP@100", "R@depth", "p50 ms", "p95 ms", "docs/s"):
         table.add_column(col, justify="left" if col == "system" else "right")
     for r in results:
@@ -222,7 +288,7 @@ def results_table(results, title: str) -> Table:
         ceiling = f"{m[f'recall@{r.depth}']:.3f}" if r.depth else ""
         rate = r.encoding.get("docs_per_second")
         rate_text = "" if rate is None else f"{rate:,.0f}" + (" (cached)" if r.encoding.get("from_cache") else "")
-        table.add_row(r.name, f"{m['ndcg@10']:.4f}", f"{m['mrr@10']:.4f}", f"{m['recall@10']:.3f}",
+        table.add_row(escape(printable(r.name)), f"{m['ndcg@10']:.4f}", f"{m['mrr@10']:.4f}", f"{m['recall@10']:.3f}",
                       f"{m['recall@100']:.3f}", f"{m['map@100']:.4f}", ceiling, f"{lat['p50_ms']:.1f}",
                       f"{lat['p95_ms']:.1f}", rate_text)
     return table
@@ -238,15 +304,20 @@ _OUT = typer.Option(None, "--out", help="Run directory (default runs/train-<kind
 _RESUME = typer.Option(False, "--resume", help="Continue an interrupted run in --out.")
 
 
+def _loss(value) -> str:
+    return "?" if value is None else f"{value:.4g}"
+
+
 def _print_training(result: dict, run_dir: Path) -> None:
     pre = result.get("pretrain") or {}
     if pre.get("skipped"):
         console.print(f"pre-training skipped: {pre['skipped']}", highlight=False)
     elif pre:
         console.print(f"pre-trained on {pre['queries']} pseudo-queries ({pre['examples']} pairs) in {pre['steps']} "
-                      f"steps; loss {pre['loss_first']} → {pre['loss_last']}", highlight=False)
+                      f"steps; loss {_loss(pre['loss_first'])} → {_loss(pre['loss_last'])}", highlight=False)
     train = result["train"]
-    console.print(f"trained {train['steps']} steps; loss {train['loss_first']} → {train['loss_last']}", highlight=False)
+    console.print(f"trained {train['steps']} steps; loss {_loss(train['loss_first'])} → {_loss(train['loss_last'])} "
+                  f"({len(train.get('loss_history') or [])} values logged)", highlight=False)
     dev = result.get("dev") or {}
     for name, metrics in dev.items():
         if isinstance(metrics, dict) and "ndcg@10" in metrics:
@@ -255,7 +326,8 @@ def _print_training(result: dict, run_dir: Path) -> None:
     health = dev.get("health")
     if health and (health["collapsed"] or health["no_gain"]):
         console.print("[bold yellow]warning:[/] the reranker did not learn to rerank: " + "; ".join(health["reasons"]))
-    console.print(f"model: {result['model']}\nrun: {run_dir}")
+    console.print(printable(f"model: {result['model']}") + "\n" + printable(f"run: {run_dir}"), highlight=False,
+                  markup=False)
 
 
 @train_app.command("bi")
@@ -270,25 +342,27 @@ def train_bi_command(
                                                             "online-contrastive | cosent | margin-mse (default: from "
                                                             "the data's shape)."),
     hard_negatives: str = typer.Option("model", "--hard-negatives", help="Mine negatives with: model | bm25 | none."),
-    num_negatives: int = typer.Option(1, "--num-negatives"),
-    range_min: int = typer.Option(10, "--range-min", help="Skip the top N candidates when mining."),
-    range_max: int = typer.Option(50, "--range-max", help="Mine among the top N candidates."),
-    relative_margin: Optional[float] = typer.Option(0.05, "--relative-margin",
+    num_negatives: int = typer.Option(1, "--num-negatives", min=1),
+    range_min: int = typer.Option(10, "--range-min", min=0, help="Skip the top N candidates when mining."),
+    range_max: int = typer.Option(50, "--range-max", min=1, help="Mine among the top N candidates."),
+    relative_margin: Optional[float] = typer.Option(0.05, "--relative-margin", callback=_between(0, 1),
                                                     help="A negative must score under (1 - margin) × the positive."),
     negative_filter: Optional[str] = typer.Option(None, "--negative-filter", help="Cross-encoder to drop false "
                                                                                   "negatives when mining."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Cross-encoder teacher for margin-mse."),
-    epochs: float = typer.Option(1.0, "--epochs"),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    learning_rate: Optional[float] = typer.Option(None, "--lr", help="Default 5e-5 (0.2 for a static embedding "
-                                                                      "model)."),
-    max_seq_length: int = typer.Option(256, "--max-seq-length"),
-    eval_steps: Optional[int] = typer.Option(None, "--eval-steps", help="Evaluate and checkpoint every N steps "
-                                                                        "(default: every epoch)."),
-    patience: int = typer.Option(2, "--patience", help="Early stopping after N evaluations without gain (0: off)."),
-    dev_corpus_size: int = typer.Option(2000, "--dev-corpus-size", help="Documents in the dev corpus used during "
-                                                                        "training (judged ones + a fixed sample)."),
-    seed: int = typer.Option(42, "--seed"),
+    epochs: float = typer.Option(1.0, "--epochs", callback=_above(0)),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    learning_rate: Optional[float] = typer.Option(None, "--lr", callback=_above(0),
+                                                  help="Default 5e-5 (0.2 for a static embedding model)."),
+    max_seq_length: int = typer.Option(256, "--max-seq-length", min=1),
+    eval_steps: Optional[int] = typer.Option(None, "--eval-steps", min=1, help="Evaluate and checkpoint every N "
+                                                                               "steps (default: every epoch)."),
+    patience: int = typer.Option(2, "--patience", min=0, help="Early stopping after N evaluations without gain "
+                                                              "(0: off)."),
+    dev_corpus_size: int = typer.Option(2000, "--dev-corpus-size", min=1, help="Documents in the dev corpus used "
+                                                                               "during training (judged ones + a "
+                                                                               "fixed sample)."),
+    seed: int = typer.Option(42, "--seed", **SEED_RANGE),
     out: Optional[Path] = _OUT,
     resume: bool = _RESUME,
 ):
@@ -320,31 +394,32 @@ def train_cross_command(
     dev_split: str = _DEV,
     first_stage: Optional[str] = typer.Option(None, "--first-stage", help="What mines negatives (default: the bi "
                                                                           "run's model, else bm25)."),
-    depth: int = typer.Option(20, "--depth", help="The rerank depth to train (and evaluate) for."),
-    hard_negatives: int = typer.Option(7, "--hard-negatives", help="Negatives per query from the top --depth."),
-    random_negatives: int = typer.Option(2, "--random-negatives", help="Random negatives per query."),
-    skip_top: int = typer.Option(0, "--skip-top", help="Hard negatives from below the first stage's top N only."),
-    pos_weight: Optional[float] = typer.Option(None, "--pos-weight",
+    depth: int = typer.Option(20, "--depth", min=1, help="The rerank depth to train (and evaluate) for."),
+    hard_negatives: int = typer.Option(7, "--hard-negatives", min=0, help="Negatives per query from the top --depth."),
+    random_negatives: int = typer.Option(2, "--random-negatives", min=0, help="Random negatives per query."),
+    skip_top: int = typer.Option(0, "--skip-top", min=0, help="Hard negatives from below the first stage's top N "
+                                                              "only."),
+    pos_weight: Optional[float] = typer.Option(None, "--pos-weight", callback=_above(0),
                                                help="bce's weight on positives (default: negatives / positives)."),
     loss: Optional[str] = typer.Option(None, "--loss", help="bce | mse | cross-entropy | listnet | lambda "
                                                             "(default: bce; mse for scored pairs)."),
-    epochs: float = typer.Option(1.0, "--epochs"),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    learning_rate: float = typer.Option(5e-5, "--lr"),
-    max_length: int = typer.Option(256, "--max-length"),
+    epochs: float = typer.Option(1.0, "--epochs", callback=_above(0)),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    learning_rate: float = typer.Option(5e-5, "--lr", callback=_above(0)),
+    max_length: int = typer.Option(256, "--max-length", min=1),
     pretrain_queries: int = typer.Option(
-        0, "--pretrain-queries",
+        0, "--pretrain-queries", min=0,
         help="Pre-train on this many pseudo-queries made from the corpus first (0: none)."),
     pretrain_kind: str = typer.Option("auto", "--pretrain-kind",
                                       help="auto | title | sentence (inverse cloze)."),
-    pretrain_epochs: float = typer.Option(1.0, "--pretrain-epochs"),
-    pretrain_skip: int = typer.Option(2, "--pretrain-skip", help="Pre-training negatives from below the first "
+    pretrain_epochs: float = typer.Option(1.0, "--pretrain-epochs", callback=_above(0)),
+    pretrain_skip: int = typer.Option(2, "--pretrain-skip", min=0, help="Pre-training negatives from below the first "
                                                                  "stage's top N (and below the source document)."),
-    pretrain_minutes: Optional[float] = typer.Option(None, "--pretrain-minutes",
+    pretrain_minutes: Optional[float] = typer.Option(None, "--pretrain-minutes", callback=_above(0),
                                                      help="Stop pre-training after this many minutes."),
-    eval_steps: Optional[int] = typer.Option(None, "--eval-steps"),
-    patience: int = typer.Option(2, "--patience"),
-    seed: int = typer.Option(42, "--seed"),
+    eval_steps: Optional[int] = typer.Option(None, "--eval-steps", min=1),
+    patience: int = typer.Option(2, "--patience", min=0),
+    seed: int = typer.Option(42, "--seed", **SEED_RANGE),
     out: Optional[Path] = _OUT,
     resume: bool = _RESUME,
 ):
@@ -376,11 +451,13 @@ def select_command(
     preset: Optional[str] = typer.Option(None, "--preset", help="quick (about 10 min on 2 CPU cores) | full."),
     bi: Optional[List[str]] = typer.Option(None, "--bi", help="Candidate bi-encoder (repeatable)."),
     cross: Optional[List[str]] = typer.Option(None, "--cross", help="Candidate cross-encoder base (repeatable)."),
-    depth: Optional[List[int]] = typer.Option(None, "--depth", "-d", help="Rerank depth to consider (repeatable)."),
-    latency_budget_ms: Optional[float] = typer.Option(None, "--latency-budget-ms",
+    depth: Optional[List[int]] = typer.Option(None, "--depth", "-d", min=1,
+                                              help="Rerank depth to consider (repeatable)."),
+    latency_budget_ms: Optional[float] = typer.Option(None, "--latency-budget-ms", callback=_above(0),
                                                       help="Per-query latency the pipeline must stay within."),
-    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Minutes for the whole selection."),
-    max_dev_queries: Optional[int] = typer.Option(None, "--max-dev-queries"),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", callback=_above(0),
+                                                help="Minutes for the whole selection."),
+    max_dev_queries: Optional[int] = typer.Option(None, "--max-dev-queries", min=1),
     test_split: Optional[str] = typer.Option(None, "--test-split", help="Confirm the chosen pipeline once on this "
                                                                         "split (reported, never used to choose)."),
     query: Optional[str] = typer.Option(None, "--query", help="Example query to answer with the chosen pipeline "
@@ -412,28 +489,29 @@ def select_command(
         table.add_column(col, justify="left" if col == "system" else "right")
     for row in result["systems"]:
         chosen = row["name"] == result["verdict"]["name"]
-        table.add_row(("▶ " if chosen else "") + escape(row["name"]), f"{row['ndcg@10']:.4f}",
+        table.add_row(("▶ " if chosen else "") + escape(printable(row["name"])), f"{row['ndcg@10']:.4f}",
                       f"{row['latency_ms']:.1f}", "yes" if row["within_budget"] else "[red]no[/]",
                       "✓" if row["pareto"] else "", style="bold" if chosen else None)
     console.print(table)
     console.print("[bold]Verdict[/]")
     for line in result["verdict"]["summary"]:
-        console.print(f"  {line}", highlight=False)
-    console.print(f"report: {run_dir / result['report']['html']}\npipeline: {run_dir / result['pipeline_yaml']}",
-                  highlight=False)
+        console.print(f"  {printable(line)}", highlight=False, markup=False)
+    console.print(printable(f"report: {run_dir / result['report']['html']}") + "\n"
+                  + printable(f"pipeline: {run_dir / result['pipeline_yaml']}"), highlight=False, markup=False)
     dataset = load_dataset(settings.data)
     if query is None:
         queries, _ = dataset.split(settings.dev_split)
         query = queries[sorted(queries)[0]]
     pipeline = Pipeline.load(run_dir / result["pipeline_yaml"]).index(dataset.corpus)
-    console.print(f"[bold]Example[/]: {pipeline.name} answers {query!r}", highlight=False)
+    console.print(f"[bold]Example[/]: {escape(printable(pipeline.name))} answers {escape(printable(repr(query)))}",
+                  highlight=False)
     for hit in pipeline.search(query, k=3):
         rerank = "" if hit.rerank_score is None else f", rerank score {hit.rerank_score:.3f}"
-        console.print(f"  {hit.rank}. {hit.doc_id} (first stage rank {hit.first_stage_rank}, score "
-                      f"{hit.first_stage_score:.3f}{rerank}) {(hit.title + ': ' if hit.title else '') + hit.text[:90]}…",
-                      highlight=False, markup=False)
-    console.print(f"Deploy it: stagewise index build --pipeline {run_dir} --corpus {settings.data} --out INDEX, then "
-                  "stagewise serve INDEX", highlight=False, markup=False)
+        text = printable((hit.title + ": " if hit.title else "") + hit.text[:90])
+        console.print(f"  {hit.rank}. {printable(hit.doc_id)} (first stage rank {hit.first_stage_rank}, score "
+                      f"{hit.first_stage_score:.3f}{rerank}) {text}…", highlight=False, markup=False)
+    console.print(printable(f"Deploy it: stagewise index build --pipeline {run_dir} --corpus {settings.data} --out "
+                            "INDEX, then stagewise serve INDEX"), highlight=False, markup=False)
 
 
 @app.command("export")
@@ -450,11 +528,13 @@ def export_command(
                                                                           "Needed for openvino int8; also the "
                                                                           "equivalence sample."),
     out: Path = typer.Option(..., "--out", "-o", help="New folder for the exported model."),
-    min_cosine: float = typer.Option(0.98, "--min-cosine", help="Refuse a bi-encoder whose worst embedding cosine "
-                                                                "to PyTorch on the sample is lower."),
-    min_correlation: float = typer.Option(0.98, "--min-correlation", help="Refuse a cross-encoder whose score "
-                                                                          "Spearman correlation is lower."),
-    min_top10: float = typer.Option(0.8, "--min-top10", help="Refuse a model whose mean top-10 agreement is lower."),
+    min_cosine: float = typer.Option(0.98, "--min-cosine", callback=_between(-1, 1),
+                                     help="Refuse a bi-encoder whose worst embedding cosine to PyTorch on the sample "
+                                          "is lower."),
+    min_correlation: float = typer.Option(0.98, "--min-correlation", callback=_between(-1, 1),
+                                          help="Refuse a cross-encoder whose score Spearman correlation is lower."),
+    min_top10: float = typer.Option(0.8, "--min-top10", callback=_between(0, 1),
+                                    help="Refuse a model whose mean top-10 agreement is lower."),
     force: bool = typer.Option(False, "--force", help="Keep an export past the tolerance (recorded as forced)."),
     threads: Optional[int] = THREADS_OPTION,
 ):
@@ -469,8 +549,9 @@ def export_command(
     eq = manifest["equivalence"]
     agreement = (f"min cosine {eq['min_cosine']:.4f}" if "min_cosine" in eq else f"score correlation {eq['spearman']:.4f}")
     size = sum(f.stat().st_size for f in (out / manifest["file"]).parent.iterdir()) / 1e6
-    console.print(f"exported {manifest['kind']} {model} for {backend.label} → {out / manifest['file']} ({size:.1f} MB); "
-                  f"vs PyTorch on {eq['sample']}: {agreement}, top-10 agreement {eq['top10_agreement']:.3f}"
+    console.print(escape(printable(f"exported {manifest['kind']} {model} for {backend.label} → "
+                                   f"{out / manifest['file']} ({size:.1f} MB); vs PyTorch on {eq['sample']}: "
+                                   f"{agreement}, top-10 agreement {eq['top10_agreement']:.3f}"))
                   + (" [bold yellow](past the tolerance, kept with --force)[/]" if manifest["accepted"] == "forced"
                      else ""), highlight=False)
 
@@ -492,6 +573,7 @@ def index_build_command(
                                                           "is committed)."),
     milvus_uri: Optional[str] = typer.Option(None, "--milvus-uri", help="--kind milvus: a Milvus Lite file or "
                                                                         "http://host:19530 (default INDEX/milvus.db)."),
+    allow_untrained: bool = ALLOW_UNTRAINED_OPTION,
     engine_name: str = ENGINE_OPTION,
     ray_address: Optional[str] = RAY_ADDRESS_OPTION,
     backend_name: Optional[str] = BACKEND_OPTION,
@@ -506,7 +588,8 @@ def index_build_command(
     vectors = VectorIndexConfig(kind, quantization, rescore, connectivity, ef_construction, ef_search, milvus_uri)
     with engine.use(engine_name, ray_address):
         index = Index.build(load_pipeline_spec(pipeline, backend_option(backend_name, quantize, dtype), threads),
-                            load_corpus_spec(corpus), out, vectors, replace=replace)
+                            load_corpus_spec(corpus), out, vectors, replace=replace,
+                            allow_untrained_reranker=allow_untrained)
     _print_index(index)
 
 
@@ -539,10 +622,14 @@ def index_delete_command(
     """Delete documents by id without a rebuild."""
     from stagewise.index import Index
 
+    from stagewise.data import text_lines
+
     wanted = list(ids or [])
     if ids_file:
-        try:
-            wanted += [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
+        if not ids_file.is_file():
+            raise StagewiseError(f"{ids_file}: cannot read ({'a folder' if ids_file.is_dir() else 'no such file'})")
+        try:  # a line that is not UTF-8 is named by its number
+            wanted += [line.strip() for _, line in text_lines(ids_file) if line.strip()]
         except OSError as e:
             raise StagewiseError(f"{ids_file}: cannot read ({e.strerror})") from None
     if not wanted:
@@ -570,10 +657,10 @@ def _print_index(index) -> None:
     reranker = f"{d['reranker']} @ depth {d['depth']}" if d["reranker"] else "none"
     if d["fusion"] and d["fusion"]["weight"] < 1:
         reranker += f" fused with the first stage (reranker weight {d['fusion']['weight']:.2f})"
-    console.print(f"index {d['path']} {d['version']} ({change}): {d['documents']:,} documents; first stage "
-                  f"{d['first_stage']} ({d['vectors'] or 'lexical'}); reranker {reranker}; "
-                  f"{d['disk_bytes'] / 1e6:.1f} MB on disk, {d['memory_bytes'] / 1e6:.1f} MB searched in memory",
-                  highlight=False, markup=False)
+    console.print(printable(f"index {d['path']} {d['version']} ({change}): {d['documents']:,} documents; first stage "
+                            f"{d['first_stage']} ({d['vectors'] or 'lexical'}); reranker {reranker}; "
+                            f"{d['disk_bytes'] / 1e6:.1f} MB on disk, {d['memory_bytes'] / 1e6:.1f} MB searched in "
+                            "memory"), highlight=False, markup=False)
 
 
 @app.command("search")
@@ -603,7 +690,8 @@ def search_command(
         print(json.dumps([h.to_dict() for h in hits], indent=2, ensure_ascii=False))
         return
     reranked = index.pipeline.reranker is not None and not no_rerank
-    table = Table(title=escape(f"{index.pipeline.name if reranked else index.pipeline.first_stage.name}: {query}"))
+    table = Table(title=escape(printable(f"{index.pipeline.name if reranked else index.pipeline.first_stage.name}: "
+                                         f"{query}")))
     fused = any(h.fused_score is not None for h in hits)  # the column only where a fusion ordered the hits
     for col in ("rank", "moved", "doc", "first stage (rank)", "rerank", *(["fused"] if fused else []), "title / text"):
         table.add_column(col, justify="left" if col in ("doc", "title / text") else "right")
@@ -611,9 +699,10 @@ def search_command(
         moved = "" if h.rerank_score is None else (f"{h.first_stage_rank - h.rank:+d}" if h.first_stage_rank != h.rank
                                                    else "=")
         fused_cell = ["" if h.fused_score is None else f"{h.fused_score:.4f}"] if fused else []
-        table.add_row(str(h.rank), moved, escape(h.doc_id), f"{h.first_stage_score:.4f} ({h.first_stage_rank})",
+        table.add_row(str(h.rank), moved, escape(printable(h.doc_id)),
+                      f"{h.first_stage_score:.4f} ({h.first_stage_rank})",
                       "" if h.rerank_score is None else f"{h.rerank_score:.4f}", *fused_cell,
-                      escape((f"{h.title}: " if h.title else "") + h.text[:100]))
+                      escape(printable((f"{h.title}: " if h.title else "") + h.text[:100])))
     console.print(table)
 
 
@@ -623,32 +712,49 @@ def serve_command(
     index_path: Path = typer.Argument(..., metavar="INDEX"),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. The service has no authentication: "
                                                          "keep it on loopback or put it behind a proxy."),
-    port: int = typer.Option(8000, "--port"),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
     pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Another pipeline.yaml over the same first stage."),
-    timeout: float = typer.Option(10.0, "--timeout", help="Seconds per request, queueing included."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Seconds per request, queueing included; its work stops "
+                                                          "when they pass."),
     max_k: int = typer.Option(100, "--max-k"),
     max_depth: int = typer.Option(200, "--max-depth"),
+    max_request_pairs: int = typer.Option(2048, "--max-request-pairs", help="Queries × depth: cross-encoder pairs "
+                                                                            "one request may cost."),
+    max_request_hits: int = typer.Option(1000, "--max-request-hits", help="Queries × k: hits one request may "
+                                                                          "return."),
+    max_text_chars: int = typer.Option(2000, "--max-text-chars", help="Each hit's title and text are cut to this "
+                                                                      "many characters."),
     max_batch: int = typer.Option(32, "--max-batch", help="Queries run through the models together."),
     batch_wait_ms: float = typer.Option(2.0, "--batch-wait-ms", help="How long a batch waits for more requests."),
+    reload_interval: float = typer.Option(1.0, "--reload-interval", help="Seconds between checks for a new index "
+                                                                         "version (0: never reload)."),
+    allow_untrained: bool = ALLOW_UNTRAINED_OPTION,
     backend_name: Optional[str] = BACKEND_OPTION,
     quantize: Optional[str] = QUANTIZE_OPTION,
     dtype: Optional[str] = DTYPE_OPTION,
     threads: Optional[int] = THREADS_OPTION,
 ):
-    """Serve an index over HTTP: POST /search, POST /search/batch, GET /health, /stats, a search page at /."""
+    """Serve an index over HTTP: POST /search, POST /search/batch, GET /health, /stats, /docs, a search page at /.
+    A new index version (index add / delete / build --replace) is served as soon as it is loaded."""
     from stagewise.index import Index
-    from stagewise.service import ServiceSettings, is_loopback, serve
+    from stagewise.live_index import LiveIndex
+    from stagewise.service import ServiceSettings, check_listen, is_loopback, serve
 
     settings = ServiceSettings(max_k=max_k, max_depth=max_depth, timeout_s=timeout, max_batch=max_batch,
-                               batch_wait_ms=batch_wait_ms)
-    index = Index.load(index_path, pipeline=pipeline, backend=backend_option(backend_name, quantize, dtype),
-                       threads=threads)
+                               batch_wait_ms=batch_wait_ms, max_request_pairs=max_request_pairs,
+                               max_request_hits=max_request_hits, max_text_chars=max_text_chars,
+                               reload_interval_s=reload_interval).validate()
+    check_listen(host, port)  # before the models load
+    backend = backend_option(backend_name, quantize, dtype)
+    index = Index.load(index_path, pipeline=pipeline, backend=backend, threads=threads)
+    live = LiveIndex(index, override=index.pipeline if pipeline else None, backend=backend, threads=threads,
+                     allow_untrained_reranker=allow_untrained)
     if not is_loopback(host):
         console.print(f"[yellow]warning:[/] binding to {host}: anyone who can reach it can query the index "
                       "(no authentication)", highlight=False)
     console.print(f"serving {index.pipeline.name} over {len(index):,} documents ({index.version}) on "
                   f"http://{host}:{port}/  (API: /docs, /openapi.json; Ctrl-C stops)", highlight=False, markup=False)
-    serve(index, host, port, settings)
+    serve(live, host, port, settings)
 
 
 def main() -> None:

@@ -7,69 +7,20 @@ the field, before any expensive work starts.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from stagewise.dataset import Document, RetrievalDataset
 from stagewise.errors import DataError
+from stagewise.stdlib_dataset import build_stdlib_dataset
 
 DEFAULT_DATASET_NAMES = ("default", "stdlib")
-
-
-@dataclass(frozen=True)
-class Document:
-    id: str
-    title: str
-    text: str
-
-    def full_text(self) -> str:
-        """What a model reads: title and text joined, the BEIR / sentence-transformers convention."""
-        return f"{self.title} {self.text}".strip() if self.title else self.text
-
-
-@dataclass
-class RetrievalDataset:
-    """A corpus, queries and relevance judgements (qrels) per split.
-
-    ``qrels[split][query_id][doc_id] = relevance`` (an int; > 0 means relevant).
-    """
-
-    name: str
-    corpus: dict[str, Document]
-    queries: dict[str, str]
-    qrels: dict[str, dict[str, dict[str, int]]]
-    source: str = ""
-
-    @property
-    def splits(self) -> list[str]:
-        return sorted(self.qrels)
-
-    def split(self, name: str) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
-        """The queries judged in ``name`` and their qrels; a clear error for a missing or empty split."""
-        if name not in self.qrels:
-            available = ", ".join(self.splits) or "none"
-            raise DataError(self.source or self.name, f"no split '{name}' (available: {available})", field="split")
-        qrels = self.qrels[name]
-        queries = {qid: self.queries[qid] for qid in qrels}
-        if not queries:
-            raise DataError(self.source or self.name, f"split '{name}' has no queries", field="split")
-        return queries, qrels
-
-    def fingerprint(self) -> str:
-        """Content hash of corpus, queries and qrels: identical data gives an identical fingerprint."""
-        h = hashlib.sha256()
-        for doc in self.corpus.values():
-            h.update(f"{doc.id}\x1f{doc.title}\x1f{doc.text}\x1e".encode())
-        for qid, text in self.queries.items():
-            h.update(f"{qid}\x1f{text}\x1e".encode())
-        for split in self.splits:
-            for qid, docs in self.qrels[split].items():
-                for did, rel in docs.items():
-                    h.update(f"{split}\x1f{qid}\x1f{did}\x1f{rel}\x1e".encode())
-        return h.hexdigest()[:16]
+#: The relevance a qrels file may give: what a C int holds (pytrec_eval's type).
+RELEVANCE_MIN, RELEVANCE_MAX = -(2**31), 2**31 - 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,8 +31,12 @@ class RetrievalDataset:
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """Yield (line number, decoded line) and turn encoding problems into DataErrors with a line."""
     if not path.is_file():
-        raise DataError(path, "file not found")
-    with path.open("rb") as f:
+        raise DataError(path, "file not found (a folder is there)" if path.is_dir() else "file not found")
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise DataError(path, f"cannot read ({e.strerror or e})") from None
+    with f:
         for number, raw in enumerate(f, start=1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
@@ -89,6 +44,11 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield number, raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 raise DataError(path, f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})", line=number) from None
+
+
+def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file; a missing file or a line that is not UTF-8 is a DataError."""
+    return _lines(Path(path))
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
@@ -99,22 +59,34 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(path, f"invalid JSON ({e.msg} at column {e.colno})", line=number) from None
+        except RecursionError:  # thousands of nested brackets: no record is that deep
+            raise DataError(path, "invalid JSON (nested too deeply)", line=number) from None
         if not isinstance(record, dict):
             raise DataError(path, f"expected a JSON object, got {type(record).__name__}", line=number)
         yield number, record
+
+
+def _valid_text(value: str, path: Path, line: int, key: str) -> str:
+    """A JSON escape such as ``"\\ud800"`` decodes to a lone surrogate: not text any file or model can take."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(path, f"holds a lone surrogate (\\u{ord(value[e.start]):04x} at character {e.start + 1}): "
+                              "not valid Unicode text", line=line, field=key) from None
+    return value
 
 
 def _required_text(record: dict, key: str, path: Path, line: int, allow_empty: bool = False) -> str:
     if key not in record:
         raise DataError(path, "missing", line=line, field=key)
     value = record[key]
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and key == "_id":
+    if isinstance(value, int) and not isinstance(value, bool) and key == "_id":
         value = str(value)
     if not isinstance(value, str):
         raise DataError(path, f"expected a string, got {type(value).__name__}", line=line, field=key)
     if not allow_empty and not value.strip():
         raise DataError(path, "empty", line=line, field=key)
-    return value
+    return _valid_text(value, path, line, key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,9 +100,12 @@ def load_corpus(path: str | Path) -> dict[str, Document]:
     first_line: dict[str, int] = {}
     for number, record in _jsonl_records(path):
         doc_id = _required_text(record, "_id", path, number)
-        title = record.get("title") or ""
+        title = record.get("title")
+        if title is None:  # absent or null: no title (0, [] and other non-strings are refused, not dropped)
+            title = ""
         if not isinstance(title, str):
             raise DataError(path, f"expected a string, got {type(title).__name__}", line=number, field="title")
+        _valid_text(title, path, number, "title")
         text = _required_text(record, "text", path, number, allow_empty=True)
         if not text.strip() and not title.strip():
             raise DataError(path, "empty (and no title)", line=number, field="text")
@@ -188,6 +163,9 @@ def load_qrels(path: str | Path, corpus: dict[str, Document], queries: dict[str,
             rel = int(value)
         except ValueError:
             raise DataError(path, f"expected an integer relevance, got '{score}'", line=number, field="score") from None
+        if not RELEVANCE_MIN <= rel <= RELEVANCE_MAX:  # pytrec_eval keeps relevance in a C int
+            raise DataError(path, f"relevance '{score}' is out of range (an integer from {RELEVANCE_MIN} to "
+                                  f"{RELEVANCE_MAX})", line=number, field="score")
         if (qid, did) in first_line:
             raise DataError(path, f"duplicate judgement of '{did}' for '{qid}' (first on line "
                                   f"{first_line[qid, did]})", line=number, field="corpus-id")
@@ -214,9 +192,9 @@ def load_beir(folder: str | Path) -> RetrievalDataset:
 
 def load_dataset(name_or_path: str | Path) -> RetrievalDataset:
     """``default`` (the embedded standard-library dataset) or a BEIR folder."""
+    if not str(name_or_path).strip():  # Path("") is the current folder: not what an empty --data meant
+        raise DataError("data", "no dataset named: 'default' or a BEIR folder")
     if str(name_or_path) in DEFAULT_DATASET_NAMES:
-        from stagewise.stdlib_dataset import build_stdlib_dataset
-
         return build_stdlib_dataset()
     return load_beir(name_or_path)
 
@@ -322,14 +300,19 @@ def load_training_examples(path: str | Path) -> TrainingExamples:
             value = row[theirs]
             if ours == "score":
                 try:
+                    if isinstance(value, bool):  # JSON true/false: a label, but not a number to train on
+                        raise TypeError(value)
                     value = float(value)
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):
                     raise DataError(path, f"expected a number, got {value!r}", line=number, field=theirs) from None
+                if not math.isfinite(value):
+                    raise DataError(path, f"expected a finite number, got {row[theirs]!r}", line=number, field=theirs)
             else:
                 if not isinstance(value, str):
                     raise DataError(path, f"expected a string, got {type(value).__name__}", line=number, field=theirs)
                 if not value.strip():
                     raise DataError(path, "empty", line=number, field=theirs)
+                _valid_text(value, path, number, theirs)
             examples.columns[ours].append(value)
     if examples is None or len(examples) == 0:
         raise DataError(path, "no training examples")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import operator
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -155,8 +156,14 @@ def _encoding(stage: FirstStage) -> dict:
 def split_queries(dataset: RetrievalDataset, split: str, max_queries: int | None = None) -> tuple[dict, dict]:
     """The split's queries and qrels; with ``max_queries``, the first N by id (the same N every time)."""
     queries, qrels = dataset.split(split)
-    if max_queries:
-        keep = sorted(queries)[:max_queries]
+    if max_queries is not None:
+        try:  # 0 used to mean all queries and -1 all but one: neither is what was asked for
+            count = -1 if isinstance(max_queries, bool) else operator.index(max_queries)
+        except TypeError:
+            count = -1
+        if count < 1:
+            raise StagewiseError(f"max_queries must be a whole number of at least 1, got {max_queries!r}")
+        keep = sorted(queries)[:count]
         queries, qrels = {q: queries[q] for q in keep}, {q: qrels[q] for q in keep}
     return queries, qrels
 
@@ -315,8 +322,10 @@ def load_per_query(path: str | Path) -> dict[str, dict[str, float]]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise StagewiseError(f"{path}: file not found") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise StagewiseError(f"{path}: not a per-query results file ({e})") from None
+    except IsADirectoryError:
+        raise StagewiseError(f"{path}: a folder, not a per-query results file") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise StagewiseError(f"{path}: not a per-query results file (expected {{query id: {{metric: value}}}})")
     return data

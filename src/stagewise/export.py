@@ -9,8 +9,10 @@ A model whose equivalence falls past the tolerance is refused unless the user in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import random
 import shutil
 import warnings
@@ -26,6 +28,7 @@ from stagewise.cache import cache_dir, texts_hash
 from stagewise.errors import DataError, ModelError, StagewiseError
 from stagewise.models import (ModelSpec, _atomic_dir, _quiet_transformers, load_bi_encoder, load_cross_encoder, model_kind,
                               resolve_model)
+from stagewise.progress import progress_bar
 from stagewise.rundir import cpu, versions
 from stagewise.runtimes import output_name, transformer_module
 
@@ -253,6 +256,34 @@ def _export_onnx(model, folder: Path, quantize: str, inputs: list[str], output: 
     return target
 
 
+class _Advancing:
+    """Calibration batches that advance our bar as NNCF reads them (once per statistics pass)."""
+
+    def __init__(self, items: list, bar, task):
+        self.items, self.bar, self.task = items, bar, task
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        for item in self.items:
+            yield item
+            self.bar.advance(self.task)
+
+
+@contextlib.contextmanager
+def _rich_default_console_quiet():
+    """NNCF draws its progress on rich's default console; ours is another one, so only NNCF's goes quiet."""
+    import rich
+
+    shared = rich.get_console()
+    quiet, shared.quiet = shared.quiet, True
+    try:
+        yield
+    finally:
+        shared.quiet = quiet
+
+
 def _export_openvino(model, folder: Path, quantize: str, inputs: list[str], output: str, kind: str,
                      calibration: Calibration | None):
     import openvino as ov
@@ -273,8 +304,11 @@ def _export_openvino(model, folder: Path, quantize: str, inputs: list[str], outp
 
         items = calibration.texts(CALIBRATION_SIZE) if kind == "bi-encoder" else calibration.pairs(CALIBRATION_SIZE)
         batches = [_features(model, items[i:i + 8]) for i in range(0, len(items), 8)]
-        dataset = nncf.Dataset([{n: b[n].numpy() for n in inputs} for b in batches])
-        converted = nncf.quantize(converted, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches))
+        with progress_bar() as bar, _rich_default_console_quiet():  # our bar, not NNCF's own rich bars
+            task = bar.add_task("int8 calibration (NNCF): batches run", total=None)
+            dataset = nncf.Dataset(_Advancing([{n: b[n].numpy() for n in inputs} for b in batches], bar, task))
+            converted = nncf.quantize(converted, dataset, model_type=nncf.ModelType.TRANSFORMER,
+                                      subset_size=len(batches))
     ov.save_model(converted, str(target), compress_to_fp16=False)
     return target
 
@@ -300,6 +334,10 @@ def export_model(model: str | ModelSpec, backend: Backend, out: str | Path, cali
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise StagewiseError(f"option '--out': {out} already exists and is not empty; choose a new folder")
+    existing = next((p for p in out.absolute().parents if p.exists()), None)  # where the new folder would go
+    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
+        why = "is a file, not a folder" if not existing.is_dir() else "is not writable"
+        raise StagewiseError(f"option '--out': cannot create {out}: {existing} {why}")
     require_export(backend)
     threads = set_threads(threads)
     reference = _load(spec, kind)

@@ -40,6 +40,7 @@ from stagewise.backends import Backend, fingerprints
 from stagewise.data import Document, load_corpus, load_dataset
 from stagewise.errors import StagewiseError
 from stagewise.pipeline import Hit, Pipeline, Query, StageTimings
+from stagewise.rerankers import require_trained
 from stagewise.retrievers import build_first_stage
 from stagewise.vector_index import VectorIndexConfig
 
@@ -99,11 +100,13 @@ class Index:
 
     @classmethod
     def build(cls, pipeline: Pipeline | str | Path, corpus: dict[str, Document] | str | Path, path: str | Path,
-              vectors: VectorIndexConfig | None = None, replace: bool = False) -> "Index":
+              vectors: VectorIndexConfig | None = None, replace: bool = False,
+              allow_untrained_reranker: bool = False) -> "Index":
         """Encode ``corpus`` with ``pipeline``'s first stage and store it at ``path`` as a new index.
 
         An existing index is only replaced with ``replace=True``; until the new version is committed it keeps
-        answering, and a build that fails or is killed leaves it untouched.
+        answering, and a build that fails or is killed leaves it untouched. A reranker without a trained head is
+        refused unless ``allow_untrained_reranker``.
         """
         path = Path(path)
         if is_index(path) and not replace:
@@ -113,11 +116,17 @@ class Index:
             raise InvalidIndexError(f"{path}: exists and is not an index; choose an empty or new folder")
         if not isinstance(pipeline, Pipeline):
             pipeline = Pipeline.load(pipeline)
+        require_trained(pipeline.reranker, allow_untrained_reranker, f"index build {path}")
         if not isinstance(corpus, dict):
             corpus = load_corpus(corpus)
         if not corpus:
             raise InvalidIndexError(f"{path}: the corpus is empty: nothing to index")
-        path.mkdir(parents=True, exist_ok=True)
+        created = _outermost_missing(path)  # what this build creates, and removes again if it fails
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or e
+            raise InvalidIndexError(f"{path}: cannot create the index folder ({why})") from None
         vectors = vectors or VectorIndexConfig()
         if vectors.kind == "milvus" and not vectors.uri:  # Milvus Lite in a file beside the versions
             vectors = dataclasses.replace(vectors, uri=str(path.resolve() / "milvus.db"))
@@ -126,12 +135,14 @@ class Index:
         try:
             pipeline.index(corpus)
             with _writer_lock(path):
-                _commit(path, pipeline, corpus, parent=_current_version(path) if is_index(path) else None)
+                _commit(path, pipeline, corpus, parent=current_version(path) if is_index(path) else None)
         except BaseException:  # a Milvus collection made by this build would otherwise outlive it
             for stage in _model_stages(pipeline):
                 made = getattr(stage, "vectors", None)
                 if id(made) not in earlier and hasattr(made, "drop"):
                     made.drop()
+            if created is not None:  # no half-built folder (and no stale .lock) where there was none
+                shutil.rmtree(created, ignore_errors=True)
             raise
         return cls.load(path)
 
@@ -183,8 +194,8 @@ class Index:
 
     def _update(self, removed: list[str], added: list[Document]) -> "Index":
         with _writer_lock(self.path):
-            if _current_version(self.path) != self.version:
-                raise InvalidIndexError(f"{self.path}: changed since it was loaded (now {_current_version(self.path)}, "
+            if current_version(self.path) != self.version:
+                raise InvalidIndexError(f"{self.path}: changed since it was loaded (now {current_version(self.path)}, "
                                         f"loaded {self.version}); load it again and retry")
             gone = set(removed)
             if not gone and not added:
@@ -212,8 +223,8 @@ class Index:
     def search(self, query: str, k: int = 10, depth: int | None = None, rerank: bool = True) -> list[Hit]:
         return self.pipeline.search(query, k, depth, rerank)
 
-    def search_many(self, queries: list[Query]) -> tuple[list[list[Hit]], StageTimings]:
-        return self.pipeline.search_many(queries)
+    def search_many(self, queries: list[Query], cancelled=None) -> tuple[list[list[Hit]], StageTimings]:
+        return self.pipeline.search_many(queries, cancelled)
 
     def describe(self) -> dict:
         """What the index holds, for ``/stats`` and ``index info``."""
@@ -268,7 +279,8 @@ def _writer_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _current_version(path: Path) -> str:
+def current_version(path: Path) -> str:
+    """The version ``CURRENT`` names: what a reader loading ``path`` now gets."""
     try:
         return (path / "CURRENT").read_text().split()[0]
     except (OSError, IndexError):
@@ -277,6 +289,15 @@ def _current_version(path: Path) -> str:
 
 def _versions(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if p.is_dir() and _VERSION_RE.match(p.name))
+
+
+def _outermost_missing(path: Path) -> Path | None:
+    """The outermost folder ``path.mkdir(parents=True)`` would create, or None when ``path`` exists."""
+    if path.exists() or path.is_symlink():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
 
 
 def _leftover(name: str) -> bool:

@@ -164,7 +164,7 @@ class Pipeline:
             return [[] for _ in queries]
         scores: dict[int, list[float]] = {i: [] for i in range(len(queries))}
         dropped: set[int] = set()
-        chunk = self.reranker.batch_size
+        chunk = getattr(self.reranker, "batch_size", None) or len(pairs)  # deadlines are checked between chunks
         for begin in range(0, len(pairs), chunk):
             dropped |= {i for i, _, _ in pairs[begin:begin + chunk] if i not in dropped and cancelled(i)}
             todo = [p for p in pairs[begin:begin + chunk] if p[0] not in dropped]
@@ -220,9 +220,9 @@ class Pipeline:
         """``backend`` (when given) runs every model stage on it instead of the backends the file names."""
         path = Path(path)
         try:
-            config = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise StagewiseError(f"{path}: cannot read pipeline ({e})") from None
+            config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+            raise StagewiseError(f"{path}: cannot read pipeline ({str(e).splitlines()[0]})") from None
         if not isinstance(config, dict) or "first_stage" not in config:
             raise StagewiseError(f"{path}: not a pipeline file (no 'first_stage')")
         depth = config.get("depth", 20)
@@ -233,9 +233,18 @@ class Pipeline:
             raise StagewiseError(f"{path}: field 'fusion': needs a reranker (this pipeline has none)")
         here = path.parent
         config = _map_models(config, lambda m: str(here / m) if not Path(m).is_absolute() and (here / m).is_dir() else m)
-        first_stage = build_first_stage(config["first_stage"], cache, backend=backend, threads=threads, **options)
+        try:
+            first_stage = build_first_stage(config["first_stage"], cache, backend=backend, threads=threads, **options)
+        except StagewiseError as e:  # name the file the bad stage came from
+            if str(path) in str(e):
+                raise
+            raise StagewiseError(f"{path}: {e}") from None
         reranker_config = config.get("reranker")
         reranker = None
+        if reranker_config is not None and (not isinstance(reranker_config, dict) or
+                                            not isinstance(reranker_config.get("model"), str)):
+            raise StagewiseError(f"{path}: field 'reranker': a mapping with a 'model' (or null for none), got "
+                                 f"{reranker_config!r}")
         if reranker_config:
             saved = Backend.from_config(reranker_config, f"{path}: field 'reranker'") if "backend" in reranker_config \
                 else None

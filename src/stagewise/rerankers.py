@@ -44,11 +44,15 @@ class CrossEncoderReranker:
             return np.zeros(0, dtype=np.float32)
         if batch_job and engine.distributed(len(pairs)):
             return engine.score_pairs(str(self.spec.path), pairs, self.model.max_length, self.batch_size, self.backend)
-        return np.asarray(
-            self.model.predict(list(pairs), batch_size=self.batch_size, show_progress_bar=batch_job,
-                               convert_to_numpy=True),
-            dtype=np.float32,
-        ).reshape(-1)
+        from stagewise.progress import map_chunks
+
+        def predict(chunk) -> np.ndarray:  # sentence-transformers' own tqdm bar off: ours shows a batch job
+            return np.asarray(self.model.predict(list(chunk), batch_size=self.batch_size, show_progress_bar=False,
+                                                 convert_to_numpy=True), dtype=np.float32).reshape(-1)
+
+        if batch_job:
+            return map_chunks(predict, pairs, f"{self.name}: score pairs", chunk_size=8 * self.batch_size)
+        return predict(pairs)
 
     def rerank(self, query: str, candidates: Sequence[tuple[str, str]], depth: int) -> list[tuple[str, float]]:
         """Score the first ``depth`` of ``(doc_id, text)`` candidates; return them best first with their scores."""

@@ -22,6 +22,7 @@ from stagewise.data import Document
 from stagewise.errors import StagewiseError
 from stagewise.export import prepare
 from stagewise.models import ModelSpec, load_bi_encoder
+from stagewise.progress import map_chunks
 from stagewise.vector_index import VectorIndex, VectorIndexConfig, top_k
 
 logger = logging.getLogger(__name__)
@@ -165,10 +166,13 @@ class DenseRetriever:
         if engine.distributed(len(texts)):  # a corpus: on Ray when it is the engine in use
             return engine.encode_documents(str(self.spec.path), texts, self.model.max_seq_length, self._normalize(),
                                            self.batch_size, self.backend)
-        return self.model.encode_document(
-            list(texts), batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=self._normalize(),
-            show_progress_bar=self.show_progress if show_progress is None else show_progress,
-        )
+        def encode(chunk) -> np.ndarray:  # sentence-transformers' own tqdm bar off: ours shows the progress
+            return self.model.encode_document(list(chunk), batch_size=self.batch_size, convert_to_numpy=True,
+                                              normalize_embeddings=self._normalize(), show_progress_bar=False)
+
+        if self.show_progress if show_progress is None else show_progress:
+            return map_chunks(encode, texts, f"{self.name}: encode documents", chunk_size=8 * self.batch_size)
+        return encode(texts)
 
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
         return self.model.encode_query(
@@ -299,7 +303,12 @@ def build_first_stage(
         stage = _first_stage_from_config(spec, cache, shared, dense_options)
         stage.name = spec.get("name") or stage.name
         return stage
+    if not isinstance(spec, str):
+        raise StagewiseError(f"field 'first_stage': expected bm25, a model or a+b (or a saved stage's mapping), "
+                             f"got {spec!r}")
     spec = spec.strip()
+    if not spec or any(not part.strip() for part in spec.split("+")):
+        raise StagewiseError(f"first stage {spec!r}: expected bm25, a model or a+b, with nothing empty between '+'")
     if spec not in shared:
         if "+" in spec:
             shared[spec] = HybridRetriever([build_first_stage(p, cache, shared, **dense_options) for p in spec.split("+")])
@@ -313,8 +322,19 @@ def build_first_stage(
 def _first_stage_from_config(spec: dict, cache, shared, dense_options) -> FirstStage:
     kind = spec.get("type")
     if kind == "bm25":
+        for key in ("k1", "b"):
+            value = spec.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise StagewiseError(f"field 'first_stage': bm25 '{key}' must be a number of at least 0, got {value!r}")
         return BM25Retriever(spec.get("k1", 1.5), spec.get("b", 0.75), spec.get("stopwords", "en"))
     if kind == "dense":
+        if not isinstance(spec.get("model"), str) or not spec["model"].strip():
+            raise StagewiseError(f"field 'first_stage': a dense stage needs 'model' (an alias, a directory or a hub "
+                                 f"id), got {spec.get('model')!r}")
+        length = spec.get("max_seq_length")  # a static embedding model saves .inf: no limit
+        if length is not None and (isinstance(length, bool) or not isinstance(length, (int, float)) or not length >= 1):
+            raise StagewiseError(f"field 'first_stage': 'max_seq_length' must be a number of at least 1, "
+                                 f"got {length!r}")
         options = {**dense_options, "max_seq_length": spec.get("max_seq_length")}
         if "backend" in spec and not options.get("backend"):  # an explicit backend option overrides the saved one
             options["backend"] = Backend.from_config(spec, f"first stage '{spec.get('name')}'")
@@ -322,6 +342,9 @@ def _first_stage_from_config(spec: dict, cache, shared, dense_options) -> FirstS
         warn_if_changed(spec, stage.spec)
         return stage
     if kind == "hybrid":
+        if not isinstance(spec.get("stages"), list) or len(spec["stages"]) < 2:
+            raise StagewiseError(f"field 'first_stage': a hybrid stage needs 'stages' (a list of at least two), "
+                                 f"got {spec.get('stages')!r}")
         stages = [build_first_stage(s, cache, shared, **dense_options) for s in spec["stages"]]
         return HybridRetriever(stages, spec.get("rrf_k", 60), spec.get("fusion_depth", 100))
     raise StagewiseError(f"unknown first-stage type {kind!r} (expected bm25, dense or hybrid)")

@@ -1,8 +1,8 @@
 """A run directory: what every command that computes something leaves behind, the same way.
 
 ``config.json`` (resolved inputs, seed, data and model fingerprints, versions), ``metrics.jsonl`` (one
-line per evaluation), ``result.json`` (the outcome and wall time), ``log.txt``, and whatever the command
-produces (models, runs, per-query results). A run can be resumed only with the same config.
+line per evaluation or logged training loss), ``result.json`` (the outcome and wall time), ``log.txt``, and
+whatever the command produces (models, runs, per-query results). A run can be resumed only with the same config.
 """
 
 from __future__ import annotations
@@ -69,7 +69,12 @@ class RunDir:
                   "versions": versions()}
         saved = self.path / "config.json"
         if saved.is_file():
-            previous = json.loads(saved.read_text())
+            try:
+                previous = json.loads(saved.read_text())
+            except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+                raise StagewiseError(f"{saved}: not a readable run config ({e})") from None
+            if not isinstance(previous, dict):
+                raise StagewiseError(f"{saved}: not a run config (expected a JSON object)")
             if not resume:
                 raise StagewiseError(f"{self.path} already holds a run: pass --resume to continue it, or another --out")
             changed = sorted(k for k in set(previous) | set(config)
@@ -77,7 +82,11 @@ class RunDir:
             if changed:
                 raise StagewiseError(f"{saved}: cannot resume with a different config (changed: {', '.join(changed)})")
             config = previous
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or e
+            raise StagewiseError(f"{self.path}: cannot create the run directory ({why})") from None
         self.config = config
         if not saved.is_file():
             self.write_json("config.json", config)

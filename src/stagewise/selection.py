@@ -46,8 +46,8 @@ from stagewise.progress import console
 from stagewise.rerankers import CrossEncoderReranker
 from stagewise.retrievers import build_first_stage
 from stagewise.rundir import RunDir, cpu, seed_everything, versions
-from stagewise.training import (INIT_STRATEGIES, MIN_EXAMPLES, BiTrainConfig, CrossTrainConfig, pretraining_queries,
-                                train_bi, train_cross)
+from stagewise.training import (INIT_STRATEGIES, MIN_EXAMPLES, BiTrainConfig, CrossTrainConfig, check_train_config,
+                                pretraining_queries, train_bi, train_cross)
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +122,12 @@ def load_select_config(path: str | Path | None = None, preset: str | None = None
     if path is not None:
         path = Path(path)
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except OSError as e:
             raise StagewiseError(f"{path}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[:e.start].count(b"\n") + 1
+            raise StagewiseError(f"{path}:{line}: not valid UTF-8 (byte {e.start + 1})") from None
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             raise StagewiseError(f"{path}:{'' if line is None else line + 1}: invalid YAML ({e.problem})") from None
@@ -150,12 +153,44 @@ def _merge(values: dict, new: dict) -> None:
             values[key] = value
 
 
+_TYPES = {"str": (str,), "bool": (bool,), "int": (int,), "float": (int, float), "None": (type(None),), "list": (list,),
+          "dict": (dict,)}
+
+
+def _fits(value, annotation: str) -> bool:
+    """Whether a YAML value fits a dataclass field's annotation (a string: ``float | None``, ``list[str]``); a bool
+    is no number and a number no bool."""
+    for option in (a.strip() for a in annotation.split("|")):
+        base, _, inner = option.partition("[")
+        kinds = _TYPES.get(base)
+        if kinds is None:
+            return True  # not a type this checks
+        if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
+            continue
+        if base == "list" and inner and not all(_fits(v, inner.rstrip("]")) for v in value):
+            continue
+        return True
+    return False
+
+
 def _check_config(config: SelectConfig, path) -> None:
     where = f"{path}: " if path else ""
     for f in fields(SelectConfig):
         value, kind = getattr(config, f.name), {"list": list, "dict": dict}.get(str(f.type).split("[")[0])
         if kind and not isinstance(value, kind):
             raise StagewiseError(f"{where}field '{f.name}': a {kind.__name__} is needed, got {value!r}")
+        if not _fits(value, str(f.type)):
+            raise StagewiseError(f"{where}field '{f.name}': expected {f.type}, got {value!r}")
+    for name, low, strict, high in (("finetune_top", 0, False, None), ("latency_budget_ms", 0, True, None),
+                                    ("time_budget_min", 0, True, None), ("alpha", 0, True, None),
+                                    ("max_dev_queries", 1, False, None), ("seed", 0, False, 2**32 - 1)):
+        value = getattr(config, name)
+        if value is not None and (not (value > low if strict else value >= low)  # NaN fails every comparison
+                                  or (high is not None and not value <= high)):
+            rule = (f"greater than {low}" if strict else f"at least {low}") + (f" and at most {high}" if high else "")
+            raise StagewiseError(f"{where}field '{name}': must be {rule}, got {value!r}")
+    if not math.isfinite(config.min_gain):
+        raise StagewiseError(f"{where}field 'min_gain': must be a finite number, got {config.min_gain!r}")
     if config.latency_queries < 1:
         raise StagewiseError(f"{where}field 'latency_queries': at least 1 query must be timed")
     if not config.depths or any(type(d) is not int or d < 1 for d in config.depths):
@@ -171,6 +206,15 @@ def _check_config(config: SelectConfig, path) -> None:
         unknown = set(getattr(config, name)) - {f.name for f in fields(cls)}
         if unknown:
             raise StagewiseError(f"{where}field '{name}': unknown training settings {sorted(unknown)}")
+        annotations = {f.name: str(f.type) for f in fields(cls)}
+        for key, value in getattr(config, name).items():
+            if not _fits(value, annotations[key]):
+                raise StagewiseError(f"{where}field '{name}': setting '{key}': expected {annotations[key]}, "
+                                     f"got {value!r}")
+        try:  # ranges too: a bad epochs or batch size must not surface only when its training starts
+            check_train_config(cls(**getattr(config, name)))
+        except StagewiseError as e:
+            raise StagewiseError(f"{where}field '{name}': {e}") from None
     if not config.bm25 and not config.bi_encoders:
         raise StagewiseError(f"{where}no first stage to select from: enable bm25 or name bi_encoders")
     for label in config.backends:

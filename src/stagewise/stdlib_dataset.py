@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Iterator
 
 from stagewise.cache import cache_dir
-from stagewise.data import Document, RetrievalDataset
+from stagewise.dataset import Document, RetrievalDataset
 from stagewise.errors import DataError
 
 #: Bump whenever the output of the builder changes: it is part of the cache key.

@@ -29,6 +29,7 @@ from stagewise.data import RetrievalDataset, TrainingExamples, load_dataset, loa
 from stagewise.errors import DataError, StagewiseError
 from stagewise.evaluation import compute_metrics, run_from_rankings
 from stagewise.models import ModelSpec, has_transformer, load_bi_encoder, model_kind, resolve_model
+from stagewise.progress import library_bars_off, map_chunks
 from stagewise.pseudo_queries import KINDS as PSEUDO_QUERY_KINDS
 from stagewise.pseudo_queries import make_pseudo_queries, mine_pseudo_negatives
 from stagewise.rundir import RunDir, seed_everything
@@ -36,6 +37,8 @@ from stagewise.rundir import RunDir, seed_everything
 logger = logging.getLogger(__name__)
 
 MIN_EXAMPLES = 8
+#: How many times a run logs its training loss by default: enough to show its course, in metrics.jsonl too.
+LOSS_POINTS = 20
 
 BI_LOSSES = {
     "mnrl": "MultipleNegativesRankingLoss: in-batch and hard negatives (contrastive); the default for pairs",
@@ -78,7 +81,7 @@ class TrainArgs:
     warmup_ratio: float = 0.1
     eval_steps: int | None = None  # None: evaluate (and checkpoint) once per epoch
     early_stopping_patience: int | None = 2
-    logging_steps: int = 10
+    logging_steps: int | None = None  # None: the loss is logged LOSS_POINTS times a run (every step in a tiny one)
     seed: int = 42
     max_seconds: float | None = None  # stop training (with a last evaluation) once this much time has passed
 
@@ -117,6 +120,38 @@ class CrossTrainConfig(TrainArgs):
     pretrain_epochs: float = 1.0
     pretrain_skip: int = 2  # negatives from below the first stage's top N (and always below the source document)
     pretrain_max_seconds: float | None = None
+
+
+#: Each numeric setting's range: (lowest, whether the lowest itself is excluded, highest or None). None values
+#: (where a setting allows None) are not checked. The CLI's options carry the same bounds.
+_RANGES = {
+    "epochs": (0, True, None), "batch_size": (1, False, None), "learning_rate": (0, False, None),
+    "warmup_ratio": (0, False, 1), "eval_steps": (1, False, None), "early_stopping_patience": (0, False, None),
+    "logging_steps": (0, True, None), "seed": (0, False, 2**32 - 1), "max_seconds": (0, True, None),
+    "max_seq_length": (1, False, None), "num_negatives": (1, False, None), "range_min": (0, False, None),
+    "range_max": (1, False, None), "relative_margin": (0, False, 1), "dev_corpus_size": (1, False, None),
+    "depth": (1, False, None), "hard_negatives": (0, False, None), "random_negatives": (0, False, None),
+    "skip_top": (0, False, None), "pos_weight": (0, True, None), "max_length": (1, False, None),
+    "pretrain_queries": (0, False, None), "pretrain_epochs": (0, True, None), "pretrain_skip": (0, False, None),
+    "pretrain_max_seconds": (0, True, None),
+}
+
+
+def check_train_config(config: TrainArgs) -> None:
+    """Refuse a numeric setting out of its range (NaN included) before any work starts, naming the setting."""
+    for name, (low, open_low, high) in _RANGES.items():
+        value = getattr(config, name, None)
+        if value is None or isinstance(value, str):  # BiTrainConfig.hard_negatives names a miner
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise StagewiseError(f"setting '{name}': expected a number, got {value!r}")
+        if not (value > low if open_low else value >= low) or (high is not None and not value <= high):
+            rule = f"greater than {low:g}" if open_low else f"at least {low:g}"
+            raise StagewiseError(f"setting '{name}': must be {rule}" + (f" and at most {high:g}" if high is not None
+                                                                          else "") + f", got {value!r}")
+    if isinstance(config, BiTrainConfig) and config.range_min >= config.range_max:
+        raise StagewiseError(f"setting 'range_min' ({config.range_min}) must be below 'range_max' "
+                             f"({config.range_max}): no candidate lies between them to mine")
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,13 +350,45 @@ def detect_collapse(scores: list[np.ndarray], reranked_ndcg: float, first_stage_
 
 
 def _progress_with_loss():
-    """The trainer's progress bar (steps, rate, ETA) with the latest loss on it instead of printed dicts."""
-    from transformers.trainer_callback import ProgressCallback
+    """The trainer's progress on our rich bar (steps, rate, ETA, the latest loss) instead of its tqdm bars and
+    printed dicts; every logged loss also goes to the run's ``metrics.jsonl``. Instantiated as ``cls(run, phase)``."""
+    from transformers import TrainerCallback
 
-    class LossProgressCallback(ProgressCallback):
+    from stagewise.progress import progress_bar
+
+    class LossProgressCallback(TrainerCallback):
+        def __init__(self, run: RunDir | None = None, phase: str = "train"):
+            self.run, self.phase = run, phase
+            self.bar, self.task = None, None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero and self.bar is None:
+                self.bar = progress_bar()
+                self.bar.start()
+                self.task = self.bar.add_task(f"{self.phase}: steps", total=state.max_steps,
+                                              completed=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(self.task, completed=state.global_step)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
-                self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            if self.bar is not None:
+                self.bar.update(self.task, description=f"{self.phase}: steps (loss {logs['loss']:.4f})")
+            if self.run is not None:
+                extra = {"learning_rate": logs["learning_rate"]} if "learning_rate" in logs else {}
+                self.run.log_metrics({"loss": logs["loss"], **extra}, phase=self.phase, epoch=state.epoch,
+                                     steps=state.global_step)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.close()
+
+        def close(self) -> None:
+            if self.bar is not None:
+                self.bar.stop()
+                self.bar = None
 
     return LossProgressCallback
 
@@ -336,11 +403,13 @@ def _training_arguments(cls, config: TrainArgs, run: RunDir, has_dev: bool, extr
         num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
-        learning_rate=config.learning_rate or 5e-5,
+        learning_rate=5e-5 if config.learning_rate is None else config.learning_rate,  # 0 freezes, as asked
         warmup_ratio=config.warmup_ratio,
         seed=config.seed,
         data_seed=config.seed,
-        logging_steps=config.logging_steps,
+        # a fraction: the trainer logs every ceil(fraction × max steps), so every step of a run shorter than that
+        logging_steps=config.logging_steps or 1 / LOSS_POINTS,
+        disable_tqdm=True,  # our bar instead (_progress_with_loss)
         save_strategy=strategy,
         save_total_limit=2,
         report_to="none",
@@ -376,9 +445,10 @@ def _time_limit(seconds: float):
     return TimeLimitCallback()
 
 
-def _fit(trainer_cls, model, args, train_dataset, loss, evaluator, config: TrainArgs, run: RunDir, resume: bool):
+def _fit(trainer_cls, model, args, train_dataset, loss, evaluator, config: TrainArgs, run: RunDir, resume: bool,
+         phase: str = "train"):
     from transformers import EarlyStoppingCallback
-    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     callbacks = []
     if evaluator is not None and config.early_stopping_patience:
@@ -389,9 +459,14 @@ def _fit(trainer_cls, model, args, train_dataset, loss, evaluator, config: Train
     trainer = trainer_cls(model=model, args=args, train_dataset=train_dataset, loss=loss, evaluator=evaluator,
                           callbacks=callbacks)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_progress_with_loss())
+    trainer.remove_callback(PrinterCallback)  # what disable_tqdm puts in its place: logs printed as dicts
+    progress = _progress_with_loss()(run, phase)
+    trainer.add_callback(progress)
     checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=bool(resume and checkpoints) or None)
+    try:
+        trainer.train(resume_from_checkpoint=bool(resume and checkpoints) or None)
+    finally:  # an error or Ctrl-C never leaves the bar drawing
+        progress.close()
     history = [h for h in trainer.state.log_history if "loss" in h]
     return {
         "steps": trainer.state.global_step,
@@ -493,7 +568,7 @@ def _mine_with_model(config: BiTrainConfig, examples: TrainingExamples, spec: Mo
     from stagewise.cache import cache_dir, texts_hash
     from stagewise.models import load_cross_encoder
 
-    model = load_bi_encoder(spec, max_seq_length=config.max_seq_length)
+    model = _encoding_on_our_bar(load_bi_encoder(spec, max_seq_length=config.max_seq_length), config.batch_size)
     cross = load_cross_encoder(config.negative_filter) if config.negative_filter else None
     # keyed by content, like every cache here: sentence-transformers names its files by corpus size only
     folder = cache_dir() / "mining" / f"{spec.fingerprint}-{texts_hash(corpus)}-{config.max_seq_length}"
@@ -506,6 +581,21 @@ def _mine_with_model(config: BiTrainConfig, examples: TrainingExamples, spec: Mo
     return {name: list(mined[name]) for name in mined.column_names}
 
 
+def _encoding_on_our_bar(model, batch_size: int):
+    """``model`` whose ``encode_document`` / ``encode_query`` show our bar: ``mine_hard_negatives`` asks them for
+    sentence-transformers' tqdm one, and takes no option to turn it off."""
+    for name, what in (("encode_document", "documents"), ("encode_query", "queries")):
+        encode = getattr(model, name)
+
+        def on_our_bar(texts, *args, _encode=encode, _what=what, **kwargs):
+            kwargs["show_progress_bar"] = False
+            return map_chunks(lambda chunk: _encode(chunk, *args, **kwargs), texts, f"mining: encode {_what}",
+                              chunk_size=8 * batch_size)
+
+        setattr(model, name, on_our_bar)
+    return model
+
+
 def _teacher_margins(config: BiTrainConfig, columns: dict) -> dict:
     """MarginMSE labels: the teacher cross-encoder's score(query, positive) - score(query, negative)."""
     from stagewise.models import load_cross_encoder
@@ -513,8 +603,12 @@ def _teacher_margins(config: BiTrainConfig, columns: dict) -> dict:
     if not config.teacher:
         raise StagewiseError("loss 'margin-mse' distils a cross-encoder: pass --teacher MODEL")
     teacher = load_cross_encoder(config.teacher)
-    pos = teacher.predict(list(zip(columns["anchor"], columns["positive"])), show_progress_bar=True)
-    neg = teacher.predict(list(zip(columns["anchor"], columns["negative_1"])), show_progress_bar=True)
+
+    def score(pairs):
+        return np.asarray(teacher.predict(pairs, show_progress_bar=False, convert_to_numpy=True)).reshape(-1)
+
+    pos = map_chunks(score, list(zip(columns["anchor"], columns["positive"])), "teacher: score positives")
+    neg = map_chunks(score, list(zip(columns["anchor"], columns["negative_1"])), "teacher: score negatives")
     return {"anchor": columns["anchor"], "positive": columns["positive"], "negative": columns["negative_1"],
             "label": [float(p - n) for p, n in zip(pos, neg)]}
 
@@ -531,6 +625,7 @@ def train_bi(config: BiTrainConfig, out: str | Path, resume: bool = False) -> di
 
     if config.hard_negatives not in ("model", "bm25", "none"):
         raise StagewiseError(f"--hard-negatives must be model, bm25 or none, not '{config.hard_negatives}'")
+    check_train_config(config)
     seed_everything(config.seed)
     dataset = load_dataset(config.data)
     examples = load_train_examples(config, dataset)
@@ -552,7 +647,7 @@ def train_bi(config: BiTrainConfig, out: str | Path, resume: bool = False) -> di
             resolve_model(extra)  # a wrong path fails now, not after mining
     with RunDir(out, {"command": "train-bi", **asdict(config), "loss": loss_name,
                       "model_fingerprint": spec.fingerprint, "dataset_fingerprint": dataset.fingerprint()},
-                resume=resume) as run:
+                resume=resume) as run, library_bars_off():
         columns = _load_examples(run, "train_data.json") if resume else None
         stats = {}
         if columns is None:
@@ -621,9 +716,13 @@ def _read_bi_run(path: str) -> dict:
     config = Path(path) / "config.json"
     if not config.is_file() or not (Path(path) / "model").is_dir():
         raise StagewiseError(f"{path}: not a finished train-bi run (needs config.json and model/)")
-    data = json.loads(config.read_text())
-    if data.get("command") != "train-bi":
-        raise StagewiseError(f"{config}: not a train-bi run (command is {data.get('command')!r})")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise StagewiseError(f"{config}: not a readable run config ({e})") from None
+    if not isinstance(data, dict) or data.get("command") != "train-bi":
+        raise StagewiseError(f"{config}: not a train-bi run (command is "
+                             f"{data.get('command') if isinstance(data, dict) else None!r})")
     return data
 
 
@@ -716,7 +815,7 @@ def _pretrain_cross(config: CrossTrainConfig, run: RunDir, spec: ModelSpec, firs
                     early_stopping_patience=None)
     args = _training_arguments(CrossEncoderTrainingArguments, phase, run, False, {}, checkpoints="pretrain-checkpoints")
     loss = _cross_loss(loss_name, model, columns, config.pos_weight)
-    fit = _fit(CrossEncoderTrainer, model, args, _to_hf(columns), loss, None, phase, run, resume)
+    fit = _fit(CrossEncoderTrainer, model, args, _to_hf(columns), loss, None, phase, run, resume, phase="pretrain")
     model.save_pretrained(str(run.path / "pretrained"))
     kinds = [q.kind for q in queries]
     record = {"queries": len(queries), "kinds": {k: kinds.count(k) for k in sorted(set(kinds))}, "mining": stats,
@@ -756,6 +855,7 @@ def train_cross(config: CrossTrainConfig, out: str | Path, resume: bool = False)
     if config.pretrain_kind not in PSEUDO_QUERY_KINDS:
         raise StagewiseError(f"--pretrain-kind must be one of {', '.join(PSEUDO_QUERY_KINDS)}, "
                              f"not '{config.pretrain_kind}'")
+    check_train_config(config)
     spec, init_warning = resolve_cross_init(config)
     pseudo = _pseudo_queries(config, dataset)
     first_stage_spec = config.first_stage or (str(Path(config.bi_run) / "model") if config.bi_run else "bm25")
@@ -763,7 +863,7 @@ def train_cross(config: CrossTrainConfig, out: str | Path, resume: bool = False)
     texts = {d: doc.full_text() for d, doc in dataset.corpus.items()}
     with RunDir(out, {"command": "train-cross", **asdict(config), "loss": loss_name, "first_stage": first_stage_spec,
                       "init_model": spec.spec, "init_fingerprint": spec.fingerprint, "init_warning": init_warning,
-                      "dataset_fingerprint": dataset.fingerprint()}, resume=resume) as run:
+                      "dataset_fingerprint": dataset.fingerprint()}, resume=resume) as run, library_bars_off():
         if first_stage is not None:
             first_stage.index(dataset.corpus)
         columns = _load_examples(run, "train_data.json") if resume else None
