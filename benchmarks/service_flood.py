@@ -6,9 +6,9 @@
 
 1. the probe's request (64 queries, k 100, depth 200: 12,800 pairs), which must be refused at once;
 2. normal latency: single reranked and first-stage-only requests, one after another;
-3. a flood: ``--flooders`` closed-loop clients sending the most expensive request the bounds allow (64 queries ×
-   depth 32 = 2,048 pairs) for ``--seconds``, while two probe clients send a first-stage-only and a reranked
-   request every 100 ms;
+3. a flood: ``--flooders`` closed-loop clients sending 64-query batch requests at ``--flood-depth`` (10: 640 pairs,
+   which one at a time this service can answer within its timeout) for ``--seconds``, while two probe clients send
+   a first-stage-only and a reranked request every 100 ms;
 4. after the flood: the first reranked request's latency, then the median of 20.
 
 Reports statuses, latencies (median, p95), the lanes' counters from /stats, and the machine (CPU model, flags).
@@ -60,6 +60,7 @@ def main() -> int:
                                                              "this measures the service, not ranking quality)")
     parser.add_argument("--flooders", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--flood-depth", type=int, default=10)
     parser.add_argument("--out", default="benchmarks/results/service_flood")
     args = parser.parse_args()
 
@@ -82,7 +83,8 @@ def main() -> int:
     server = subprocess.Popen(command + (["--allow-untrained-reranker"] if untrained else []),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     result: dict = {"machine": _machine(), "data": data, "documents": len(dataset.corpus), "reranker": args.cross,
-                    "depth": 20, "flooders": args.flooders, "flood_seconds": args.seconds}
+                    "depth": 20, "flooders": args.flooders, "flood_seconds": args.seconds,
+                    "flood_request": f"64 queries x depth {args.flood_depth}"}
     try:
         _wait_ready(url, server)
         http = httpx.Client(base_url=url, timeout=60)
@@ -109,7 +111,7 @@ def main() -> int:
         probes: dict = {"first_stage": [], "reranked": []}
         probe_statuses: dict = {"first_stage": {}, "reranked": {}}
         lock = threading.Lock()
-        maximal = {"queries": queries[:64], "k": 10, "depth": 32}
+        maximal = {"queries": queries[:64], "k": 10, "depth": args.flood_depth}
 
         def flooder(n: int) -> None:
             with httpx.Client(base_url=url, timeout=60) as c:

@@ -156,6 +156,30 @@ def test_first_stage_requests_skip_the_reranking_queue(start, reranked_index, sl
     assert statistics.median(during) < max(10 * normal, 0.25), (normal, during)
 
 
+def test_a_cheap_reranked_request_runs_between_the_slices_of_an_expensive_one(start, reranked_index, slow_reranker):
+    """A 1,020-pair request (5 s of reranking) is split into batches of at most 256 pairs; a 3-pair request arriving
+    meanwhile runs at the next batch (the cheapest first), not after the whole of it; both answers are right."""
+    slow_reranker(0.005)
+    base = start(reranked_index, timeout_s=10, max_depth=30, max_request_pairs=1020, max_batch_queries=64,
+                 max_batch_pairs=256)
+    big = {"queries": [f"which animal purrs {i}" for i in range(34)], "depth": 30, "k": 5}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        began = time.perf_counter()
+        running = pool.submit(post, base, "/search/batch", big)
+        time.sleep(0.3)
+        cheap = _timed(base, {"query": "cats", "k": 3})
+        assert not running.done() and cheap < 2.5, cheap  # one 256-pair batch (1.3 s) at most ahead of it
+        answer = running.result()
+        whole = time.perf_counter() - began
+    assert answer.status_code == 200 and whole > cheap + 1, (whole, cheap)
+    for query, result in zip(big["queries"], answer.json()["results"]):
+        want = reranked_index.search(query, k=5, depth=30)
+        assert [h["doc_id"] for h in result["hits"]] == [w.doc_id for w in want]
+        assert [h["score"] for h in result["hits"]] == pytest.approx([w.score for w in want], abs=1e-5)
+    sizes = httpx.get(base + "/stats").json()["batch_size"]
+    assert sizes["count"] >= 5 and sizes["max"] <= 9  # 256 pairs: 8 queries at depth 30, and the cheap one
+
+
 def _timed(base: str, body: dict) -> float:
     began = time.perf_counter()
     r = post(base, "/search", body)
@@ -175,10 +199,10 @@ def test_a_flood_of_maximal_requests_then_normal_latency(start, reranked_index, 
     base = start(reranked_index, **settings)
     maximal = {"queries": [f"which animal purrs {i}" for i in range(20)], "depth": 30, "k": 30}  # 600 pairs: 3 s
 
-    def flood():
+    def flood(request=maximal):
         def one(_):
             began = time.perf_counter()
-            r = post(base, "/search/batch", maximal)
+            r = post(base, "/search/batch", request)
             return r.status_code, time.perf_counter() - began
 
         with concurrent.futures.ThreadPoolExecutor(40) as pool:
@@ -198,8 +222,12 @@ def test_a_flood_of_maximal_requests_then_normal_latency(start, reranked_index, 
 
     assert flood() == {503: 40}  # 3 s of work each, at the measured rate: could never finish within 1 s
     assert _timed(base, {"query": "cats", "k": 3}) < max(5 * normal, 0.5)
+    # 0.2 s each: a few are admitted (answered, or timed out in the crush of 40 clients in this process), the rest
+    # refused at once, as the queue ahead of them could not finish within the timeout
+    answered = flood({**maximal, "queries": maximal["queries"][:20], "depth": 2})
+    assert answered[503] >= 30 and answered[200] + answered[504] <= 10 and set(answered) <= {200, 503, 504}, answered
     lane = httpx.get(base + "/stats").json()["lanes"]["rerank"]
-    assert lane["queued"] == 0 and lane["queued_pairs"] == 0 and lane["refused_busy"] == 40
+    assert lane["queued"] == 0 and lane["queued_pairs"] == 0 and lane["refused_busy"] >= 40 + 30
     assert lane["stopped_past_deadline"] >= 1
 
 

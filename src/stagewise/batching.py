@@ -2,9 +2,9 @@
 
 Requests that arrive together run through the models in one call (one encoder batch, shared cross-encoder
 chunks). Work is counted in what it costs: cross-encoder pairs (queries × depth). Two lanes, each on its own
-model thread, keep cheap requests from starving: first-stage-only requests never queue behind reranking ones.
-A lane refuses a request with 503 when its queue already holds more work than it can finish within the
-timeout; a micro-batch holds at most ``max_batch_pairs`` pairs; and every request carries a deadline that the
+model thread, keep cheap requests from starving: first-stage-only requests never queue behind reranking ones, and
+within a lane the request with the fewest pairs runs first. A lane refuses a request with 503 when the work ahead
+of it could not finish within the timeout at the rate it has measured, or its queue is full; a micro-batch holds at most ``max_batch_pairs`` pairs; and every request carries a deadline that the
 model thread checks between cross-encoder chunks, so the work of a request that has timed out stops instead of
 holding the thread for minutes, and a queued request whose deadline has passed is never started.
 """
@@ -18,7 +18,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from stagewise.pipeline import Query
+from stagewise.pipeline import Query, StageTimings
+
+# the share of the timeout that reranking work ahead may fill, at the measured rate: the rest is left for the first
+# stage, the batch waits and the answer, so an admitted request is not one that times out anyway
+ADMIT_SHARE = 0.8
 
 
 class ServiceError(Exception):
@@ -31,13 +35,24 @@ class ServiceError(Exception):
 
 @dataclass(eq=False)
 class Work:
-    """One request waiting for (or being given) the models."""
+    """One request: its queries run in one or more slices (a request larger than a batch is split, and cheaper
+    requests may run between its slices), all on the index version its first slice ran on."""
 
     queries: list[Query]
-    pairs: int  # cross-encoder pairs it needs scored
+    per_query: int  # cross-encoder pairs each of its queries costs (its depth; 0 without reranking)
     future: asyncio.Future
     enqueued: float  # time.perf_counter()
     deadline: float
+    index: object = None  # pinned when its first slice runs: one version answers the whole request
+    done: int = 0  # queries handed to the models so far
+    results: list = field(default_factory=list)
+    first_stage_s: float = 0.0
+    rerank_s: float = 0.0
+
+    @property
+    def remaining(self) -> int:
+        """Pairs not yet handed to the models."""
+        return (len(self.queries) - self.done) * self.per_query
 
     def abandoned(self) -> bool:
         """Nobody waits for the answer any more: timed out, cancelled, or already answered."""
@@ -55,15 +70,16 @@ class LaneStats:
 
 
 class Lane:
-    """One queue and one model thread; its batches mix queries of many requests, up to the batch bounds."""
+    """One queue and one model thread; its batches mix slices of many requests, up to the batch bounds."""
 
-    def __init__(self, name: str, search: Callable, max_batch: int, max_batch_pairs: int, batch_wait_ms: float,
-                 max_queued: int, max_queued_pairs: int, timeout_s: float):
-        self.name, self.search = name, search
+    def __init__(self, name: str, search: Callable, current: Callable, max_batch: int, max_batch_pairs: int,
+                 batch_wait_ms: float, max_queued: int, max_queued_pairs: int, timeout_s: float):
+        """``search(index, queries, cancelled)`` answers a batch on ``index``; ``current()`` is the index to pin."""
+        self.name, self.search, self.current = name, search, current
         self.max_batch, self.max_batch_pairs, self.batch_wait_s = max_batch, max_batch_pairs, batch_wait_ms / 1000
         self.max_queued, self.max_queued_pairs, self.timeout_s = max_queued, max_queued_pairs, timeout_s
-        self.pending: collections.deque[Work] = collections.deque()
-        self.queued_pairs = 0
+        self.pending: list[Work] = []  # requests with queries not yet handed to the models
+        self.queued_pairs = 0  # their remaining pairs
         self.running_pairs = 0
         self.pairs_per_s: float | None = None  # measured, to refuse work that could not finish in time
         self.stats = LaneStats()
@@ -87,19 +103,26 @@ class Lane:
         elif self.queued_pairs + pairs > self.max_queued_pairs:
             busy = f"{self.queued_pairs:,} reranking pairs queued (limit {self.max_queued_pairs:,})"
         elif pairs and self.pairs_per_s:
-            wait_s = (self.queued_pairs + self.running_pairs + pairs) / self.pairs_per_s
-            if wait_s > self.timeout_s:
-                busy = (f"the reranking queue needs about {wait_s:.1f} s, over the {self.timeout_s:g} s timeout "
-                        f"({self.queued_pairs + self.running_pairs:,} pairs ahead)")
+            ahead = self.running_pairs + sum(w.remaining for w in self.pending if w.remaining <= pairs)  # cheapest first
+            alone_s, wait_s = pairs / self.pairs_per_s, (ahead + pairs) / self.pairs_per_s
+            if alone_s > self.timeout_s:
+                self.stats.refused += 1
+                raise ServiceError(503, f"too slow: its {pairs:,} pairs alone need about {alone_s:.1f} s at the "
+                                        f"measured {self.pairs_per_s:,.0f} pairs/s, over the {self.timeout_s:g} s "
+                                        "timeout (fewer queries or a smaller depth)")
+            if wait_s > self.timeout_s * ADMIT_SHARE:
+                busy = (f"the reranking work ahead needs about {wait_s:.1f} s, over the {self.timeout_s:g} s timeout "
+                        f"({ahead:,} pairs ahead)")
         if busy:
             self.stats.refused += 1
             raise ServiceError(503, f"server busy: {busy}; retry shortly", {"Retry-After": "1"})
 
     async def submit(self, queries: list[Query], pairs: int):
-        """The batch's (results, timings, index version) for ``queries``, or 504 once the timeout has passed."""
+        """(results, timings, index version) for ``queries``, or 504 once the timeout has passed."""
         self.admit(pairs)
         now = time.perf_counter()
-        work = Work(queries, pairs, asyncio.get_running_loop().create_future(), now, now + self.timeout_s)
+        work = Work(queries, pairs // len(queries), asyncio.get_running_loop().create_future(), now,
+                    now + self.timeout_s, results=[None] * len(queries))
         self.pending.append(work)
         self.queued_pairs += pairs
         self._arrived.set()
@@ -112,32 +135,63 @@ class Lane:
             self._forget(work)
 
     def _forget(self, work: Work) -> None:
-        """Take a request out of the queue (answered, timed out or cancelled): its pairs no longer count."""
-        try:
+        """Take a request out of the queue (answered, timed out, cancelled or failed): its pairs no longer count."""
+        if work in self.pending:
             self.pending.remove(work)
-        except ValueError:
-            return  # already taken into a batch
-        self.queued_pairs -= work.pairs
+            self.queued_pairs -= work.remaining
 
-    def _pop(self) -> Work:
-        work = self.pending.popleft()
-        self.queued_pairs -= work.pairs
-        return work
+    def _drop_abandoned(self) -> None:
+        """Requests whose deadline passed while queued: never started, or not continued."""
+        for work in [w for w in self.pending if w.abandoned()]:
+            self._forget(work)
+            if work.done:
+                self.stats.stopped += 1
+            else:
+                self.stats.skipped += 1
 
-    async def _next_batch(self) -> list[Work]:
-        """Wait for a request, then gather more for up to ``batch_wait_ms`` within the batch bounds."""
-        while not self.pending:
+    def _take(self, batch: list, index, room_queries: int, room_pairs: int) -> tuple[object, int, int] | None:
+        """Add to ``batch`` a slice of the cheapest request that can join it (same index version); None when none
+        can. Returns the batch's index and the room left."""
+        self._drop_abandoned()
+        joinable = [w for w in self.pending if w.index is None or index is None or w.index is index]
+        if not joinable:
+            return None
+        work = min(joinable, key=lambda w: w.remaining)  # min keeps the first of equals: FIFO among them
+        left = len(work.queries) - work.done
+        n = min(left, room_queries, room_pairs // work.per_query if work.per_query else left)
+        if n == 0:
+            if batch:
+                return None
+            n = 1  # one query deeper than a whole batch still runs, alone
+        if work.index is None:
+            work.index = index if index is not None else self.current()
+            self.stats.stage_ms["queue"].append((time.perf_counter() - work.enqueued) * 1000)
+        batch.append((work, work.done, work.done + n))
+        work.done += n
+        self.queued_pairs -= n * work.per_query
+        if work.done == len(work.queries):
+            self.pending.remove(work)
+        return work.index, room_queries - n, room_pairs - n * work.per_query
+
+    async def _next_batch(self) -> list[tuple[Work, int, int]]:
+        """Wait for a request, then gather slices for up to ``batch_wait_ms`` within the batch bounds."""
+        while True:
+            self._drop_abandoned()
+            if self.pending:
+                break
             self._arrived.clear()
             await self._arrived.wait()
         loop = asyncio.get_running_loop()
-        batch = [self._pop()]
+        batch: list[tuple[Work, int, int]] = []
+        index, room_queries, room_pairs = None, self.max_batch, self.max_batch_pairs
         until = loop.time() + self.batch_wait_s
-        while sum(len(w.queries) for w in batch) < self.max_batch:
-            if self.pending:  # already waiting: joins, whatever batch_wait_ms is, unless it overflows the pairs
-                if sum(w.pairs for w in batch) + self.pending[0].pairs > self.max_batch_pairs:
-                    break
-                batch.append(self._pop())
+        while room_queries > 0 and room_pairs > 0:
+            taken = self._take(batch, index, room_queries, room_pairs)
+            if taken is not None:  # already waiting: joins, whatever batch_wait_ms is
+                index, room_queries, room_pairs = taken
                 continue
+            if any(w.index is None or w.index is index for w in self.pending):
+                break  # waiting requests that do not fit: the batch is full
             remaining = until - loop.time()
             if remaining <= 0:
                 break
@@ -152,15 +206,9 @@ class Lane:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
-            live = [w for w in batch if not w.abandoned()]  # deadline passed while queued: never started
-            self.stats.skipped += len(batch) - len(live)
-            if not live:
-                continue
-            queries = [q for w in live for q in w.queries]
-            owner = [w for w in live for _ in w.queries]
-            started = time.perf_counter()
-            self.stats.stage_ms["queue"].extend((started - w.enqueued) * 1000 for w in live)
-            self.running_pairs = sum(w.pairs for w in live)
+            queries = [q for w, a, b in batch for q in w.queries[a:b]]
+            owner = [w for w, a, b in batch for _ in range(a, b)]
+            pairs = self.running_pairs = sum((b - a) * w.per_query for w, a, b in batch)
             stopped: set[Work] = set()
 
             def cancelled(i: int) -> bool:  # asked on the model thread between cross-encoder chunks
@@ -170,43 +218,51 @@ class Lane:
                 return False
 
             try:
-                results, timings, version = await loop.run_in_executor(self.executor, self.search, queries, cancelled)
-            except Exception as e:  # a model failure answers this batch with 500, the service keeps running
-                for w in live:
-                    if not w.future.done():
-                        w.future.set_exception(ServiceError(500, f"search failed: {type(e).__name__}: {e}"))
+                results, timings = await loop.run_in_executor(self.executor, self.search, batch[0][0].index, queries,
+                                                              cancelled)
+            except Exception as e:  # a model failure answers these requests with 500, the service keeps running
+                for work, _, _ in batch:
+                    self._forget(work)
+                    if not work.future.done():
+                        work.future.set_exception(ServiceError(500, f"search failed: {type(e).__name__}: {e}"))
                 continue
             finally:
                 self.running_pairs = 0
-            self._record(live, queries, timings, complete=not stopped)
+            self._record(queries, timings, pairs, complete=not stopped)
             start = 0
-            for w in live:
-                mine = results[start:start + len(w.queries)]
-                start += len(w.queries)
-                if w in stopped:  # its deadline passed part way: its 504 is answered by submit
+            for work, a, b in batch:
+                work.results[a:b] = results[start:start + b - a]
+                start += b - a
+                work.first_stage_s += timings.first_stage_s
+                work.rerank_s += timings.rerank_s
+                if work in stopped:  # its deadline passed part way: its 504 is answered by submit
                     self.stats.stopped += 1
-                elif not w.future.done():
-                    w.future.set_result((mine, timings, version))
+                    self._forget(work)
+                elif work.done == len(work.queries) and b == work.done and not work.future.done():
+                    work.future.set_result((work.results, StageTimings(work.first_stage_s, work.rerank_s),
+                                            work.index.version))
 
-    def _record(self, live: list[Work], queries: list[Query], timings, complete: bool) -> None:
+    def _record(self, queries: list[Query], timings, pairs: int, complete: bool) -> None:
         s = self.stats
         s.batch_sizes.append(len(queries))
         s.stage_ms["first_stage"].append(timings.first_stage_s * 1000)
         s.stage_ms["rerank"].append(timings.rerank_s * 1000)
-        pairs = sum(w.pairs for w in live)
         if pairs and timings.rerank_s > 0 and complete:  # the rate of batches scored whole
             rate = pairs / timings.rerank_s
             self.pairs_per_s = rate if self.pairs_per_s is None else 0.7 * self.pairs_per_s + 0.3 * rate
 
 
 class Batcher:
-    """The two lanes: ``rerank`` for requests that use the cross-encoder, ``first_stage`` for those that do not."""
+    """The two lanes: ``rerank`` for requests that use the cross-encoder, ``first_stage`` for those that do not.
 
-    def __init__(self, search: Callable, settings):
+    ``search(index, queries, cancelled)`` answers one batch; ``current()`` is the index version new requests run on.
+    """
+
+    def __init__(self, search: Callable, current: Callable, settings):
         s = settings
 
         def lane(name: str) -> Lane:
-            return Lane(name, search, s.max_batch, s.max_batch_pairs, s.batch_wait_ms, s.max_queued,
+            return Lane(name, search, current, s.max_batch, s.max_batch_pairs, s.batch_wait_ms, s.max_queued,
                         s.max_queued_pairs, s.timeout_s)
 
         self.lanes = {"rerank": lane("rerank"), "first_stage": lane("first_stage")}

@@ -45,7 +45,7 @@ class ServiceSettings:
     max_body_bytes: int = 1 << 20
     timeout_s: float = 10.0  # per request, queueing included; its work stops when it passes
     max_batch: int = 32  # queries run through the models together
-    max_batch_pairs: int = 512  # pairs one micro-batch scores (a larger request runs alone)
+    max_batch_pairs: int = 256  # pairs one micro-batch scores: a larger request is split, cheaper ones run between
     batch_wait_ms: float = 2.0  # how long the batcher waits for more requests to join a batch
     max_queued: int = 1024  # requests waiting beyond this are refused with 503
     max_queued_pairs: int = 32768  # reranking pairs waiting beyond this are refused with 503
@@ -150,12 +150,10 @@ def create_app(index: Index | LiveIndex | str | Path, settings: ServiceSettings 
     s = settings
     served = live.index  # what the schema describes: the pipeline at start (a reload keeps its shape)
 
-    def search(queries, cancelled):  # on a lane's model thread: one version answers the whole batch
-        current = live.index
-        results, timings = current.search_many(queries, cancelled)
-        return results, timings, current.version
+    def search(index: Index, queries, cancelled):  # on a lane's model thread; each request stays on one version
+        return index.search_many(queries, cancelled)
 
-    batcher = Batcher(search, settings)
+    batcher = Batcher(search, lambda: live.index, settings)
     started = time.time()
     latency_ms: dict[str, collections.deque[float]] = {
         "/search": collections.deque(maxlen=10_000), "/search/batch": collections.deque(maxlen=10_000)}
