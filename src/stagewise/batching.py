@@ -111,8 +111,8 @@ class Lane:
                                         f"measured {self.pairs_per_s:,.0f} pairs/s, over the {self.timeout_s:g} s "
                                         "timeout (fewer queries or a smaller depth)")
             if wait_s > self.timeout_s * ADMIT_SHARE:
-                busy = (f"the reranking work ahead needs about {wait_s:.1f} s, over the {self.timeout_s:g} s timeout "
-                        f"({ahead:,} pairs ahead)")
+                busy = (f"the reranking work ahead needs about {wait_s:.1f} s, more than {ADMIT_SHARE:.0%} of the "
+                        f"{self.timeout_s:g} s timeout ({ahead:,} pairs ahead)")
         if busy:
             self.stats.refused += 1
             raise ServiceError(503, f"server busy: {busy}; retry shortly", {"Retry-After": "1"})
