@@ -12,12 +12,13 @@ import typer
 import typer.core
 from rich.markup import escape
 from rich.table import Table
-from typer._click.exceptions import NoArgsIsHelpError, UsageError  # the click typer runs on (vendored)
 
 from stagewise import engine
 from stagewise.errors import StagewiseError
 from stagewise.progress import console, printable
 from stagewise.rundir import RunDir, seed_everything
+
+UsageError = typer.BadParameter.__base__  # click's, whether typer vendors click (0.2x) or uses the package
 
 
 def _print_error(message: str) -> None:
@@ -29,27 +30,25 @@ class _OneLineUsageErrors(typer.core.TyperGroup):
     """click's usage errors (a bad option value, an unknown option or command) as one ``error:`` line with exit
     code 2, like every other user mistake, instead of a usage block and a boxed panel."""
 
-    @staticmethod
-    def _one_line(e: UsageError) -> typer.Exit:
-        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-        _print_error(e.format_message() + hint)
-        return typer.Exit(EXIT_USER_ERROR)
-
     def parse_args(self, ctx, args):
         try:
             return super().parse_args(ctx, args)
-        except NoArgsIsHelpError:
-            raise
         except UsageError as e:
             raise self._one_line(e) from None
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except NoArgsIsHelpError:
-            raise
         except UsageError as e:
             raise self._one_line(e) from None
+
+    @classmethod
+    def _one_line(cls, e) -> Exception:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `stagewise` alone: the help, as click shows it
+            return e
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        _print_error(e.format_message() + hint)
+        return typer.Exit(EXIT_USER_ERROR)
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
