@@ -570,7 +570,7 @@ def test_qrels_non_integer_score(tmp_path, score):
     ],
 )
 def test_qrels_wrong_column_count(tmp_path, row, got):
-    _qrels_error(tmp_path, f"q1\td1\t1\n\n{row}\n", line=3, contains=(f"expected 3 tab-separated columns", f"got {got}"))
+    _qrels_error(tmp_path, f"q1\td1\t1\n\n{row}\n", line=3, contains=("expected 3 tab-separated columns", f"got {got}"))
 
 
 def test_qrels_split_with_no_relevant_judgements(tmp_path):

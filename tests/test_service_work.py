@@ -54,7 +54,8 @@ def start():
     import contextlib
 
     with contextlib.ExitStack() as stack:
-        yield lambda index, **settings: stack.enter_context(running_server(create_app(index, ServiceSettings(**settings))))
+        yield lambda index, **settings: stack.enter_context(
+            running_server(create_app(index, ServiceSettings(**settings))))
 
 
 # ---- bounds on the work and the answer of one request ------------------------------------------------------

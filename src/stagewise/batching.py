@@ -2,11 +2,13 @@
 
 Requests that arrive together run through the models in one call (one encoder batch, shared cross-encoder
 chunks). Work is counted in what it costs: cross-encoder pairs (queries × depth). Two lanes, each on its own
-model thread, keep cheap requests from starving: first-stage-only requests never queue behind reranking ones, and
-within a lane the request with the fewest pairs runs first. A lane refuses a request with 503 when the work ahead
-of it could not finish within the timeout at the rate it has measured, or its queue is full; a micro-batch holds at most ``max_batch_pairs`` pairs; and every request carries a deadline that the
-model thread checks between cross-encoder chunks, so the work of a request that has timed out stops instead of
-holding the thread for minutes, and a queued request whose deadline has passed is never started.
+model thread, keep cheap requests from starving: first-stage-only requests never queue behind reranking ones,
+and within a lane the request with the fewest pairs runs first; a request larger than a micro-batch
+(``max_batch_pairs``) is split, so cheaper ones run between its parts. A lane refuses a request with 503 when
+the work ahead of it could not finish within the timeout at the rate it has measured, or its queue is full.
+Every request carries a deadline that the model thread checks between cross-encoder chunks, so the work of a
+request that has timed out stops instead of holding the thread for minutes, and a queued request whose
+deadline has passed is never started.
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ class Lane:
         elif self.queued_pairs + pairs > self.max_queued_pairs:
             busy = f"{self.queued_pairs:,} reranking pairs queued (limit {self.max_queued_pairs:,})"
         elif pairs and self.pairs_per_s:
-            ahead = self.running_pairs + sum(w.remaining for w in self.pending if w.remaining <= pairs)  # cheapest first
+            # cheapest first: only what runs now and what is no dearer than this request is ahead of it
+            ahead = self.running_pairs + sum(w.remaining for w in self.pending if w.remaining <= pairs)
             alone_s, wait_s = pairs / self.pairs_per_s, (ahead + pairs) / self.pairs_per_s
             if alone_s > self.timeout_s:
                 self.stats.refused += 1

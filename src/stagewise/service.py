@@ -163,7 +163,8 @@ def create_app(index: Index | LiveIndex | str | Path, settings: ServiceSettings 
         return Annotated[int, Field(ge=low, le=high), BeforeValidator(_integral)]
 
     def text(low: int, high: int):  # the pattern documents the blank check, which gives the clearer message
-        return Annotated[str, Field(min_length=low, max_length=high, json_schema_extra={"pattern": not_blank_pattern()})]
+        blank = {"pattern": not_blank_pattern()}
+        return Annotated[str, Field(min_length=low, max_length=high, json_schema_extra=blank)]
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)
