@@ -169,10 +169,11 @@ def test_a_cheap_reranked_request_runs_between_the_slices_of_an_expensive_one(st
         running = pool.submit(post, base, "/search/batch", big)
         time.sleep(0.3)
         cheap = _timed(base, {"query": "cats", "k": 3})
-        assert not running.done() and cheap < 2.5, cheap  # one 256-pair batch (1.3 s) at most ahead of it
+        assert not running.done()  # answered while the expensive request was still at work
         answer = running.result()
         whole = time.perf_counter() - began
-    assert answer.status_code == 200 and whole > cheap + 1, (whole, cheap)
+    # one 256-pair batch (1.3 s) at most was ahead of it, not the whole request (5 s)
+    assert answer.status_code == 200 and cheap < 0.5 * whole, (whole, cheap)
     for query, result in zip(big["queries"], answer.json()["results"]):
         want = reranked_index.search(query, k=5, depth=30)
         assert [h["doc_id"] for h in result["hits"]] == [w.doc_id for w in want]
