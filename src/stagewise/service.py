@@ -117,7 +117,9 @@ def not_blank_pattern() -> str:
 
 
 def _check_body(body: bytes) -> str | None:
-    """Why a JSON body cannot be parsed (invalid UTF-8, too deep, a number too long), in one line, or None."""
+    """Why a JSON body cannot be parsed (invalid UTF-8, too deep, a number too long), in one line, or None.
+
+    Run only after FastAPI failed to parse it (its 400 becomes the documented 422): never twice on the hot path."""
     try:
         json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -279,11 +281,13 @@ def create_app(index: Index | LiveIndex | str | Path, settings: ServiceSettings 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code == 400 and "body" in request.scope.get("stagewise", {}):  # FastAPI could not parse it
+            return error(422, _check_body(request.scope["stagewise"]["body"]) or "body: unreadable JSON")
         return error(e.status_code, str(e.detail), getattr(e, "headers", None))  # keeps 405's Allow
 
     @app.middleware("http")
     async def _read_body(request: Request, call_next):
-        """Bound the body (also when streamed in chunks), and refuse one that is not JSON with a 422."""
+        """Bound the body (also when streamed in chunks), and keep it to say why when it is not JSON."""
         if request.method not in ("POST", "PUT", "PATCH"):
             return await call_next(request)
         too_big = f"request body exceeds the limit of {s.max_body_bytes:,} bytes"
@@ -297,9 +301,8 @@ def create_app(index: Index | LiveIndex | str | Path, settings: ServiceSettings 
                 return error(413, too_big)
             chunks.append(chunk)
         body = b"".join(chunks)
-        if body and request.url.path in ("/search", "/search/batch") and (problem := _check_body(body)):
-            return error(422, problem)
         request._body = body  # Starlette hands the read body on to the endpoint
+        request.scope["stagewise"] = {"body": body}  # parsed only if FastAPI fails to: to say why (a 422)
         return await call_next(request)
 
     def plan(options: Options, texts: list[str], field: str) -> tuple[list[Query], bool, int | None, int]:
