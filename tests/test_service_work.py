@@ -248,6 +248,8 @@ def test_a_flood_of_maximal_requests_then_normal_latency(start, reranked_index, 
     ("max_text_chars", 0, ["'--max-text-chars'"]),
     ("max_k", 2.5, ["'--max-k'", "integer"]),
     ("max_queued", 0, ["'max_queued'"]),
+    ("reload_interval_s", -1, ["'--reload-interval'", "0 or more"]),
+    ("max_batch_queries", 0, ["'--max-batch-queries'"]),
 ])
 def test_settings_that_would_refuse_every_request_are_refused(setting, value, words):
     from stagewise.errors import StagewiseError
@@ -266,6 +268,9 @@ def test_settings_that_would_refuse_every_request_are_refused(setting, value, wo
     (["--max-depth", "0"], ["'--max-depth'"]),
     (["--batch-wait-ms", "-1"], ["'--batch-wait-ms'"]),
     (["--host", "no such host.invalid"], ["'--host'"]),
+    (["--reload-interval", "-1"], ["'--reload-interval'"]),
+    (["--max-request-pairs", "5"], ["'--max-request-pairs'"]),
+    (["--max-text-chars", "0"], ["'--max-text-chars'"]),
 ])
 def test_serve_refuses_its_own_bad_settings_in_one_line(bm25_index, monkeypatch, options, words):
     """Before anything starts: exit 2, one line naming the option, no traceback; the server is never started."""
