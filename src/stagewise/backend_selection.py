@@ -21,6 +21,7 @@ from stagewise.pipeline import Pipeline
 from stagewise.progress import console
 from stagewise.rerankers import CrossEncoderReranker
 from stagewise.retrievers import build_first_stage
+from stagewise.timing import span
 
 THROUGHPUT_SAMPLE = 64  # corpus documents (first stage) or (query, document) pairs (reranker) timed per candidate
 THROUGHPUT_REPEATS = 3  # the best of these, so a burst from another process does not decide
@@ -51,14 +52,15 @@ def parse_backend(label: str) -> Backend:
     return backend
 
 
-def _best_rate(fn, items: list) -> float:
-    fn(items[:2])  # warm-up: first calls allocate and compile
-    best = 0.0
-    for _ in range(THROUGHPUT_REPEATS):
-        start = time.perf_counter()
-        fn(items)
-        best = max(best, len(items) / max(time.perf_counter() - start, 1e-9))
-    return best
+def _best_rate(fn, items: list, what: str) -> float:
+    with span("probe", f"{what}: throughput", 1, "probes"):
+        fn(items[:2])  # warm-up: first calls allocate and compile
+        best = 0.0
+        for _ in range(THROUGHPUT_REPEATS):
+            start = time.perf_counter()
+            fn(items)
+            best = max(best, len(items) / max(time.perf_counter() - start, 1e-9))
+        return best
 
 
 def _dense_config(config: dict) -> dict | None:
@@ -168,14 +170,14 @@ class BackendSelection:
             first.name = f"{self.chosen['name']}@{backend.label}"
             retriever = first if hasattr(first, "encode_documents") else next(
                 x for x in first.stages if hasattr(x, "encode_documents"))
-            rate = _best_rate(lambda t: retriever.encode_documents(t, show_progress=False), texts)
+            rate = _best_rate(lambda t: retriever.encode_documents(t, show_progress=False), texts, first.name)
             return {"model": folder, "first_stage": first}, rate, manifest
         r = self._reranker_record()
         folder, manifest = self._export(r["model_dir"], backend, "reranker")
         reranker = CrossEncoderReranker(folder, max_length=r["max_length"], backend=backend)
         reranker.name = f"{r['name']}@{backend.label}"
         query = next(iter(self.s.dev_queries.values()))
-        rate = _best_rate(reranker.score_pairs, [(query, t) for t in texts])
+        rate = _best_rate(reranker.score_pairs, [(query, t) for t in texts], reranker.name)
         return {"model": folder, "reranker": reranker}, rate, manifest
 
     def _quality(self, stage: str, built: dict) -> dict:

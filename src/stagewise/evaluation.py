@@ -25,6 +25,7 @@ from stagewise.pipeline import Pipeline
 from stagewise.progress import progress_bar
 from stagewise.rerankers import CrossEncoderReranker
 from stagewise.retrievers import FirstStage
+from stagewise.timing import span
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def evaluate(
     for stage in first_stages:
         pipeline = Pipeline(stage).index(dataset.corpus)
         rankings, scores, seconds = {}, {}, []
-        with progress_bar() as bar:
+        with progress_bar() as bar, span("evaluate", stage.name, len(queries), "queries"):
             for qid in bar.track(queries, description=f"{stage.name}: retrieve"):
                 hits, timings = pipeline.search_timed(queries[qid], retrieve_k)
                 rankings[qid] = [h.doc_id for h in hits]
@@ -203,7 +204,7 @@ def evaluate_depths(
     timings: dict[int, list] = {d: [] for d in depths}
     configured_depth = pipeline.depth
     try:
-        with progress_bar() as bar:
+        with progress_bar() as bar, span("latency", reranker.name, len(depths) * len(sample), "queries"):
             task = bar.add_task(f"{reranker.name}: latency at depths {list(depths)}", total=len(depths) * len(sample))
             for depth in depths:
                 pipeline.depth = depth
@@ -250,7 +251,7 @@ def evaluate_pipeline(dataset: RetrievalDataset, split: str, pipeline: Pipeline,
     depth = pipeline.depth if pipeline.reranker else None
     k = max(k, depth or 0)  # the first stage retrieves max(k, depth): every candidate comes back as a hit
     first_rankings, first_scores, final, timings = {}, {}, {}, []
-    with progress_bar() as bar:
+    with progress_bar() as bar, span("evaluate", pipeline.name, len(queries), "queries"):
         for qid in bar.track(queries, description=f"{pipeline.name}: search"):
             hits, t = pipeline.search_timed(queries[qid], k)
             final[qid] = [h.doc_id for h in hits]
@@ -278,7 +279,7 @@ def evaluate_pipeline(dataset: RetrievalDataset, split: str, pipeline: Pipeline,
 def _rerank(dataset, queries, qrels, stage_name, rankings, first_seconds, reranker, depth) -> SystemResult:
     """Rerank the first stage's own candidates (never injected positives) and score the end-to-end ranking."""
     reranked, seconds = {}, []
-    with progress_bar() as bar:
+    with progress_bar() as bar, span("evaluate", f"{reranker.name}@{depth}", len(queries), "queries"):
         for qid in bar.track(queries, description=f"{reranker.name}@{depth}: rerank"):
             candidates = [(d, dataset.corpus[d].full_text()) for d in rankings[qid][:depth]]
             start = time.perf_counter()

@@ -31,6 +31,7 @@ from stagewise.models import (ModelSpec, _atomic_dir, _quiet_transformers, load_
 from stagewise.progress import progress_bar
 from stagewise.rundir import cpu, versions
 from stagewise.runtimes import output_name, transformer_module
+from stagewise.timing import span
 
 # where each variant's file goes: sentence-transformers' own layout, so its backends can load them one day
 FILES = {
@@ -380,8 +381,8 @@ def export_model(model: str | ModelSpec, backend: Backend, out: str | Path, cali
                              "nothing written; use --force to keep it anyway")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
-    with _quiet_transformers():  # tracing the model makes transformers talk about losses it will never compute
-        _atomic_dir(out, fill)
+    with _quiet_transformers(), span("export", f"{spec.name}@{backend.label}", 1, "models"):
+        _atomic_dir(out, fill)  # tracing the model makes transformers talk about losses it will never compute
     return manifest
 
 

@@ -29,6 +29,7 @@ from typing import Sequence
 from stagewise.data import Document
 from stagewise.errors import StagewiseError
 from stagewise.progress import progress_bar
+from stagewise.timing import span
 
 KINDS = ("auto", "title", "sentence")
 MIN_TITLE_WORDS = 3
@@ -108,7 +109,7 @@ def mine_pseudo_negatives(queries: Sequence[PseudoQuery], first_stage, corpus: d
     rng = random.Random(seed)
     ids = sorted(corpus)
     rankings = []
-    with progress_bar() as bar:
+    with progress_bar() as bar, span("mine", f"pseudo-queries with {first_stage.name}", len(queries), "queries"):
         task = bar.add_task(f"mining pseudo-query negatives with {first_stage.name}", total=len(queries))
         for start in range(0, len(queries), 64):
             chunk = queries[start:start + 64]

@@ -11,6 +11,7 @@ from stagewise.backends import Backend, stage_name
 from stagewise.export import prepare
 from stagewise.errors import StagewiseError
 from stagewise.models import ModelSpec, load_cross_encoder, model_kind
+from stagewise.timing import span
 
 
 class CrossEncoderReranker:
@@ -42,17 +43,20 @@ class CrossEncoderReranker:
         is the engine in use and the set is large enough."""
         if not pairs:
             return np.zeros(0, dtype=np.float32)
-        if batch_job and engine.distributed(len(pairs)):
-            return engine.score_pairs(str(self.spec.path), pairs, self.model.max_length, self.batch_size, self.backend)
-        from stagewise.progress import map_chunks
 
         def predict(chunk) -> np.ndarray:  # sentence-transformers' own tqdm bar off: ours shows a batch job
             return np.asarray(self.model.predict(list(chunk), batch_size=self.batch_size, show_progress_bar=False,
                                                  convert_to_numpy=True), dtype=np.float32).reshape(-1)
 
-        if batch_job:
+        if not batch_job:
+            return predict(pairs)
+        from stagewise.progress import map_chunks
+
+        with span("score", self.name, len(pairs), "pairs"):
+            if engine.distributed(len(pairs)):
+                return engine.score_pairs(str(self.spec.path), pairs, self.model.max_length, self.batch_size,
+                                          self.backend)
             return map_chunks(predict, pairs, f"{self.name}: score pairs", chunk_size=8 * self.batch_size)
-        return predict(pairs)
 
     def rerank(self, query: str, candidates: Sequence[tuple[str, str]], depth: int) -> list[tuple[str, float]]:
         """Score the first ``depth`` of ``(doc_id, text)`` candidates; return them best first with their scores."""

@@ -23,6 +23,7 @@ from stagewise.errors import StagewiseError
 from stagewise.export import prepare
 from stagewise.models import ModelSpec, load_bi_encoder
 from stagewise.progress import map_chunks
+from stagewise.timing import span
 from stagewise.vector_index import VectorIndex, VectorIndexConfig, top_k
 
 logger = logging.getLogger(__name__)
@@ -163,16 +164,18 @@ class DenseRetriever:
         return self.similarity == "cosine"
 
     def encode_documents(self, texts: Sequence[str], show_progress: bool | None = None) -> np.ndarray:
-        if engine.distributed(len(texts)):  # a corpus: on Ray when it is the engine in use
-            return engine.encode_documents(str(self.spec.path), texts, self.model.max_seq_length, self._normalize(),
-                                           self.batch_size, self.backend)
-        def encode(chunk) -> np.ndarray:  # sentence-transformers' own tqdm bar off: ours shows the progress
-            return self.model.encode_document(list(chunk), batch_size=self.batch_size, convert_to_numpy=True,
-                                              normalize_embeddings=self._normalize(), show_progress_bar=False)
+        with span("encode", self.name, len(texts), "docs"):
+            if engine.distributed(len(texts)):  # a corpus: on Ray when it is the engine in use
+                return engine.encode_documents(str(self.spec.path), texts, self.model.max_seq_length,
+                                               self._normalize(), self.batch_size, self.backend)
 
-        if self.show_progress if show_progress is None else show_progress:
-            return map_chunks(encode, texts, f"{self.name}: encode documents", chunk_size=8 * self.batch_size)
-        return encode(texts)
+            def encode(chunk) -> np.ndarray:  # sentence-transformers' own tqdm bar off: ours shows the progress
+                return self.model.encode_document(list(chunk), batch_size=self.batch_size, convert_to_numpy=True,
+                                                  normalize_embeddings=self._normalize(), show_progress_bar=False)
+
+            if self.show_progress if show_progress is None else show_progress:
+                return map_chunks(encode, texts, f"{self.name}: encode documents", chunk_size=8 * self.batch_size)
+            return encode(texts)
 
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
         return self.model.encode_query(

@@ -46,6 +46,7 @@ from stagewise.progress import console
 from stagewise.rerankers import CrossEncoderReranker
 from stagewise.retrievers import build_first_stage
 from stagewise.rundir import RunDir, cpu, seed_everything, versions
+from stagewise.timing import recording, span, step
 from stagewise.training import (INIT_STRATEGIES, MIN_EXAMPLES, BiTrainConfig, CrossTrainConfig, check_train_config,
                                 pretraining_queries, train_bi, train_cross)
 
@@ -329,6 +330,7 @@ class Selection:
         self.cache = EmbeddingCache()
         self.shared: dict = {}  # first stages by spec: one model load per model
         self.skipped: list[dict] = []
+        self.estimates: list[dict] = []  # each planned step: its estimate, its share, what it then cost
         self.dev_queries, self.dev_qrels = split_queries(dataset, config.dev_split, config.max_dev_queries)
         self.train_queries = len(dataset.split(config.train_split)[1])
 
@@ -339,6 +341,10 @@ class Selection:
         stored = self.steps.get(f"first-{name}")
         if stored:
             return stored
+        with step(f"stage 1 / {name}"):
+            return self._first_stage(spec, name, kind, **extra)
+
+    def _first_stage(self, spec: str, name: str, kind: str, **extra) -> dict:
         stage = self._stage(spec, name)
         result = evaluate(self.dataset, self.config.dev_split, [stage], k=max(100, *self.config.depths),
                           max_queries=self.config.max_dev_queries, recall_cutoffs=self.config.depths)[0]
@@ -384,7 +390,8 @@ class Selection:
         console.print(f"  fine-tuning {zero_shot['name']} (estimated {_minutes(estimate)}"
                       + (f", at most {_minutes(seconds)}" if seconds else "") + ")", highlight=False)
         started = time.perf_counter()
-        trained = _train(train_bi, training, run_dir)
+        with step(f"stage 1 / {name}"):
+            trained = _train(train_bi, training, run_dir)
         note = ""
         if trained["train"].get("stopped_at_time_limit"):
             note = (f"stopped after {trained['train']['steps']} of {trained['train']['max_steps']} steps at its "
@@ -392,7 +399,15 @@ class Selection:
         record = self.first_stage(str(run_dir / "model"), name, "dense", fine_tuned=True, base=base,
                                   bi_run=str(run_dir), train_seconds=round(time.perf_counter() - started, 1))
         record.update(status="shortened" if note else "ok", note=note)
+        self._estimated(name, estimate, seconds, started)
         return self.steps.put(f"first-{name}", record)
+
+    def _estimated(self, name: str, estimate: float, share: float | None, started: float) -> None:
+        """Keep a step's estimate beside what it cost, so a wrong estimator shows in the run."""
+        actual = time.perf_counter() - started
+        self.estimates.append({"step": name, "estimated_s": round(estimate, 1),
+                               "share_s": None if share is None else round(share, 1), "actual_s": round(actual, 1),
+                               "actual_over_estimate": round(actual / estimate, 2) if estimate > 0 else None})
 
     def choose_first_stage(self, candidates: list[dict]) -> tuple[dict, str]:
         budget, metric = self.config.latency_budget_ms, self.config.latency_metric
@@ -475,11 +490,14 @@ class Selection:
                 training.pretrain_queries = 0  # a corpus of short or untitled texts: fine-tune on the labels alone
                 cand = {**cand, "pretrain_note": "no pre-training: the corpus gives fewer than "
                         f"{MIN_EXAMPLES} pseudo-queries"}
-            rate = _pairs_per_second(cand["model"], training.max_length, self.dataset, self.dev_queries)
+            with step(f"stage 2 / {cand['name']}"):
+                rate = _pairs_per_second(cand["model"], training.max_length, self.dataset, self.dev_queries)
             train_s, eval_s = self._cross_estimate(training, rate)
             later = left * (train_s + eval_s) + stage3_reserve(self.config)  # the others' cost, at this one's rate
             pretrain_s = _pretrain_estimate(training, rate, len(self.dataset.corpus))
-            records.append(self.reranker(cand, training, chosen, first_result, train_s, eval_s, later, pretrain_s))
+            with step(f"stage 2 / {cand['name']}"):
+                records.append(self.reranker(cand, training, chosen, first_result, train_s, eval_s, later,
+                                             pretrain_s))
         return records
 
     def reranker(self, cand: dict, training: CrossTrainConfig, chosen: dict, first_result: SystemResult,
@@ -527,6 +545,7 @@ class Selection:
                                   self.config.latency_queries, self.config.max_dev_queries, self.config.fusion)
         record["depths"] = [self._depth_record(first_result, r) for r in results]
         record.update(status="shortened" if notes else "ok", note="; ".join(notes))
+        self._estimated(cand["name"], train_s + eval_s, seconds, started)
         return self.steps.put(f"rerank-{cand['name']}", record)
 
     def _affordable_depths(self, eval_s: float, share: float | None, started: float) -> list[int]:
@@ -585,10 +604,11 @@ def _pairs_per_second(model: str, max_length: int, dataset: RetrievalDataset, qu
     cross = load_cross_encoder(model, max_length=max_length, warn_untrained=False)
     query = next(iter(queries.values()))
     pairs = [(query, d.full_text()) for d in list(dataset.corpus.values())[:32]]
-    cross.predict(pairs[:4], show_progress_bar=False)  # warm-up
-    start = time.perf_counter()
-    cross.predict(pairs, batch_size=32, show_progress_bar=False)
-    return len(pairs) / max(time.perf_counter() - start, 1e-6)
+    with span("probe", f"{display_name(model)}: scoring rate", 1, "probes"):
+        cross.predict(pairs[:4], show_progress_bar=False)  # warm-up
+        start = time.perf_counter()
+        cross.predict(pairs, batch_size=32, show_progress_bar=False)
+        return len(pairs) / max(time.perf_counter() - start, 1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -790,7 +810,7 @@ def select(config: SelectConfig, out: str | Path, resume: bool = False, report: 
         if model_kind(resolve_model(model).path) == "cross-encoder":
             raise StagewiseError(f"bi_encoders: '{model}' is a cross-encoder")
     run_config = {"command": "select", **asdict(config), "dataset_fingerprint": dataset.fingerprint()}
-    with RunDir(out, run_config, resume=resume) as run:
+    with RunDir(out, run_config, resume=resume) as run, recording() as timings:
         s = Selection(config, run, dataset)
         console.print(f"[bold]Stage 1[/]: first stages on {dataset.name} / {config.dev_split} "
                       f"({len(s.dev_queries)} queries, {len(dataset.corpus)} documents)")
@@ -819,7 +839,8 @@ def select(config: SelectConfig, out: str | Path, resume: bool = False, report: 
         first_result = _as_result(chosen)
         rerankers = s.rerankers(chosen, first_result, s.reranker_candidates(chosen, fine_tuned))
         result = _assemble(s, candidates, chosen, reason, rerankers)
-        result["backends"] = BackendSelection(s, chosen, result["verdict"], rerankers).run()
+        with step("stage 3"):
+            result["backends"] = BackendSelection(s, chosen, result["verdict"], rerankers).run()
         result["verdict"]["summary"] += result["backends"]["summary"]
         result["verdict"]["backends"] = result["backends"]["recommended"]
         result["systems"] += _backend_systems(result["backends"])
@@ -828,12 +849,14 @@ def select(config: SelectConfig, out: str | Path, resume: bool = False, report: 
         result["pipeline_yaml"] = str(pipeline.save(run.path / "pipeline.yaml").relative_to(run.path))
         if config.test_split:  # only now that the choice is made and written
             console.print(f"[bold]Confirmation[/]: the chosen pipeline on {config.test_split}, once")
-            result["confirmation"] = confirm(dataset, config.test_split, run.path / "pipeline.yaml", s.cache,
-                                             config.latency_metric)
+            with step("confirmation"):
+                result["confirmation"] = confirm(dataset, config.test_split, run.path / "pipeline.yaml", s.cache,
+                                                 config.latency_metric)
             result["verdict"]["summary"].append(result["confirmation"]["summary"])
         # every session of this run, resumed ones included; stored so that a resumed run counts this one whole
         result["wall_seconds"] = round(s.steps.save_spent(s.budget.spent()), 1)
         result["budget"]["used_s"] = result["wall_seconds"]
+        result["time"] = {**timings.breakdown(), "estimates": s.estimates}
         if report:
             from stagewise.report import write_report
 

@@ -33,6 +33,7 @@ from stagewise.progress import library_bars_off, map_chunks
 from stagewise.pseudo_queries import KINDS as PSEUDO_QUERY_KINDS
 from stagewise.pseudo_queries import make_pseudo_queries, mine_pseudo_negatives
 from stagewise.rundir import RunDir, seed_everything
+from stagewise.timing import recording, span
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def mine_from_first_stage(
     from stagewise.progress import progress_bar
 
     batch = 64  # queries per retrieve call: a dense stage encodes them together
-    with progress_bar() as bar:
+    with progress_bar() as bar, span("mine", first_stage.name, len(anchors), "queries"):
         task = bar.add_task(f"mining negatives with {first_stage.name}", total=len(anchors))
         for start in range(0, len(anchors), batch):
             chunk = anchors[start:start + batch]
@@ -275,7 +276,8 @@ def _dev_evaluator(rank: Callable, qrels: dict, recall_cutoffs: tuple = (), on_m
             self.name = "dev"
 
         def __call__(self, model, output_path=None, epoch=-1, steps=-1):
-            rankings, extra = rank(model)
+            with span("dev-eval", "dev split", 1, "evaluations"):
+                rankings, extra = rank(model)
             metrics = {**compute_metrics(qrels, run_from_rankings(rankings), recall_cutoffs)[0], **extra}
             if on_metrics:
                 on_metrics({"epoch": epoch, "steps": steps, **{f"dev_{k}": v for k, v in metrics.items()}})
@@ -290,8 +292,9 @@ def make_retrieval_evaluator(queries: dict[str, str], corpus: dict[str, str], qr
 
     def rank(model):
         ids, qids = list(corpus), list(queries)
-        docs = model.encode_document([corpus[d] for d in ids], batch_size=batch_size, convert_to_numpy=True,
-                                     normalize_embeddings=True, show_progress_bar=False)
+        with span("encode", "dev corpus sample (model in training)", len(ids), "docs"):
+            docs = model.encode_document([corpus[d] for d in ids], batch_size=batch_size, convert_to_numpy=True,
+                                         normalize_embeddings=True, show_progress_bar=False)
         q = model.encode_query([queries[x] for x in qids], batch_size=batch_size, convert_to_numpy=True,
                                normalize_embeddings=True, show_progress_bar=False)
         top = np.argsort(-(q @ docs.T), axis=1)[:, :100]
@@ -318,7 +321,8 @@ def make_rerank_evaluator(queries, candidates, texts, qrels, depth, on_metrics=N
     """Reranking of the first stage's own dev candidates (never injected positives)."""
 
     def rank(model):
-        rankings, scores = rerank_with(model, queries, candidates, texts, depth)
+        with span("score", "dev candidates (model in training)", len(candidates) * depth, "pairs"):
+            rankings, scores = rerank_with(model, queries, candidates, texts, depth)
         return rankings, {"score_std": float(np.mean([s.std() for s in scores]))}
 
     return _dev_evaluator(rank, qrels, (depth,), on_metrics)
@@ -463,10 +467,14 @@ def _fit(trainer_cls, model, args, train_dataset, loss, evaluator, config: Train
     progress = _progress_with_loss()(run, phase)
     trainer.add_callback(progress)
     checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"))
-    try:
-        trainer.train(resume_from_checkpoint=bool(resume and checkpoints) or None)
-    finally:  # an error or Ctrl-C never leaves the bar drawing
-        progress.close()
+    with span("pretrain" if phase == "pretrain" else "train", _model_name(model), unit="examples") as timed:
+        try:
+            trainer.train(resume_from_checkpoint=bool(resume and checkpoints) or None)
+        finally:  # an error or Ctrl-C never leaves the bar drawing
+            progress.close()
+        # examples trained on (a bi-encoder's example is a tuple of texts, a cross-encoder's one pair)
+        timed.items = min(trainer.state.global_step * args.per_device_train_batch_size,
+                          len(train_dataset) * args.num_train_epochs)
     history = [h for h in trainer.state.log_history if "loss" in h]
     return {
         "steps": trainer.state.global_step,
@@ -478,6 +486,12 @@ def _fit(trainer_cls, model, args, train_dataset, loss, evaluator, config: Train
         "loss_last": history[-1]["loss"] if history else None,
         "loss_history": [(h["step"], h["loss"]) for h in history],
     }
+
+
+def _model_name(model) -> str:
+    """What a training span is named: the model's directory or alias, as the trainer loaded it."""
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "model_card_data", None), "base_model", None)
+    return Path(str(path)).name if path else type(model).__name__
 
 
 def _to_hf(columns: dict):
@@ -572,12 +586,13 @@ def _mine_with_model(config: BiTrainConfig, examples: TrainingExamples, spec: Mo
     cross = load_cross_encoder(config.negative_filter) if config.negative_filter else None
     # keyed by content, like every cache here: sentence-transformers names its files by corpus size only
     folder = cache_dir() / "mining" / f"{spec.fingerprint}-{texts_hash(corpus)}-{config.max_seq_length}"
-    mined = mine_hard_negatives(
-        _to_hf({"anchor": examples.columns["anchor"], "positive": examples.columns["positive"]}), model,
-        corpus=corpus, cross_encoder=cross, range_min=config.range_min, range_max=config.range_max,
-        relative_margin=config.relative_margin, num_negatives=num, sampling_strategy="top",
-        output_format="n-tuple", batch_size=config.batch_size, cache_folder=str(folder), verbose=True,
-    )
+    with span("mine", spec.name, len(examples), "queries"):
+        mined = mine_hard_negatives(
+            _to_hf({"anchor": examples.columns["anchor"], "positive": examples.columns["positive"]}), model,
+            corpus=corpus, cross_encoder=cross, range_min=config.range_min, range_max=config.range_max,
+            relative_margin=config.relative_margin, num_negatives=num, sampling_strategy="top",
+            output_format="n-tuple", batch_size=config.batch_size, cache_folder=str(folder), verbose=True,
+        )
     return {name: list(mined[name]) for name in mined.column_names}
 
 
@@ -589,8 +604,9 @@ def _encoding_on_our_bar(model, batch_size: int):
 
         def on_our_bar(texts, *args, _encode=encode, _what=what, **kwargs):
             kwargs["show_progress_bar"] = False
-            return map_chunks(lambda chunk: _encode(chunk, *args, **kwargs), texts, f"mining: encode {_what}",
-                              chunk_size=8 * batch_size)
+            with span("encode", f"mining: {_what}", len(texts), "docs" if _what == "documents" else "queries"):
+                return map_chunks(lambda chunk: _encode(chunk, *args, **kwargs), texts, f"mining: encode {_what}",
+                                  chunk_size=8 * batch_size)
 
         setattr(model, name, on_our_bar)
     return model
@@ -647,7 +663,7 @@ def train_bi(config: BiTrainConfig, out: str | Path, resume: bool = False) -> di
             resolve_model(extra)  # a wrong path fails now, not after mining
     with RunDir(out, {"command": "train-bi", **asdict(config), "loss": loss_name,
                       "model_fingerprint": spec.fingerprint, "dataset_fingerprint": dataset.fingerprint()},
-                resume=resume) as run, library_bars_off():
+                resume=resume) as run, library_bars_off(), recording() as timings:
         columns = _load_examples(run, "train_data.json") if resume else None
         stats = {}
         if columns is None:
@@ -670,6 +686,7 @@ def train_bi(config: BiTrainConfig, out: str | Path, resume: bool = False) -> di
         result = {"model": str(model_dir), "loss": loss_name, "train": {**stats, **fit}}
         if dev:
             result["dev"] = _before_after_bi(dataset, config, spec, model_dir)
+        result["time"] = timings.breakdown()
         run.finish(result)
     return result
 
@@ -863,7 +880,8 @@ def train_cross(config: CrossTrainConfig, out: str | Path, resume: bool = False)
     texts = {d: doc.full_text() for d, doc in dataset.corpus.items()}
     with RunDir(out, {"command": "train-cross", **asdict(config), "loss": loss_name, "first_stage": first_stage_spec,
                       "init_model": spec.spec, "init_fingerprint": spec.fingerprint, "init_warning": init_warning,
-                      "dataset_fingerprint": dataset.fingerprint()}, resume=resume) as run, library_bars_off():
+                      "dataset_fingerprint": dataset.fingerprint()}, resume=resume) as run, library_bars_off(), \
+            recording() as timings:
         if first_stage is not None:
             first_stage.index(dataset.corpus)
         columns = _load_examples(run, "train_data.json") if resume else None
@@ -899,11 +917,13 @@ def train_cross(config: CrossTrainConfig, out: str | Path, resume: bool = False)
         if dev:
             queries, qrels = dev
             first_metrics, _ = compute_metrics(qrels, run_from_rankings(candidates), (config.depth,))
-            rankings, scores = rerank_with(model, queries, candidates, texts, config.depth)
+            with span("dev-eval", "dev split (best checkpoint, collapse check)", 1, "evaluations"):
+                rankings, scores = rerank_with(model, queries, candidates, texts, config.depth)
             reranked_metrics, _ = compute_metrics(qrels, run_from_rankings(rankings), (config.depth,))
             health = detect_collapse(scores, reranked_metrics["ndcg@10"], first_metrics["ndcg@10"])
             result["dev"] = {"first_stage": first_metrics, "reranked": reranked_metrics, "health": health}
             if health["collapsed"] or health["no_gain"]:
                 warnings.warn("the reranker did not learn to rerank: " + "; ".join(health["reasons"]), stacklevel=2)
+        result["time"] = timings.breakdown()
         run.finish(result)
     return result
