@@ -308,3 +308,26 @@ def test_copy_of_a_model_resolves_and_shares_cache(tiny_bi_encoder, tmp_path, co
     retriever = dense(copy)
     retriever.index(corpus())
     assert retriever.from_cache is True and len(count_encodes) == 1
+
+
+def test_retrieve_once_searches_each_batch_once(beir_dir, monkeypatch):
+    from stagewise.data import load_dataset
+    from stagewise.retrievers import BM25Retriever, retrieve_once
+
+    corpus = load_dataset(str(beir_dir)).corpus
+    stage = BM25Retriever()
+    stage.index(corpus)
+    calls = []
+    real = stage.retrieve
+    monkeypatch.setattr(stage, "retrieve", lambda q, k: calls.append((len(q), k)) or real(q, k))
+    queries = ["which animal purrs", "language with memory safety", "roasted beans"]
+    first = retrieve_once(stage, queries, 5)
+    assert retrieve_once(stage, queries, 3) == [r[:3] for r in first]  # shallower: from the deeper one
+    assert retrieve_once(stage, queries, 5) == first
+    assert calls == [(3, 5)] and first == real(queries, 5)
+    retrieve_once(stage, queries[:2], 5)  # other queries, and deeper, search again
+    retrieve_once(stage, queries, 6)
+    assert calls == [(3, 5), (2, 5), (3, 6)]
+    other = BM25Retriever()
+    other.index(dict(list(corpus.items())[:4]))  # the same settings over another corpus: not the same rankings
+    assert retrieve_once(other, queries, 3) == other.retrieve(queries, 3)

@@ -284,3 +284,50 @@ def test_the_confirmation_split_is_evaluate_pipeline_and_eval_pipeline(confirmed
         text = (out / name).read_text()
         assert "Confirmation on test (held out)" in text and "never used to choose" in text
     assert json.loads((out / "selection.json").read_text())["confirmation"]["comparison"]["wins"] == comparison.wins
+
+
+def test_the_plan_reserves_the_second_stage_and_the_shared_starts_share_one_shortened_recipe(
+        select_data, tiny_bi_encoder, tiny_cross_encoder, tmp_path, monkeypatch):
+    """Rates as slow as a 2-core CPU's with MiniLM for the bi-encoder's base as a cross-encoder, so that a 3-minute
+    budget cannot run the shared starts' full recipe."""
+    from stagewise import probes
+    from stagewise.budget import Rates
+
+    def cross_rates(model, *args, **kwargs):
+        slow = model == str(tiny_bi_encoder)
+        return Rates(train=0.5 if slow else 3.0, score=50.0, score_query=30.0)
+
+    monkeypatch.setattr(probes, "bi_training_rates", lambda *a, **k: Rates(train=2.0))
+    monkeypatch.setattr(probes, "cross_rates", cross_rates)
+    config = tiny_config(select_data, tiny_bi_encoder, tiny_cross_encoder, bm25=False, time_budget_min=3,
+                         cross_training={"epochs": 3, "batch_size": 8, "hard_negatives": 2, "random_negatives": 1,
+                                         "max_length": 32})
+    result = select(config, tmp_path / "run")
+    plan = {row["step"]: row for row in result["budget"]["plan"]["steps"]}
+    cross = plan[f"cross {tiny_cross_encoder.name}"]
+    assert cross["runs"] and cross["cuts"] == [] and cross["share_s"] >= cross["full_s"]  # reserved, whole
+    shared = plan["shared starts"]
+    assert shared["runs"] and shared["cuts"] and shared["share_s"] < shared["full_s"]  # shortened, not skipped
+    assert plan[f"{tiny_bi_encoder.name} fine-tuned"]["share_s"] < result["budget"]["plan"]["remaining_s"]
+    by_init = {r["init"]: r for r in result["rerankers"]}
+    # one recipe for both shared starts (the plan is made again before them, with the time really left)
+    assert by_init["same-as-bi"]["cuts"] == by_init["from-finetuned-bi"]["cuts"] != []
+    for r in (by_init["same-as-bi"], by_init["from-finetuned-bi"]):
+        assert r["status"] == "shortened" and all(cut in r["note"] for cut in r["cuts"]) and r["depths"]
+        trained = json.loads((Path(r["run"]) / "config.json").read_text())
+        assert trained["epochs"] < 3  # the cut recipe is the one that ran
+    assert by_init["base"]["status"] == "ok" and not by_init["base"]["cuts"]
+    assert {e["step"] for e in result["time"]["estimates"]} >= {f"cross {tiny_cross_encoder.name}"}
+    assert {"train", "score", "latency"} <= set(result["time"]["by_kind"])
+    markdown = (tmp_path / "run" / "report.md").read_text()
+    assert "Where the time went" in markdown and "shared starts" in markdown
+
+
+def test_a_tiny_time_budget_says_what_the_reranker_would_need(select_data, tiny_bi_encoder, tiny_cross_encoder,
+                                                               tmp_path):
+    config = tiny_config(select_data, tiny_bi_encoder, tiny_cross_encoder, time_budget_min=0.0001)
+    result = select(config, tmp_path / "run")
+    verdict = result["verdict"]
+    assert verdict["reranker_worth_it"] is None and verdict["reranker_status"] == "not evaluated"
+    assert any("--time-budget" in why for why in verdict["not_evaluated"])
+    assert "not worth it" not in " ".join(verdict["summary"])

@@ -18,6 +18,7 @@ from stagewise.evaluation import Comparison, evaluate, evaluate_depths
 from stagewise.pipeline import Pipeline
 from stagewise.rerankers import CrossEncoderReranker
 from stagewise.retrievers import BM25Retriever, DenseRetriever
+from stagewise.select_config import CROSS_TRAINING
 from stagewise.selection import (PRESETS, SelectConfig, TimeBudget, display_name, load_select_config, pareto_front,
                                  verdict)
 
@@ -338,10 +339,11 @@ def test_the_file_overrides_the_preset_and_keywords_override_the_file(tmp_path):
     assert config.depths == [5, 10, 50]  # de-duplicated and sorted
     assert (config.latency_queries, config.min_gain, config.alpha, config.seed) == (3, 0.01, 0.1, 42)
     assert config.finetune_top == 1 and config.time_budget_min == 10  # from the preset
-    assert config.cross_training["pretrain_queries"] == 500 and config.init_strategies == ["base"]
+    # the quick preset asks for the full recipe too: its time budget's plan cuts it to what fits
+    assert config.cross_training == CROSS_TRAINING and config.init_strategies == ["base"]
     # the full preset (the default) pre-trains, and a file's cross_training keeps that unless it says otherwise
     full = load_select_config(write(tmp_path, "cross_training: {epochs: 2}\n", "full.yaml"))
-    assert full.cross_training == {"pretrain_queries": 2000, "epochs": 2}
+    assert full.cross_training == {**CROSS_TRAINING, "epochs": 2} and full.cross_training["pretrain_queries"] == 2000
     assert load_select_config(write(tmp_path, "", "empty.yaml"), preset="quick") == load_select_config(preset="quick")
 
 
@@ -514,3 +516,24 @@ def test_display_name(tiny_bi_encoder, tmp_path):
         shutil.copytree(tiny_bi_encoder, target)
     assert display_name(str(run_model)) == "y"
     assert display_name(str(plain)) == "tiny" and display_name(f"{plain}/") == "tiny"
+
+
+def test_a_reranker_not_evaluated_is_never_called_not_worth_it(tmp_path):
+    from stagewise.report import write_report
+
+    why = ("not evaluated: needs about 38.2 min even shortened, and 2.9 min of the time budget were left for it; "
+           "give --time-budget 90 to allow it")
+    skipped = {**reranker("cross bert-tiny", [], status="skipped"), "note": why}
+    v = verdict(SelectConfig(), first_stage(), [skipped])
+    assert v["reranker_worth_it"] is None and v["reranker_status"] == "not evaluated"
+    assert v["not_evaluated"] == [f"cross bert-tiny: {why}"]
+    assert "not known" in text(v) and "--time-budget 90" in text(v) and "not worth it" not in text(v)
+    measured = verdict(SelectConfig(), first_stage(), [reranker("cross a", [depth(5, 0.49)])])
+    assert measured["reranker_worth_it"] is False and measured["reranker_status"] == "not worth it"
+    sel = {"verdict": v, "first_stage": {"chosen": FIRST, "candidates": [first_stage()]}, "rerankers": [skipped],
+           "systems": [], "skipped": [], "budget": {}, "config": {}, "dataset": {}, "machine": {}}
+    paths = write_report(sel, tmp_path)
+    for kind in ("markdown", "html"):
+        page = paths[kind].read_text()
+        assert "reranking was not evaluated" in page and "--time-budget 90" in page
+        assert "not worth it" not in page

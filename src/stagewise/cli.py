@@ -13,9 +13,9 @@ import typer.core
 from rich.markup import escape
 from rich.table import Table
 
-from stagewise import engine
+from stagewise import batch_precision, engine
 from stagewise.errors import StagewiseError
-from stagewise.progress import console, printable
+from stagewise.progress import console, printable, warnings_on_console
 from stagewise.rundir import RunDir, seed_everything
 
 UsageError = typer.BadParameter.__base__  # click's, whether typer vendors click (0.2x) or uses the package
@@ -120,7 +120,8 @@ def user_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with warnings_on_console():
+                return command(*args, **kwargs)
         except StagewiseError as e:
             _print_error(str(e))
             raise typer.Exit(EXIT_USER_ERROR) from None
@@ -301,6 +302,8 @@ _TRAIN_FILE = typer.Option(None, "--train-file", help="JSONL/CSV/TSV pairs, tupl
 _DEV = typer.Option("dev", "--dev-split", help="Split to evaluate on during and after training ('' for none).")
 _OUT = typer.Option(None, "--out", help="Run directory (default runs/train-<kind>-<time>).")
 _RESUME = typer.Option(False, "--resume", help="Continue an interrupted run in --out.")
+_BF16 = typer.Option(False, "--bf16", help="Train in bf16 mixed precision: faster only on CPUs with AMX or AVX-512 "
+                                           "BF16 (`select` measures it before using it).")
 
 
 def _loss(value) -> str:
@@ -361,6 +364,7 @@ def train_bi_command(
     dev_corpus_size: int = typer.Option(2000, "--dev-corpus-size", min=1, help="Documents in the dev corpus used "
                                                                                "during training (judged ones + a "
                                                                                "fixed sample)."),
+    bf16: bool = _BF16,
     seed: int = typer.Option(42, "--seed", **SEED_RANGE),
     out: Optional[Path] = _OUT,
     resume: bool = _RESUME,
@@ -374,7 +378,7 @@ def train_bi_command(
         early_stopping_patience=patience or None, seed=seed, model=model, max_seq_length=max_seq_length,
         hard_negatives=hard_negatives, num_negatives=num_negatives, range_min=range_min, range_max=range_max,
         relative_margin=relative_margin, negative_filter=negative_filter, teacher=teacher,
-        dev_corpus_size=dev_corpus_size,
+        dev_corpus_size=dev_corpus_size, bf16=bf16,
     )
     run_dir = out or RunDir.default_path("train-bi")
     _print_training(train_bi(config, run_dir, resume=resume), run_dir)
@@ -416,8 +420,14 @@ def train_cross_command(
                                                                  "stage's top N (and below the source document)."),
     pretrain_minutes: Optional[float] = typer.Option(None, "--pretrain-minutes", callback=_above(0),
                                                      help="Stop pre-training after this many minutes."),
+    max_train_queries: Optional[int] = typer.Option(None, "--max-train-queries", min=1,
+                                                    help="Train on a fixed sample of this many labelled queries."),
+    dev_sample: Optional[int] = typer.Option(None, "--dev-sample", min=1, help="Evaluate on a fixed sample of this "
+                                                                               "many dev queries during training "
+                                                                               "(all of them at the end)."),
     eval_steps: Optional[int] = typer.Option(None, "--eval-steps", min=1),
     patience: int = typer.Option(2, "--patience", min=0),
+    bf16: bool = _BF16,
     seed: int = typer.Option(42, "--seed", **SEED_RANGE),
     out: Optional[Path] = _OUT,
     resume: bool = _RESUME,
@@ -434,6 +444,7 @@ def train_cross_command(
         max_length=max_length, skip_top=skip_top, pos_weight=pos_weight, pretrain_queries=pretrain_queries,
         pretrain_kind=pretrain_kind, pretrain_epochs=pretrain_epochs, pretrain_skip=pretrain_skip,
         pretrain_max_seconds=None if pretrain_minutes is None else pretrain_minutes * 60,
+        max_train_queries=max_train_queries, dev_sample=dev_sample, bf16=bf16,
     )
     run_dir = out or RunDir.default_path("train-cross")
     _print_training(train_cross(config, run_dir, resume=resume), run_dir)
@@ -495,13 +506,21 @@ def select_command(
     console.print("[bold]Verdict[/]")
     for line in result["verdict"]["summary"]:
         console.print(f"  {printable(line)}", highlight=False, markup=False)
+    kinds = sorted((result.get("time") or {}).get("by_kind", {}).items(), key=lambda kv: -kv[1]["seconds"])
+    if kinds:
+        console.print(f"[bold]Time[/]: {result['wall_seconds'] / 60:.1f} min, of which "
+                      + ", ".join(f"{kind} {k['seconds'] / 60:.1f}" + (f" ({k['rate']:,.0f} {k['unit']}/s)"
+                                                                      if k.get("rate") else "") for kind, k in kinds[:6])
+                      + " (the report has the plan, each step's estimate against its cost, and every rate)",
+                      highlight=False)
     console.print(printable(f"report: {run_dir / result['report']['html']}") + "\n"
                   + printable(f"pipeline: {run_dir / result['pipeline_yaml']}"), highlight=False, markup=False)
     dataset = load_dataset(settings.data)
     if query is None:
         queries, _ = dataset.split(settings.dev_split)
         query = queries[sorted(queries)[0]]
-    pipeline = Pipeline.load(run_dir / result["pipeline_yaml"]).index(dataset.corpus)
+    with batch_precision.use(settings.batch_precision):  # the corpus embeddings select measured: in its cache
+        pipeline = Pipeline.load(run_dir / result["pipeline_yaml"]).index(dataset.corpus)
     console.print(f"[bold]Example[/]: {escape(printable(pipeline.name))} answers {escape(printable(repr(query)))}",
                   highlight=False)
     for hit in pipeline.search(query, k=3):

@@ -194,6 +194,15 @@ def _fingerprint_files(path: Path) -> str:
     return _fingerprint_cached(str(path), stamp)
 
 
+def display_name(model: str) -> str:
+    """An alias as is; a directory by its last component (its parent's, for a run's ``model/``)."""
+    spec = resolve_model(model)
+    if spec.alias:
+        return spec.alias
+    path = Path(model)
+    return path.parent.name if path.name == "model" and path.parent.name else path.name or model
+
+
 def installed_aliases() -> list[str]:
     return [name for name, alias in ALIASES.items() if alias.present()]
 

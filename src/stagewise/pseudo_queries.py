@@ -28,7 +28,6 @@ from typing import Sequence
 
 from stagewise.data import Document
 from stagewise.errors import StagewiseError
-from stagewise.progress import progress_bar
 from stagewise.timing import span
 
 KINDS = ("auto", "title", "sentence")
@@ -108,13 +107,11 @@ def mine_pseudo_negatives(queries: Sequence[PseudoQuery], first_stage, corpus: d
     ones (label 0), in the shape ``train_cross`` reads; and counts of what the false-negative filter dropped."""
     rng = random.Random(seed)
     ids = sorted(corpus)
-    rankings = []
-    with progress_bar() as bar, span("mine", f"pseudo-queries with {first_stage.name}", len(queries), "queries"):
-        task = bar.add_task(f"mining pseudo-query negatives with {first_stage.name}", total=len(queries))
-        for start in range(0, len(queries), 64):
-            chunk = queries[start:start + 64]
-            rankings += first_stage.retrieve([q.query for q in chunk], depth)
-            bar.advance(task, len(chunk))
+    from stagewise.retrievers import retrieve_once
+
+    with span("mine", f"pseudo-queries with {first_stage.name}", len(queries), "queries"):
+        rankings = retrieve_once(first_stage, [q.query for q in queries], depth,
+                                 f"mining pseudo-query negatives with {first_stage.name}")
     groups: dict[str, list[tuple[str, int]]] = {}
     stats = {"queries": len(queries), "dropped_source_not_retrieved": 0, "dropped_above_source": 0, "kept": 0}
     for pq, ranking in zip(queries, rankings):

@@ -238,9 +238,13 @@ def _verdict_section(sel: dict) -> Section:
     blocks: list[Block] = []
     worth_it = verdict.get("reranker_worth_it")
     first = verdict.get("first_stage") or _get(sel, "first_stage", "chosen")
-    if worth_it is False or (worth_it is None and not verdict.get("reranker")):
+    status = verdict.get("reranker_status") or ("not worth it" if worth_it is False else None)
+    if not verdict.get("reranker") or worth_it is False:
+        why = {"not worth it": "reranking is not worth it on this data",
+               "over the latency budget": "no reranker fits the latency budget",
+               "not evaluated": "reranking was not evaluated, so whether it is worth it is not known"}
         blocks.append(Para(f"The first stage alone is recommended ({first or NA}): "
-                           "reranking is not worth it on this data.", strong=True))
+                           f"{why.get(status, 'no reranker was evaluated')}.", strong=True))
     summary = verdict.get("summary") or []
     if summary:
         blocks.append(Items([str(s) for s in summary]))
@@ -258,6 +262,8 @@ def _recommended_section(sel: dict) -> Section:
         reranker_text = str(reranker)
     elif reranker:
         reranker_text = f"none (best measured: {reranker}, not worth it)"
+    elif verdict.get("reranker_status") == "not evaluated":
+        reranker_text = "none: no reranker was evaluated (see the verdict for what it would need)"
     else:
         reranker_text = "none: the first stage alone"
     gain = NA
@@ -415,9 +421,11 @@ def _backends_section(sel: dict) -> Section:
 
 def _init_costs_table(sel: dict) -> Table:
     rows = [[_text(c.get("init")), _text(c.get("label")), _text(c.get("status")), f3(c.get("best_ndcg@10")),
-             signed(c.get("vs_best_other")), _fmt(c.get("train_seconds"), ".1f")]
+             signed(c.get("vs_best_other")), signed(c.get("vs_same_recipe")), "; ".join(c.get("cuts") or []) or "none",
+             _fmt(c.get("train_seconds"), ".1f")]
             for c in _get(sel, "verdict", "init_costs", default=[])]
-    return Table(["Init", "Start", "Status", "Best nDCG@10", "vs best other start", "Train s"], rows, numeric={3, 4, 5})
+    return Table(["Init", "Start", "Status", "Best nDCG@10", "vs best other start", "vs the other shared start, same "
+                  "recipe", "Recipe cut", "Train s"], rows, numeric={3, 4, 5, 7})
 
 
 def _skipped_table(sel: dict) -> Table:
@@ -433,8 +441,51 @@ def _skipped_table(sel: dict) -> Table:
     return Table(["What", "Status", "Why"], rows)
 
 
+def _time_section(sel: dict) -> Section:
+    """The plan (each step's share and recipe), where the time went (per kind of work, with rates) and each
+    step's estimate against what it cost, and what each model's batch work ran in."""
+    blocks: list[Block] = []
+    plan = _get(sel, "budget", "plan") or {}
+    if plan.get("steps"):
+        blocks.append(Para(f"The plan, made before any fine-tuning for the {_seconds(plan.get('remaining_s'))} "
+                           "then left: each step's full recipe, its shortest, the share it got and the cuts that fit "
+                           f"it. Every step's full recipe would need --time-budget "
+                           f"{plan.get('full_recipes_budget_min')}."))
+        blocks.append(Table(["Step", "Full recipe", "Shortest", "Share", "Recipe", "Cuts"], [
+            [_text(r.get("step")), _seconds(r.get("full_s")), _seconds(r.get("shortest_s")), _seconds(r.get("share_s")),
+             _seconds(r.get("recipe_s")) if r.get("runs") else "left out",
+             "; ".join(r.get("cuts") or []) or (r.get("reason") or "none")] for r in plan["steps"]],
+            numeric={1, 2, 3, 4}))
+    time = sel.get("time") or {}
+    kinds = time.get("by_kind") or {}
+    if kinds:
+        blocks.append(Para(f"Where the {_seconds(time.get('wall_seconds'))} of this session went, by kind of work "
+                           "(each kind's own time: a dev evaluation inside a training counts as evaluation); "
+                           f"{_seconds(time.get('other_seconds'))} went to loading models and data, BM25 and the "
+                           "report."))
+        blocks.append(Table(["Work", "Seconds", "Share", "Processed", "Rate"], [
+            [kind, _fmt(k.get("seconds"), ".0f"), _fmt(k.get("share"), ".0%"),
+             f"{_count(k.get('items'))} {k.get('unit', '')}".strip() if k.get("items") else NA,
+             f"{_fmt(k.get('rate'), ',.1f')} {k.get('unit', '')}/s" if k.get("rate") else NA]
+            for kind, k in kinds.items()], numeric={1, 2, 3, 4}))
+    estimates = time.get("estimates") or []
+    if estimates:
+        blocks.append(Table(["Step", "Estimated", "Share", "Took", "Took / estimated"], [
+            [_text(e.get("step")), _seconds(e.get("estimated_s")), _seconds(e.get("share_s")), _seconds(e.get("actual_s")),
+             _fmt(e.get("actual_over_estimate"), ".2f")] for e in estimates], numeric={1, 2, 3, 4}))
+    precision = _get(sel, "batch_precision", "models") or {}
+    if precision:
+        blocks.append(Para("Batch work (corpus encoding, scoring at every depth, dev evaluations) ran in the precision "
+                           "measured fastest and exact enough for each model on this CPU; per-query latencies are "
+                           "float32's (stage 3 measures the other backends)."))
+        blocks.append(Table(["Model", "Batch precision", "Why"], [
+            [_text(c.get("model") or key), _text(c.get("dtype")), _text(c.get("reason"))]
+            for key, c in precision.items()]))
+    return Section("Where the time went", blocks or [Para("No time budget was set and no timings were recorded.")])
+
+
 def _budget_table(sel: dict) -> Table:
-    budget = dict(sel.get("budget") or {})
+    budget = {k: v for k, v in (sel.get("budget") or {}).items() if k != "plan"}
     used, total = _num(budget.get("used_s")), _num(budget.get("time_budget_s"))
     share = f", {used / total:.0%} of the budget" if used is not None and total else ""
     lat = _latency_label(budget.get("latency_metric") or _latency_metric(sel))
@@ -495,6 +546,7 @@ def build_document(sel: dict, plots: dict[str, str | None]) -> list[Section]:
             Para("What each way of initialising the cross-encoder cost against the best other start.")]
             + ([init_costs] if init_costs.rows else [Para("No initialisation costs were recorded.")])),
         Section("Skipped or shortened", [skipped] if skipped.rows else [Para("Nothing was skipped or shortened.")]),
+        _time_section(sel),
         Section("Budgets", [_budget_table(sel)], css="third"),
         Section("Dataset", [_kv_dict(sel.get("dataset"), {"documents": _count, "train_queries": _count,
                                                           "dev_queries": _count})], css="third"),

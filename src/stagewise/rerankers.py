@@ -6,11 +6,12 @@ from typing import Sequence
 
 import numpy as np
 
-from stagewise import engine
+from stagewise import batch_precision, engine
 from stagewise.backends import Backend, stage_name
 from stagewise.export import prepare
 from stagewise.errors import StagewiseError
 from stagewise.models import ModelSpec, load_cross_encoder, model_kind
+from stagewise.progress import map_chunks, pair_length
 from stagewise.timing import span
 
 
@@ -44,19 +45,30 @@ class CrossEncoderReranker:
         if not pairs:
             return np.zeros(0, dtype=np.float32)
 
+        model = self.model
+
         def predict(chunk) -> np.ndarray:  # sentence-transformers' own tqdm bar off: ours shows a batch job
-            return np.asarray(self.model.predict(list(chunk), batch_size=self.batch_size, show_progress_bar=False,
-                                                 convert_to_numpy=True), dtype=np.float32).reshape(-1)
+            return np.asarray(model.predict(list(chunk), batch_size=self.batch_size, show_progress_bar=False,
+                                            convert_to_numpy=True), dtype=np.float32).reshape(-1)
 
         if not batch_job:
             return predict(pairs)
-        from stagewise.progress import map_chunks
-
         with span("score", self.name, len(pairs), "pairs"):
             if engine.distributed(len(pairs)):
                 return engine.score_pairs(str(self.spec.path), pairs, self.model.max_length, self.batch_size,
                                           self.backend)
-            return map_chunks(predict, pairs, f"{self.name}: score pairs", chunk_size=8 * self.batch_size)
+            model = self.batch_model(pairs)
+            return map_chunks(predict, pairs, f"{self.name}: score pairs", chunk_size=8 * self.batch_size,
+                              length=pair_length)
+
+    def batch_model(self, pairs: Sequence[tuple[str, str]]):
+        """What scores a batch job: the model, or its bf16 copy where the batch precision in use chose it."""
+        policy = batch_precision.current()
+        if policy is None or not self.backend.is_default or not batch_precision.transformer_model(self.model):
+            return self.model
+        sample, groups = batch_precision.pair_sample(pairs)
+        return policy.batch_model(f"{self.spec.fingerprint}-cross-{self.model.max_length}", self.name,
+                                  "cross-encoder", self.model, sample, groups)
 
     def rerank(self, query: str, candidates: Sequence[tuple[str, str]], depth: int) -> list[tuple[str, float]]:
         """Score the first ``depth`` of ``(doc_id, text)`` candidates; return them best first with their scores."""

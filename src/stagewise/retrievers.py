@@ -8,6 +8,7 @@ let :mod:`stagewise.index` persist a stage and add or remove documents without r
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from pathlib import Path
@@ -15,9 +16,9 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from stagewise import engine
+from stagewise import batch_precision, engine
 from stagewise.backends import Backend, fingerprints, stage_name
-from stagewise.cache import EmbeddingCache
+from stagewise.cache import CachedEmbeddings, EmbeddingCache
 from stagewise.data import Document
 from stagewise.errors import StagewiseError
 from stagewise.export import prepare
@@ -163,18 +164,21 @@ class DenseRetriever:
     def _normalize(self) -> bool:
         return self.similarity == "cosine"
 
-    def encode_documents(self, texts: Sequence[str], show_progress: bool | None = None) -> np.ndarray:
+    def encode_documents(self, texts: Sequence[str], show_progress: bool | None = None, model=None) -> np.ndarray:
+        """Embed documents with the deployed model, or with ``model`` (its batch-precision copy)."""
+        model = model or self.model
         with span("encode", self.name, len(texts), "docs"):
             if engine.distributed(len(texts)):  # a corpus: on Ray when it is the engine in use
                 return engine.encode_documents(str(self.spec.path), texts, self.model.max_seq_length,
                                                self._normalize(), self.batch_size, self.backend)
 
             def encode(chunk) -> np.ndarray:  # sentence-transformers' own tqdm bar off: ours shows the progress
-                return self.model.encode_document(list(chunk), batch_size=self.batch_size, convert_to_numpy=True,
-                                                  normalize_embeddings=self._normalize(), show_progress_bar=False)
+                return model.encode_document(list(chunk), batch_size=self.batch_size, convert_to_numpy=True,
+                                             normalize_embeddings=self._normalize(), show_progress_bar=False)
 
             if self.show_progress if show_progress is None else show_progress:
-                return map_chunks(encode, texts, f"{self.name}: encode documents", chunk_size=8 * self.batch_size)
+                return map_chunks(encode, texts, f"{self.name}: encode documents", chunk_size=8 * self.batch_size,
+                                  length=len)
             return encode(texts)
 
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
@@ -183,15 +187,26 @@ class DenseRetriever:
             show_progress_bar=False,
         )
 
+    def embed_corpus(self, texts: Sequence[str]) -> CachedEmbeddings:
+        """A corpus's embeddings, from the cache or encoded (in bf16 where the batch precision in use chose it)."""
+        options = {"max_seq_length": self.model.max_seq_length, "normalize": self._normalize(), "kind": "document",
+                   **({} if self.backend.is_default else {"backend": self.backend.label})}
+        encode = self.encode_documents
+        policy = batch_precision.current()
+        if policy and texts and self.backend.is_default and batch_precision.transformer_model(self.model):
+            key = f"{self.spec.fingerprint}-bi-{self.model.max_seq_length}"
+            model = policy.batch_model(key, self.name, "bi-encoder", self.model, batch_precision.spread_sample(texts))
+            if model is not self.model:
+                options["batch_dtype"] = "bfloat16"
+                encode = functools.partial(self.encode_documents, model=model)
+        if len(texts) > 0:
+            logger.info("encoding %d documents with %s", len(texts), self.name)
+        return self.cache.get_or_encode(self.spec.fingerprint, texts, options, encode)
+
     def index(self, corpus: dict[str, Document]) -> None:
         if self._indexed is corpus:
             return
-        texts = [d.full_text() for d in corpus.values()]
-        options = {"max_seq_length": self.model.max_seq_length, "normalize": self._normalize(), "kind": "document",
-                   **({} if self.backend.is_default else {"backend": self.backend.label})}
-        if len(texts) > 0:
-            logger.info("encoding %d documents with %s", len(texts), self.name)
-        result = self.cache.get_or_encode(self.spec.fingerprint, texts, options, self.encode_documents)
+        result = self.embed_corpus([d.full_text() for d in corpus.values()])
         self.vectors = VectorIndex.build(result.embeddings, self.vector_config)
         self.docs_per_second, self.from_cache = result.docs_per_second, result.from_cache
         self._ids = list(corpus)
@@ -282,6 +297,44 @@ class HybridRetriever:
 
 def _stage_folder(folder: Path, i: int) -> Path:
     return folder / f"stage-{i}"
+
+
+_RANKINGS: dict[tuple[str, int], list[Ranking]] = {}  # the last few batch retrievals: first stage, queries, k
+_RANKINGS_KEPT = 8
+
+
+def retrieve_once(stage: FirstStage, queries: Sequence[str], k: int, description: str | None = None,
+                  chunk: int = 64) -> list[Ranking]:
+    """``stage.retrieve`` for batch work (mining, dev candidates), in chunks on one of our bars (``description``),
+    answered from memory when the same first stage (its config: models by fingerprint) has already retrieved the
+    same queries at least as deep in this process: every cross-encoder start of a selection mines from the same
+    first stage, and none should search twice."""
+    import hashlib
+    import json
+
+    from stagewise.cache import texts_hash
+    from stagewise.progress import progress_bar
+
+    queries = list(queries)
+    key = None
+    if hasattr(stage, "config"):  # a stage that cannot say what it is is never answered from memory
+        ids = getattr(stage, "_ids", None) or next((s._ids for s in getattr(stage, "stages", []) if s._ids), [])
+        key = hashlib.sha256(f"{json.dumps(stage.config(), sort_keys=True, default=str)}|{texts_hash(ids)}|"
+                             f"{texts_hash(queries)}".encode()).hexdigest()
+    for (known, depth), rankings in _RANKINGS.items():
+        if key is not None and known == key and depth >= k:
+            return [r[:k] for r in rankings]
+    rankings: list[Ranking] = []
+    with progress_bar() as bar:
+        task = bar.add_task(description or f"{stage.name}: retrieve", total=len(queries), visible=bool(description))
+        for start in range(0, len(queries), chunk):  # a dense stage encodes each chunk's queries together
+            rankings += stage.retrieve(queries[start:start + chunk], k)
+            bar.advance(task, len(queries[start:start + chunk]))
+    if key is not None:
+        _RANKINGS[(key, k)] = rankings
+    while len(_RANKINGS) > _RANKINGS_KEPT:
+        _RANKINGS.pop(next(iter(_RANKINGS)))
+    return rankings
 
 
 def warn_if_changed(saved: dict, spec: ModelSpec) -> None:

@@ -22,250 +22,34 @@ and the report says which and why.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import Callable
 
-import yaml
-
-from stagewise.backend_selection import BackendSelection, deployed, first_stage_on, parse_backend, stage3_reserve
+from stagewise import batch_precision
+from stagewise.backend_selection import BackendSelection, deployed, first_stage_on
+from stagewise.budget import Allotment, TimeBudget
 from stagewise.cache import EmbeddingCache
 from stagewise.data import RetrievalDataset, load_dataset
 from stagewise.errors import StagewiseError
 from stagewise.evaluation import SystemResult, compare, evaluate, evaluate_depths, evaluate_pipeline, split_queries
 from stagewise.fusion import Fusion
-from stagewise.models import has_transformer, installed_aliases, model_kind, resolve_model
+from stagewise.models import display_name, has_transformer, model_kind, resolve_model
 from stagewise.pipeline import Pipeline
-from stagewise.progress import console
+from stagewise.plan import SHARED, SelectionPlan
+from stagewise.progress import console, warnings_on_console
 from stagewise.rerankers import CrossEncoderReranker
 from stagewise.retrievers import build_first_stage
 from stagewise.rundir import RunDir, cpu, seed_everything, versions
-from stagewise.timing import recording, span, step
-from stagewise.training import (INIT_STRATEGIES, MIN_EXAMPLES, BiTrainConfig, CrossTrainConfig, check_train_config,
-                                pretraining_queries, train_bi, train_cross)
+from stagewise.select_config import PRESETS, SelectConfig, load_select_config  # noqa: F401 (the public API)
+from stagewise.timing import recording, step
+from stagewise.training import MIN_EXAMPLES, BiTrainConfig, CrossTrainConfig, train_bi, train_cross
+from stagewise.verdict import _latency, _mode, pareto_front, verdict  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
-
-LATENCY_METRICS = ("p50_ms", "p95_ms", "mean_ms")
-
-
-def _installed(*aliases: str) -> list[str]:
-    """The default candidates: those of ``aliases`` installed here."""
-    present = set(installed_aliases())
-    return [a for a in aliases if a in present]
-
-
-#: every backend candidate; the time budget and measured throughput decide how far each one is measured
-BACKEND_CANDIDATES = ("torch", "torch-bf16", "onnx", "onnx-int8", "openvino", "openvino-bf16", "openvino-int8")
-
-#: select's cross-encoder recipe unless told otherwise: pre-trained on pseudo-queries from the corpus, then fine-tuned
-CROSS_TRAINING = {"pretrain_queries": 2000}
-
-
-@dataclass
-class SelectConfig:
-    """What ``select`` compares and under which budgets; a YAML file, a preset, or both (the file wins)."""
-
-    data: str = "default"
-    train_split: str = "train"
-    dev_split: str = "dev"
-    bm25: bool = True
-    bi_encoders: list[str] = field(default_factory=lambda: _installed("minilm-l6", "static-64", "mpnet-base"))
-    finetune_top: int = 2  # fine-tune the N best zero-shot bi-encoders
-    hybrid: bool = True  # BM25 fused with the best dense first stage
-    cross_encoders: list[str] = field(default_factory=lambda: _installed("bert-tiny", "minilm-l6"))
-    init_strategies: list[str] = field(default_factory=lambda: list(INIT_STRATEGIES))
-    depths: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])
-    bi_training: dict = field(default_factory=dict)  # BiTrainConfig fields, e.g. {epochs: 1}
-    cross_training: dict = field(default_factory=lambda: dict(CROSS_TRAINING))  # CrossTrainConfig fields
-    latency_budget_ms: float | None = None  # per query, on this machine
-    latency_metric: str = "p95_ms"
-    time_budget_min: float | None = None  # wall clock for the whole selection
-    min_gain: float = 0.005  # a reranker must add at least this much nDCG@10 …
-    alpha: float = 0.05  # … with a paired t-test p-value under this
-    latency_queries: int = 20  # queries timed end to end at each rerank depth
-    max_dev_queries: int | None = None
-    fusion: bool = True  # also consider each reranker fused with the first stage (weight chosen on dev)
-    test_split: str | None = None  # confirm the chosen pipeline once on this split (never used to choose)
-    # stage 3: what runs each chosen stage (labels: torch, torch-bf16, onnx[-int8], openvino[-int8|-bf16])
-    backends: list[str] = field(default_factory=lambda: list(BACKEND_CANDIDATES))
-    backend_max_loss: float = 0.01  # relative nDCG@10 a faster backend may lose against PyTorch float32
-    seed: int = 42
-
-
-PRESETS: dict[str, dict] = {
-    # ~10 minutes on a 2-core CPU on the embedded default dataset
-    "quick": {
-        "bi_encoders": ["minilm-l6", "static-64"], "finetune_top": 1, "cross_encoders": ["bert-tiny"],
-        # from-finetuned-bi (about 30 minutes here, and collapsed in every measured run) is left to the full preset
-        "init_strategies": ["base"], "depths": [5, 10, 20, 50],
-        "bi_training": {"epochs": 1, "dev_corpus_size": 1000},
-        "cross_training": {"epochs": 2, "learning_rate": 1e-4, "hard_negatives": 3, "random_negatives": 1,
-                           "max_length": 128, "pretrain_queries": 500},
-        "time_budget_min": 10, "latency_queries": 10,
-        "backends": ["torch", "torch-bf16", "onnx", "onnx-int8"],  # the exports that take seconds, not a minute
-    },
-    "full": {"cross_training": dict(CROSS_TRAINING)},
-}
-
-
-def load_select_config(path: str | Path | None = None, preset: str | None = None, **overrides) -> SelectConfig:
-    """Defaults, then the preset, then the YAML file, then explicit overrides (None values are ignored)."""
-    if preset is not None and preset not in PRESETS:
-        raise StagewiseError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
-    values: dict = copy.deepcopy(PRESETS.get(preset or "full", {}))
-    if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except OSError as e:
-            raise StagewiseError(f"{path}: cannot read ({e.strerror})") from None
-        except UnicodeDecodeError as e:
-            line = path.read_bytes()[:e.start].count(b"\n") + 1
-            raise StagewiseError(f"{path}:{line}: not valid UTF-8 (byte {e.start + 1})") from None
-        except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            raise StagewiseError(f"{path}:{'' if line is None else line + 1}: invalid YAML ({e.problem})") from None
-        if not isinstance(loaded, dict):
-            raise StagewiseError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
-        known = {f.name for f in fields(SelectConfig)}
-        for key in loaded:
-            if key not in known:
-                raise StagewiseError(f"{path}: field '{key}': unknown setting (known: {', '.join(sorted(known))})")
-        _merge(values, loaded)
-    _merge(values, {k: v for k, v in overrides.items() if v is not None})
-    config = SelectConfig(**values)
-    _check_config(config, path)
-    return config
-
-
-def _merge(values: dict, new: dict) -> None:
-    """Later settings win; the training dicts are merged key by key (a file's epochs keeps a preset's lr)."""
-    for key, value in new.items():
-        if key in ("bi_training", "cross_training") and isinstance(value, dict):
-            values[key] = {**values.get(key, {}), **value}
-        else:
-            values[key] = value
-
-
-_TYPES = {"str": (str,), "bool": (bool,), "int": (int,), "float": (int, float), "None": (type(None),), "list": (list,),
-          "dict": (dict,)}
-
-
-def _fits(value, annotation: str) -> bool:
-    """Whether a YAML value fits a dataclass field's annotation (a string: ``float | None``, ``list[str]``); a bool
-    is no number and a number no bool."""
-    for option in (a.strip() for a in annotation.split("|")):
-        base, _, inner = option.partition("[")
-        kinds = _TYPES.get(base)
-        if kinds is None:
-            return True  # not a type this checks
-        if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
-            continue
-        if base == "list" and inner and not all(_fits(v, inner.rstrip("]")) for v in value):
-            continue
-        return True
-    return False
-
-
-def _check_config(config: SelectConfig, path) -> None:
-    where = f"{path}: " if path else ""
-    for f in fields(SelectConfig):
-        value, kind = getattr(config, f.name), {"list": list, "dict": dict}.get(str(f.type).split("[")[0])
-        if kind and not isinstance(value, kind):
-            raise StagewiseError(f"{where}field '{f.name}': a {kind.__name__} is needed, got {value!r}")
-        if not _fits(value, str(f.type)):
-            raise StagewiseError(f"{where}field '{f.name}': expected {f.type}, got {value!r}")
-    for name, low, strict, high in (("finetune_top", 0, False, None), ("latency_budget_ms", 0, True, None),
-                                    ("time_budget_min", 0, True, None), ("alpha", 0, True, None),
-                                    ("max_dev_queries", 1, False, None), ("seed", 0, False, 2**32 - 1)):
-        value = getattr(config, name)
-        if value is not None and (not (value > low if strict else value >= low)  # NaN fails every comparison
-                                  or (high is not None and not value <= high)):
-            rule = (f"greater than {low}" if strict else f"at least {low}") + (f" and at most {high}" if high else "")
-            raise StagewiseError(f"{where}field '{name}': must be {rule}, got {value!r}")
-    if not math.isfinite(config.min_gain):
-        raise StagewiseError(f"{where}field 'min_gain': must be a finite number, got {config.min_gain!r}")
-    if config.latency_queries < 1:
-        raise StagewiseError(f"{where}field 'latency_queries': at least 1 query must be timed")
-    if not config.depths or any(type(d) is not int or d < 1 for d in config.depths):
-        raise StagewiseError(f"{where}field 'depths': positive integers are needed, got {config.depths}")
-    config.depths = sorted(set(config.depths))
-    if config.latency_metric not in LATENCY_METRICS:
-        raise StagewiseError(f"{where}field 'latency_metric': one of {', '.join(LATENCY_METRICS)}, "
-                             f"not '{config.latency_metric}'")
-    for s in config.init_strategies:
-        if s not in INIT_STRATEGIES:
-            raise StagewiseError(f"{where}field 'init_strategies': '{s}' is not one of {', '.join(INIT_STRATEGIES)}")
-    for name, cls in (("bi_training", BiTrainConfig), ("cross_training", CrossTrainConfig)):
-        unknown = set(getattr(config, name)) - {f.name for f in fields(cls)}
-        if unknown:
-            raise StagewiseError(f"{where}field '{name}': unknown training settings {sorted(unknown)}")
-        annotations = {f.name: str(f.type) for f in fields(cls)}
-        for key, value in getattr(config, name).items():
-            if not _fits(value, annotations[key]):
-                raise StagewiseError(f"{where}field '{name}': setting '{key}': expected {annotations[key]}, "
-                                     f"got {value!r}")
-        try:  # ranges too: a bad epochs or batch size must not surface only when its training starts
-            check_train_config(cls(**getattr(config, name)))
-        except StagewiseError as e:
-            raise StagewiseError(f"{where}field '{name}': {e}") from None
-    if not config.bm25 and not config.bi_encoders:
-        raise StagewiseError(f"{where}no first stage to select from: enable bm25 or name bi_encoders")
-    for label in config.backends:
-        try:
-            parse_backend(label)
-        except StagewiseError as e:
-            raise StagewiseError(f"{where}{e}") from None
-    if not 0 <= config.backend_max_loss < 1:
-        raise StagewiseError(f"{where}field 'backend_max_loss': a fraction between 0 and 1, got {config.backend_max_loss!r}")
-    if not isinstance(config.fusion, bool):
-        raise StagewiseError(f"{where}field 'fusion': true or false, not {config.fusion!r}")
-    if config.test_split is not None and (not isinstance(config.test_split, str) or config.test_split in (
-            config.dev_split, config.train_split)):
-        raise StagewiseError(f"{where}field 'test_split': a split other than the train and dev splits is needed "
-                             f"(it confirms the choice on queries that took no part in it), not {config.test_split!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# The time budget
-# --------------------------------------------------------------------------------------------
-
-
-class TimeBudget:
-    """Wall-clock time shared out between the remaining expensive steps in proportion to their estimated cost."""
-
-    def __init__(self, minutes: float | None, clock: Callable[[], float] = time.perf_counter, spent: float = 0.0):
-        self.seconds = None if minutes is None else minutes * 60.0
-        self.clock = clock
-        self.start = clock() - spent  # a resumed run has already spent some of its budget
-
-    def spent(self) -> float:
-        return self.clock() - self.start
-
-    def remaining(self) -> float:
-        return math.inf if self.seconds is None else max(0.0, self.seconds - self.spent())
-
-    def plan(self, estimate: float, later: float = 0.0, minimum: float = 0.25) -> tuple[str, float | None]:
-        """The step's share of what remains, in proportion to its estimated cost against ``later`` (the steps
-        still to come): ``("run", share)`` when the estimate fits it, ``("shorten", share)`` when at least
-        ``minimum`` of it does, else ``("skip", share)``. A step is held to its share even when its estimate
-        fitted, so a wrong estimate cannot eat the others' time. No budget: ``("run", None)``."""
-        if self.seconds is None:
-            return "run", None
-        share = self.remaining() * estimate / max(estimate + later, 1e-9)
-        if estimate <= share:
-            return "run", share
-        if share >= minimum * estimate:
-            return "shorten", share
-        return "skip", share
-
 
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
@@ -331,6 +115,7 @@ class Selection:
         self.shared: dict = {}  # first stages by spec: one model load per model
         self.skipped: list[dict] = []
         self.estimates: list[dict] = []  # each planned step: its estimate, its share, what it then cost
+        self.plan = SelectionPlan(self)
         self.dev_queries, self.dev_qrels = split_queries(dataset, config.dev_split, config.max_dev_queries)
         self.train_queries = len(dataset.split(config.train_split)[1])
 
@@ -360,35 +145,27 @@ class Selection:
         stage.name = name
         return stage
 
-    def _bi_estimate(self, zero_shot: dict, training: BiTrainConfig) -> tuple[float, float]:
-        """Seconds to fine-tune a bi-encoder, and to mine, evaluate and re-encode around the training, from
-        its measured corpus encoding rate (a training step's forward and backward pass ≈ 3 forward passes)."""
-        rate = zero_shot.get("docs_per_second") or 50.0
-        corpus = len(self.dataset.corpus)
-        steps = math.ceil(self.train_queries / training.batch_size) * training.epochs
-        texts_per_step = training.batch_size * (2 + training.num_negatives)
-        evals = min(training.dev_corpus_size, corpus) * math.ceil(training.epochs)
-        return 3 * steps * texts_per_step / rate, (evals + 2 * corpus) / rate
-
-    def finetune_bi(self, zero_shot: dict, later: float) -> dict | None:
+    def finetune_bi(self, zero_shot: dict) -> dict | None:
         base, name = zero_shot["spec"], f"{zero_shot['name']} fine-tuned"
         stored = self.steps.get(f"first-{name}")
         if stored:
+            self.plan.done(name)
             return stored
         training = BiTrainConfig(**{**self.config.bi_training, "model": base, "data": self.config.data,
                                     "train_split": self.config.train_split, "dev_split": self.config.dev_split,
                                     "seed": self.config.seed})
-        train_s, around_s = self._bi_estimate(zero_shot, training)
-        estimate = train_s + around_s
-        decision, seconds = self.budget.plan(estimate, later)
-        if decision == "skip":
-            self._skip(name, f"estimated {_minutes(estimate)} to fine-tune; its share of the time budget is "
-                             f"{_minutes(seconds)}")
+        allotment = self.plan.allot(name)
+        if allotment is not None and not allotment.runs:
+            self._skip(name, self.plan.needed(allotment))
+            self.plan.done(name)
             return None
-        training.max_seconds = None if seconds is None else max(1.0, seconds - around_s)
+        share, level = (None, None) if allotment is None else (allotment.share, allotment.level)
+        if share is not None:  # training stops at the share less what comes around it (mining, evaluations)
+            training.max_seconds = max(1.0, share - level.parts["around_s"])
+            training.bf16 = level.settings["bf16"]
         run_dir = self.run.path / "train" / f"bi-{_slug(zero_shot['name'])}"
-        console.print(f"  fine-tuning {zero_shot['name']} (estimated {_minutes(estimate)}"
-                      + (f", at most {_minutes(seconds)}" if seconds else "") + ")", highlight=False)
+        console.print(f"  fine-tuning {zero_shot['name']}" + ("" if share is None else
+                      f" (estimated {_minutes(level.seconds)}, at most {_minutes(share)})"), highlight=False)
         started = time.perf_counter()
         with step(f"stage 1 / {name}"):
             trained = _train(train_bi, training, run_dir)
@@ -399,7 +176,9 @@ class Selection:
         record = self.first_stage(str(run_dir / "model"), name, "dense", fine_tuned=True, base=base,
                                   bi_run=str(run_dir), train_seconds=round(time.perf_counter() - started, 1))
         record.update(status="shortened" if note else "ok", note=note)
-        self._estimated(name, estimate, seconds, started)
+        if level is not None:
+            self._estimated(name, level.seconds, share, started)
+        self.plan.done(name)
         return self.steps.put(f"first-{name}", record)
 
     def _estimated(self, name: str, estimate: float, share: float | None, started: float) -> None:
@@ -423,6 +202,16 @@ class Selection:
         return best, f"highest dev nDCG@10 ({best['metrics']['ndcg@10']:.3f}) among first stages{within}"
 
     # ---- stage 2 --------------------------------------------------------------------------
+
+    def expected_rerankers(self, first_stages: list[dict], promising: list[dict]) -> list[dict]:
+        """The cross-encoder starts stage 2 will try if the best zero-shot bi-encoder's line is chosen (what the plan
+        reserves time for before stage 1 runs; it is made again once the first stage is chosen)."""
+        dense = [c for c in first_stages if c["kind"] == "dense"]
+        likely = max(dense or first_stages, key=lambda c: c["metrics"]["ndcg@10"], default=None)
+        if likely is None:
+            return []
+        tuned = {z["spec"]: {"spec": z["spec"], "name": f"{z['name']} fine-tuned"} for z in promising}
+        return self.reranker_candidates(likely, tuned)
 
     def reranker_candidates(self, chosen: dict, fine_tuned: dict[str, dict]) -> list[dict]:
         """Each cross-encoder start to try on the chosen first stage, or the reason it cannot be tried."""
@@ -450,7 +239,7 @@ class Selection:
             else:
                 cand = {"name": f"cross {display_name(model)}", "label": f"same base as the bi-encoder "
                         f"({display_name(model)})" if strategy == "same-as-bi" else f"a different base ({display_name(model)})"}
-            cand.update(init=strategy, model=model)
+            cand.update(init=strategy, model=model, bi_base=bi_base)
             if strategy != "base" and bi_base is None:
                 cand["skip"] = "the chosen first stage has no bi-encoder"
             elif model is None:
@@ -460,69 +249,63 @@ class Selection:
             out.append(cand)
         return out
 
-    def _cross_estimate(self, training: CrossTrainConfig, pairs_per_second: float) -> tuple[float, float]:
-        """Seconds to train (with its dev evaluations) and to evaluate every depth, from a measured scoring rate."""
-        dev = len(self.dev_queries)
-        group = 1 + training.hard_negatives + training.random_negatives
-        train = (3 * self.train_queries * group * training.epochs + dev * training.depth * (math.ceil(training.epochs) + 1)
-                 + _pretrain_estimate(training, pairs_per_second, len(self.dataset.corpus)) * pairs_per_second)
-        evaluation = dev * max(self.config.depths) + self.config.latency_queries * sum(self.config.depths)
-        return train / pairs_per_second, evaluation / pairs_per_second
-
     def rerankers(self, chosen: dict, first_result: SystemResult, candidates: list[dict]) -> list[dict]:
-        records, left = [], sum("skip" not in c for c in candidates)
+        self.plan.restage(candidates)
+        records = []
+        shared = sum(c["init"] != "base" and "skip" not in c and not self.steps.get(f"rerank-{c['name']}")
+                     for c in candidates)  # the shared starts still to run share what is left of their step
         for cand in candidates:
             if "skip" in cand:
                 self._skip(cand["name"], cand["skip"])
                 records.append({**cand, "status": "skipped", "note": cand.pop("skip"), "depths": [], "health": None,
                                 "train_seconds": None})
                 continue
-            left -= 1
+            step_name = SHARED if cand["init"] != "base" else cand["name"]
             stored = self.steps.get(f"rerank-{cand['name']}")
             if stored:
                 records.append(stored)
-                continue
-            training = CrossTrainConfig(**{"depth": min(20, max(self.config.depths)), **self.config.cross_training,
-                                           "model": cand["model"], "init": "base", "data": self.config.data,
-                                           "train_split": self.config.train_split, "dev_split": self.config.dev_split,
-                                           "first_stage": chosen["spec"], "seed": self.config.seed})
-            if training.pretrain_queries and len(pretraining_queries(training, self.dataset)) < MIN_EXAMPLES:
-                training.pretrain_queries = 0  # a corpus of short or untitled texts: fine-tune on the labels alone
-                cand = {**cand, "pretrain_note": "no pre-training: the corpus gives fewer than "
-                        f"{MIN_EXAMPLES} pseudo-queries"}
-            with step(f"stage 2 / {cand['name']}"):
-                rate = _pairs_per_second(cand["model"], training.max_length, self.dataset, self.dev_queries)
-            train_s, eval_s = self._cross_estimate(training, rate)
-            later = left * (train_s + eval_s) + stage3_reserve(self.config)  # the others' cost, at this one's rate
-            pretrain_s = _pretrain_estimate(training, rate, len(self.dataset.corpus))
-            with step(f"stage 2 / {cand['name']}"):
-                records.append(self.reranker(cand, training, chosen, first_result, train_s, eval_s, later,
-                                             pretrain_s))
+            else:
+                training = self.plan.recipe(cand["bi_base"] if cand["init"] != "base" else cand["model"],
+                                            model=cand["model"], init="base", data=self.config.data,
+                                            train_split=self.config.train_split, dev_split=self.config.dev_split,
+                                            first_stage=chosen["spec"], seed=self.config.seed)
+                if self.config.cross_training.get("pretrain_queries", 0) and not training.pretrain_queries:
+                    cand = {**cand, "pretrain_note": "no pre-training: the corpus gives fewer than "
+                            f"{MIN_EXAMPLES} pseudo-queries"}
+                with step(f"stage 2 / {cand['name']}"):
+                    records.append(self.reranker(cand, training, chosen, first_result,
+                                                 self.plan.allot(step_name, shared)))
+                shared -= step_name == SHARED
+            if step_name != SHARED:
+                self.plan.done(step_name)
+        self.plan.done(SHARED)
         return records
 
     def reranker(self, cand: dict, training: CrossTrainConfig, chosen: dict, first_result: SystemResult,
-                 train_s: float, eval_s: float, later: float, pretrain_s: float = 0.0) -> dict:
-        record = {**cand, "status": "ok", "note": "", "depths": [], "health": None, "train_seconds": None,
-                  "estimated_seconds": round(train_s + eval_s, 1)}
-        decision, seconds = self.budget.plan(train_s + eval_s, later)
-        if decision == "skip":  # not stored: a resumed selection with more time tries it again
-            reason = f"estimated {_minutes(train_s + eval_s)}; its share of the time budget is {_minutes(seconds)}"
-            self._skip(cand["name"], reason)
-            return {**record, "status": "skipped", "note": reason}
-        notes = []  # what the time budget cut short
-        if seconds is not None:  # each phase stops at its share
-            share = seconds * train_s / (train_s + eval_s)
-            if pretrain_s:
-                training.pretrain_max_seconds = max(1.0, share * pretrain_s / train_s)
-            training.max_seconds = max(1.0, share * (1 - pretrain_s / train_s))
-        console.print(f"  training {cand['name']} ({cand['label']}; estimated {_minutes(train_s + eval_s)}"
-                      + (f", at most {_minutes(seconds)}" if seconds else "") + ")", highlight=False)
+                 allotment: Allotment | None) -> dict:
+        record = {**cand, "status": "ok", "note": "", "depths": [], "health": None, "train_seconds": None}
+        depths = list(self.config.depths)
+        if allotment is not None:
+            if not allotment.runs:  # not stored: a resumed selection with more time tries it again
+                reason = self.plan.needed(allotment)
+                self._skip(cand["name"], reason)
+                return {**record, "status": "skipped", "note": reason, "estimated_seconds": round(
+                    allotment.step.minimum, 1)}
+            training, depths = self._fit(training, allotment)
+            record.update(estimated_seconds=round(allotment.level.seconds, 1), cuts=allotment.level.cuts,
+                          shared_recipe=cand["init"] != "base")
+        share = None if allotment is None else allotment.share
+        console.print(f"  training {cand['name']} ({cand['label']}" + ("" if share is None else
+                      f"; estimated {_minutes(allotment.level.seconds)}, at most {_minutes(share)}") + ")"
+                      + ("" if not record.get("cuts") else f": {'; '.join(record['cuts'])}"), highlight=False)
+        notes = list(record.get("cuts") or [])  # what the time budget cut: the recipe, then the run itself
         run_dir = self.run.path / "train" / _slug(cand["name"])
         started = time.perf_counter()
         trained = _train(train_cross, training, run_dir)
         record.update(train_seconds=round(time.perf_counter() - started, 1), run=str(run_dir),
                       model_dir=trained["model"], max_length=training.max_length, init_warning=trained.get("init_warning"),
-                      health=(trained.get("dev") or {}).get("health"))
+                      health=(trained.get("dev") or {}).get("health"),
+                      max_length_fit=self.plan.lengths.get(cand["bi_base"] if cand["init"] != "base" else cand["model"]))
         pretrain = trained.get("pretrain") or {}
         record["pretrain"] = {k: pretrain.get(k) for k in ("queries", "kinds", "examples", "seconds", "steps", "skipped")
                               } if pretrain else None
@@ -534,10 +317,12 @@ class Selection:
         if trained["train"].get("stopped_at_time_limit"):
             notes.append(f"training stopped after {trained['train']['steps']} of {trained['train']['max_steps']} "
                          "steps at its share of the time budget")
-        depths = self._affordable_depths(eval_s, seconds, started)
-        if len(depths) < len(self.config.depths):
-            dropped = sorted(set(self.config.depths) - set(depths))
-            notes.append(f"depths {dropped} not evaluated: they did not fit the time budget")
+        if share is not None:
+            affordable = self._affordable_depths(depths, allotment.level.parts["evaluate_s"], share, started)
+            if len(affordable) < len(depths):
+                notes.append(f"depths {sorted(set(depths) - set(affordable))} not evaluated: they did not fit the "
+                             "time left")
+                depths = affordable
         reranker = CrossEncoderReranker(trained["model"], max_length=training.max_length)
         reranker.name = cand["name"]
         pipeline = Pipeline(self._stage(chosen["spec"], chosen["name"]), reranker).index(self.dataset.corpus)
@@ -545,22 +330,31 @@ class Selection:
                                   self.config.latency_queries, self.config.max_dev_queries, self.config.fusion)
         record["depths"] = [self._depth_record(first_result, r) for r in results]
         record.update(status="shortened" if notes else "ok", note="; ".join(notes))
-        self._estimated(cand["name"], train_s + eval_s, seconds, started)
+        if allotment is not None:
+            self._estimated(cand["name"], allotment.level.seconds, share, started)
         return self.steps.put(f"rerank-{cand['name']}", record)
 
-    def _affordable_depths(self, eval_s: float, share: float | None, started: float) -> list[int]:
+    def _fit(self, training: CrossTrainConfig, allotment: Allotment) -> tuple[CrossTrainConfig, list[int]]:
+        """The recipe of the allotted level, each phase held to its part of the share (so that a low estimate
+        cannot run over), and the depths it evaluates."""
+        level, share = allotment.level, allotment.share
+        training = replace(training, **{k: v for k, v in level.settings.items() if k != "depths"})
+        if training.pretrain_queries and level.parts["pretrain_s"]:
+            training.pretrain_max_seconds = max(1.0, share * level.parts["pretrain_s"] / level.seconds)
+        training.max_seconds = max(1.0, share * level.parts["train_s"] / level.seconds)
+        return training, list(level.settings.get("depths", self.config.depths))
+
+    def _affordable_depths(self, depths: list[int], evaluate_s: float, share: float, started: float) -> list[int]:
         """Drop the deepest depths until scoring fits what is left of this candidate's share (keeping the
         shallowest, so that the training is never wasted)."""
-        depths = list(self.config.depths)
-        if share is None:
-            return depths
+        depths = list(depths)
         left = share - (time.perf_counter() - started)
 
         def pairs(ds):
             return max(ds) * len(self.dev_queries) + self.config.latency_queries * sum(ds)
 
         full = pairs(depths)
-        while len(depths) > 1 and eval_s * pairs(depths) / full > left:
+        while len(depths) > 1 and evaluate_s * pairs(depths) / full > left:
             depths.pop()
         return depths
 
@@ -579,193 +373,6 @@ def _train(fn, training, run_dir: Path) -> dict:
     if (run_dir / "result.json").is_file():
         return json.loads((run_dir / "result.json").read_text())
     return fn(training, run_dir, resume=(run_dir / "config.json").is_file())
-
-
-def _pretrain_estimate(training: CrossTrainConfig, pairs_per_second: float, documents: int) -> float:
-    """Seconds of pre-training on pseudo-queries (training costs about three scorings per pair)."""
-    pairs = min(training.pretrain_queries, documents) * (1 + training.hard_negatives + training.random_negatives)
-    seconds = 3 * pairs * training.pretrain_epochs / pairs_per_second
-    return seconds if training.pretrain_max_seconds is None else min(seconds, training.pretrain_max_seconds)
-
-
-def display_name(model: str) -> str:
-    """An alias as is; a directory by its last component (its parent's, for a run's ``model/``)."""
-    spec = resolve_model(model)
-    if spec.alias:
-        return spec.alias
-    path = Path(model)
-    return path.parent.name if path.name == "model" and path.parent.name else path.name or model
-
-
-def _pairs_per_second(model: str, max_length: int, dataset: RetrievalDataset, queries: dict) -> float:
-    """Measure a cross-encoder's scoring rate on this machine on real (query, document) pairs."""
-    from stagewise.models import load_cross_encoder
-
-    cross = load_cross_encoder(model, max_length=max_length, warn_untrained=False)
-    query = next(iter(queries.values()))
-    pairs = [(query, d.full_text()) for d in list(dataset.corpus.values())[:32]]
-    with span("probe", f"{display_name(model)}: scoring rate", 1, "probes"):
-        cross.predict(pairs[:4], show_progress_bar=False)  # warm-up
-        start = time.perf_counter()
-        cross.predict(pairs, batch_size=32, show_progress_bar=False)
-        return len(pairs) / max(time.perf_counter() - start, 1e-6)
-
-
-# --------------------------------------------------------------------------------------------
-# The verdict
-# --------------------------------------------------------------------------------------------
-
-
-def _latency(row: dict, metric: str) -> float:
-    lat = row["latency"]
-    return (lat.get("total") or lat["first_stage"])[metric]
-
-
-def pareto_front(rows: list[dict]) -> None:
-    """Mark ``pareto``: no other row is at least as good on both nDCG@10 and latency and better on one."""
-    for r in rows:
-        r["pareto"] = not any(
-            o is not r and o["ndcg@10"] >= r["ndcg@10"] and o["latency_ms"] <= r["latency_ms"]
-            and (o["ndcg@10"] > r["ndcg@10"] or o["latency_ms"] < r["latency_ms"]) for o in rows)
-
-
-def _mode(row: dict) -> str:
-    return row.get("mode") or "rerank"  # a depth record stored before fusion existed reranks
-
-
-def _collapsed(reranker: dict) -> bool:
-    return bool((reranker.get("health") or {}).get("collapsed"))
-
-
-def _how(reranker: dict, row: dict) -> str:
-    """The summary's words for an option: reranked by X at depth 20, fused with the first stage at weight 0.40."""
-    how = f"reranked by {reranker['name']} at depth {row['depth']}"
-    if _mode(row) == "fusion":
-        f = row["fusion"]
-        how += (f", fused with the first stage at weight {f['weight']:.2f}"
-                + ("" if f["normalization"] == "minmax" else f" ({f['normalization']})"))
-    return how
-
-
-def verdict(config: SelectConfig, chosen: dict, rerankers: list[dict]) -> dict:
-    """The recommended pipeline and the numbers that explain it.
-
-    Every reranker at every depth is an option twice over: reranking alone, and fused with the first stage. An
-    option must fit the latency budget and add at least ``min_gain`` nDCG@10 with p < ``alpha``; otherwise the
-    first stage alone. At equal quality the faster option wins, then pure reranking (the simpler). A collapsed
-    reranker never reranks alone (its order says nothing), but its fusion may be recommended under the same
-    rules: fusion is judged by its own measured gain, and where the reranker's scores carry nothing the weight
-    chosen falls to 0, which gains nothing.
-    """
-    metric, budget = config.latency_metric, config.latency_budget_ms
-    first_ndcg = chosen["metrics"]["ndcg@10"]
-    options = []
-    for r in rerankers:
-        for d in r["depths"]:
-            d["within_budget"] = budget is None or _latency(d, metric) <= budget
-            if d["within_budget"]:
-                options.append((r, d))
-    eligible = [(r, d) for r, d in options if not _collapsed(r) or _mode(d) == "fusion"]
-    best = max(eligible or options, default=None,  # a collapsed reranker alone is only shown when nothing else fits
-               key=lambda x: (round(x[1]["metrics"]["ndcg@10"], 4), -_latency(x[1], metric), _mode(x[1]) == "rerank"))
-    out: dict = {"first_stage": chosen["name"], "first_stage_ndcg@10": first_ndcg,
-                 "first_stage_latency_ms": _latency(chosen, metric), "reranker": None, "depth": None, "mode": None,
-                 "fusion": None, "reranker_worth_it": False, "name": chosen["name"], "ndcg@10": first_ndcg,
-                 "latency_ms": _latency(chosen, metric)}
-    summary = []
-    if best is not None:
-        r, d = best
-        c, fused, collapsed = d["comparison"], _mode(d) == "fusion", _collapsed(r)
-        out.update(best_reranked=d["name"], best_mode=_mode(d), gain=c["mean_diff"], ci95=c["ci95"],
-                   p_value=c["p_value"], wins=c["wins"], losses=c["losses"], ties=c["ties"],
-                   recall_ceiling=d["recall_ceiling"])
-        worth = (c["mean_diff"] >= config.min_gain and c["p_value"] < config.alpha and (fused or not collapsed))
-        if worth:
-            out.update(reranker=r["name"], depth=d["depth"], mode=_mode(d), fusion=d.get("fusion") if fused else None,
-                       reranker_worth_it=True, name=d["name"], **{"ndcg@10": d["metrics"]["ndcg@10"]},
-                       latency_ms=_latency(d, metric))
-        out.update(_depth_curve(r, first_ndcg, _mode(d)))
-        detail = (f"(95% CI {c['ci95'][0]:+.3f} to {c['ci95'][1]:+.3f}, paired t-test p = {c['p_value']:.3g}; "
-                  f"better on {c['wins']} queries, worse on {c['losses']})")
-        if worth:
-            summary.append(f"Recommended: {chosen['name']}, {_how(r, d)} (dev nDCG@10 {d['metrics']['ndcg@10']:.3f}, "
-                           f"{metric[:3]} {_latency(d, metric):.0f} ms per query).")
-            summary.append(f"{'Fusion' if fused else 'Reranking'} adds {c['mean_diff']:+.3f} nDCG@10 {detail} over "
-                           "the first stage alone.")
-            if fused:
-                summary.append(_alone_note(r, d, first_ndcg, collapsed) + "The fusion weight was chosen on these "
-                               "same dev queries, so this gain is optimistic: a test split confirms it (test_split).")
-        else:
-            why = ("its scores collapsed" if collapsed and not fused else "fused, its best weight on dev is 0: it "
-                   "adds nothing to the first stage's order" if fused and d["fusion"]["weight"] == 0 else
-                   "reranking lowers nDCG@10" if c["mean_diff"] < 0 else
-                   f"the gain is below the {config.min_gain:g} minimum"
-                   if c["mean_diff"] < config.min_gain else f"the gain is not significant (p ≥ {config.alpha:g})")
-            summary.append(f"Recommended: {chosen['name']} alone (dev nDCG@10 {first_ndcg:.3f}, {metric[:3]} "
-                           f"{_latency(chosen, metric):.0f} ms per query). The reranker is not worth it: {why}.")
-            alone = _alone_note(r, d, first_ndcg, collapsed) if fused else ""
-            summary.append((f"The best reranked pipeline within budget, {d['name']}, changes nDCG@10 by "
-                            f"{c['mean_diff']:+.3f} {detail}. " + alone).strip())
-        if d["recall_ceiling"] is not None:
-            summary.append(f"At depth {d['depth']} the first stage retrieves {d['recall_ceiling']:.0%} of the "
-                           "relevant documents: the ceiling for reranking.")
-        if out.get("depth_90pct") is not None:
-            summary.append(f"Depth {out['depth_90pct']} reaches 90% of {r['name']}'s peak gain"
-                           + (" when fused" if fused else "")
-                           + f" ({out['peak_gain']:+.3f} at depth {out['peak_depth']})"
-                           + ("; the gain then declines deeper." if out["peaks_and_declines"] else "."))
-    else:
-        reason = ("no reranker fits the latency budget" if any(r["depths"] for r in rerankers)
-                  else "no reranker was evaluated")
-        summary.append(f"Recommended: {chosen['name']} alone (dev nDCG@10 {first_ndcg:.3f}, {metric[:3]} "
-                       f"{_latency(chosen, metric):.0f} ms per query): {reason}.")
-    out["init_costs"] = _init_costs(rerankers)
-    for cost in out["init_costs"]:
-        if cost["vs_best_other"] is not None:
-            summary.append(f"The {cost['init']} start ({cost['label']}) reached {cost['best_ndcg@10']:.3f} nDCG@10, "
-                           f"{cost['vs_best_other']:+.3f} against the best other start"
-                           + (f" ({cost['train_seconds']:.0f} s of training)" if cost["train_seconds"] else "")
-                           + (", and its scores collapsed." if cost["collapsed"] else "."))
-    out["summary"] = summary
-    return out
-
-
-def _alone_note(reranker: dict, row: dict, first_ndcg: float, collapsed: bool) -> str:
-    """A fused option against its reranker alone at the same depth (empty where that was not measured)."""
-    pure = next((x for x in reranker["depths"] if _mode(x) == "rerank" and x["depth"] == row["depth"]), None)
-    if pure is None:
-        return ""
-    return (f"Reranking alone at depth {row['depth']} reaches {pure['metrics']['ndcg@10']:.3f} "
-            f"({pure['metrics']['ndcg@10'] - first_ndcg:+.3f})" + ("; its scores collapsed" if collapsed else "")
-            + ". ")
-
-
-def _depth_curve(reranker: dict, first_ndcg: float, mode: str = "rerank") -> dict:
-    gains = [(d["depth"], d["metrics"]["ndcg@10"] - first_ndcg) for d in reranker["depths"] if _mode(d) == mode]
-    peak_depth, peak = max(gains, key=lambda x: (x[1], -x[0]))
-    if peak <= 0:
-        return {"peak_depth": peak_depth, "peak_gain": peak, "depth_90pct": None, "peaks_and_declines": False}
-    depth_90 = min(d for d, g in gains if g >= 0.9 * peak)
-    return {"peak_depth": peak_depth, "peak_gain": peak, "depth_90pct": depth_90,
-            "peaks_and_declines": gains[-1][0] > peak_depth and gains[-1][1] < peak - 1e-3}
-
-
-def _init_costs(rerankers: list[dict]) -> list[dict]:
-    """Each shared-initialisation start (same-as-bi, from-finetuned-bi) against the best other start, reranking
-    alone: the cross-encoders themselves, not what fusion with the first stage makes of them."""
-    def best(r):
-        return max((d["metrics"]["ndcg@10"] for d in r["depths"] if _mode(d) == "rerank"), default=None)
-
-    out = []
-    for r in rerankers:
-        if r["init"] == "base":
-            continue
-        others = [best(o) for o in rerankers if o is not r and best(o) is not None]
-        mine = best(r)
-        out.append({"init": r["init"], "label": r["label"], "status": r["status"], "best_ndcg@10": mine,
-                    "vs_best_other": None if mine is None or not others else mine - max(others),
-                    "train_seconds": r.get("train_seconds"), "collapsed": _collapsed(r)})
-    return out
 
 
 def confirm(dataset: RetrievalDataset, split: str, path: Path, cache: EmbeddingCache | None = None,
@@ -810,7 +417,8 @@ def select(config: SelectConfig, out: str | Path, resume: bool = False, report: 
         if model_kind(resolve_model(model).path) == "cross-encoder":
             raise StagewiseError(f"bi_encoders: '{model}' is a cross-encoder")
     run_config = {"command": "select", **asdict(config), "dataset_fingerprint": dataset.fingerprint()}
-    with RunDir(out, run_config, resume=resume) as run, recording() as timings:
+    with RunDir(out, run_config, resume=resume) as run, recording() as timings, warnings_on_console(), \
+            batch_precision.use(config.batch_precision) as precision:
         s = Selection(config, run, dataset)
         console.print(f"[bold]Stage 1[/]: first stages on {dataset.name} / {config.dev_split} "
                       f"({len(s.dev_queries)} queries, {len(dataset.corpus)} documents)")
@@ -818,11 +426,10 @@ def select(config: SelectConfig, out: str | Path, resume: bool = False, report: 
         zero_shot = [s.first_stage(m, display_name(m), "dense", base=m) for m in config.bi_encoders]
         candidates += zero_shot
         promising = sorted(zero_shot, key=lambda c: -c["metrics"]["ndcg@10"])[: config.finetune_top]
-        estimates = [sum(s._bi_estimate(z, BiTrainConfig(**config.bi_training))) for z in promising]
+        s.plan.make(zero_shot, promising, s.expected_rerankers(candidates, promising))
         fine_tuned = {}
-        for i, z in enumerate(promising):
-            tuned = s.finetune_bi(z, later=sum(estimates[i + 1:]) + _stage2_guess(estimates[i], config)
-                                  + stage3_reserve(config))
+        for z in promising:
+            tuned = s.finetune_bi(z)
             if tuned:
                 fine_tuned[z["spec"]] = tuned
                 candidates.append(tuned)
@@ -857,6 +464,8 @@ def select(config: SelectConfig, out: str | Path, resume: bool = False, report: 
         result["wall_seconds"] = round(s.steps.save_spent(s.budget.spent()), 1)
         result["budget"]["used_s"] = result["wall_seconds"]
         result["time"] = {**timings.breakdown(), "estimates": s.estimates}
+        result["budget"]["plan"] = s.plan.planned
+        result["batch_precision"] = {"mode": config.batch_precision, "models": precision.summary()}
         if report:
             from stagewise.report import write_report
 
@@ -864,11 +473,6 @@ def select(config: SelectConfig, out: str | Path, resume: bool = False, report: 
         run.finish({"verdict": result["verdict"], "report": result.get("report"), "pipeline": result["pipeline_yaml"],
                     "confirmation": result.get("confirmation")})
     return result
-
-
-def _stage2_guess(bi_estimate: float, config: SelectConfig) -> float:
-    """Before any cross-encoder is measured, reserve for stage 2 about what one bi-encoder fine-tuning costs each."""
-    return bi_estimate * 0.5 * max(1, len(config.cross_encoders)) if config.cross_encoders else 0.0
 
 
 def _backend_systems(backends: dict) -> list[dict]:

@@ -72,7 +72,7 @@ class Timings:
         by_kind = {}
         for kind in sorted(kinds, key=lambda k: list(KINDS).index(k) if k in KINDS else len(KINDS)):
             k = kinds[kind]
-            row = {"seconds": round(k["seconds"], 1), "share": round(k["seconds"] / wall, 3) if wall > 0 else None}
+            row = {"seconds": round(k["seconds"], 3), "share": round(k["seconds"] / wall, 3) if wall > 0 else None}
             if len(k["units"]) == 1 and k["items"]:
                 row.update(items=round(k["items"], 1), unit=k["units"].pop(),
                            rate=round(k["items"] / k["seconds"], 2) if k["seconds"] > 0 else None)

@@ -21,10 +21,12 @@ import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
+from stagewise import batch_precision
+from stagewise.batch_precision import pair_sample, spread_sample
 from stagewise.data import RetrievalDataset, TrainingExamples, load_dataset, load_training_examples
 from stagewise.errors import DataError, StagewiseError
 from stagewise.evaluation import compute_metrics, run_from_rankings
@@ -85,6 +87,7 @@ class TrainArgs:
     logging_steps: int | None = None  # None: the loss is logged LOSS_POINTS times a run (every step in a tiny one)
     seed: int = 42
     max_seconds: float | None = None  # stop training (with a last evaluation) once this much time has passed
+    bf16: bool = False  # bf16 mixed precision (autocast): faster only where the CPU has AMX / AVX-512 BF16
 
 
 @dataclass
@@ -121,6 +124,8 @@ class CrossTrainConfig(TrainArgs):
     pretrain_epochs: float = 1.0
     pretrain_skip: int = 2  # negatives from below the first stage's top N (and always below the source document)
     pretrain_max_seconds: float | None = None
+    max_train_queries: int | None = None  # train on a fixed sample of this many labelled queries (a shortened trial)
+    dev_sample: int | None = None  # dev evaluations during training on a fixed sample of this many queries
 
 
 #: Each numeric setting's range: (lowest, whether the lowest itself is excluded, highest or None). None values
@@ -134,7 +139,7 @@ _RANGES = {
     "depth": (1, False, None), "hard_negatives": (0, False, None), "random_negatives": (0, False, None),
     "skip_top": (0, False, None), "pos_weight": (0, True, None), "max_length": (1, False, None),
     "pretrain_queries": (0, False, None), "pretrain_epochs": (0, True, None), "pretrain_skip": (0, False, None),
-    "pretrain_max_seconds": (0, True, None),
+    "pretrain_max_seconds": (0, True, None), "max_train_queries": (1, False, None), "dev_sample": (1, False, None),
 }
 
 
@@ -225,16 +230,10 @@ def mine_from_first_stage(
     positives = _positives_by_anchor(examples)
     anchors = list(positives)
     all_texts = list(corpus_texts.values())
-    rankings = []
-    from stagewise.progress import progress_bar
+    from stagewise.retrievers import retrieve_once
 
-    batch = 64  # queries per retrieve call: a dense stage encodes them together
-    with progress_bar() as bar, span("mine", first_stage.name, len(anchors), "queries"):
-        task = bar.add_task(f"mining negatives with {first_stage.name}", total=len(anchors))
-        for start in range(0, len(anchors), batch):
-            chunk = anchors[start:start + batch]
-            rankings += first_stage.retrieve(chunk, depth)
-            bar.advance(task, len(chunk))
+    with span("mine", first_stage.name, len(anchors), "queries"):
+        rankings = retrieve_once(first_stage, anchors, depth, f"mining negatives with {first_stage.name}")
     groups: dict[str, list[tuple[str, int]]] = {}
     for anchor, ranking in zip(anchors, rankings):
         pos = positives[anchor]
@@ -292,9 +291,11 @@ def make_retrieval_evaluator(queries: dict[str, str], corpus: dict[str, str], qr
 
     def rank(model):
         ids, qids = list(corpus), list(queries)
+        texts = [corpus[d] for d in ids]
+        encoder = _batch_copy(model, "bi-encoder", spread_sample(texts))
         with span("encode", "dev corpus sample (model in training)", len(ids), "docs"):
-            docs = model.encode_document([corpus[d] for d in ids], batch_size=batch_size, convert_to_numpy=True,
-                                         normalize_embeddings=True, show_progress_bar=False)
+            docs = encoder.encode_document(texts, batch_size=batch_size, convert_to_numpy=True,
+                                           normalize_embeddings=True, show_progress_bar=False)
         q = model.encode_query([queries[x] for x in qids], batch_size=batch_size, convert_to_numpy=True,
                                normalize_embeddings=True, show_progress_bar=False)
         top = np.argsort(-(q @ docs.T), axis=1)[:, :100]
@@ -305,16 +306,32 @@ def make_retrieval_evaluator(queries: dict[str, str], corpus: dict[str, str], qr
 
 def rerank_with(model, queries: dict[str, str], candidates: dict[str, list[str]], texts: dict[str, str],
                 depth: int, batch_size: int = 64) -> tuple[dict[str, list[str]], list[np.ndarray]]:
-    """Rerank each query's first-stage candidates (top ``depth``) with a CrossEncoder; return rankings and scores."""
-    rankings, all_scores = {}, []
+    """Rerank each query's first-stage candidates (top ``depth``) with a CrossEncoder; return rankings and scores.
+
+    Every query's pairs go through one ``predict``, which batches them by length (little padding), on the model's
+    bf16 copy where the batch precision in use chose it."""
+    pairs = [(queries[qid], texts[d]) for qid, ranked in candidates.items() for d in ranked[:depth]]
+    scorer = _batch_copy(model, "cross-encoder", *pair_sample(pairs))
+    flat = np.asarray(scorer.predict(pairs, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True),
+                      dtype=np.float32).reshape(-1)
+    rankings, all_scores, start = {}, [], 0
     for qid, ranked in candidates.items():
         top = ranked[:depth]
-        scores = np.asarray(model.predict([(queries[qid], texts[d]) for d in top], batch_size=batch_size,
-                                          show_progress_bar=False, convert_to_numpy=True)).reshape(-1)
+        scores = flat[start:start + len(top)]
+        start += len(top)
         order = np.argsort(-scores, kind="stable")
         rankings[qid] = [top[i] for i in order] + ranked[depth:]
         all_scores.append(scores)
     return rankings, all_scores
+
+
+def _batch_copy(model, kind: str, sample: list, groups: Sequence[int] = ()):
+    """The model in training, or a bf16 copy of it for a dev evaluation where the batch precision in use chose bf16
+    (measured at its first evaluation; copied anew each time, since its weights change)."""
+    policy = batch_precision.current()
+    if policy is None or not batch_precision.transformer_model(model):
+        return model
+    return policy.batch_model(None, "the model in training", kind, model, sample, groups)
 
 
 def make_rerank_evaluator(queries, candidates, texts, qrels, depth, on_metrics=None):
@@ -419,6 +436,8 @@ def _training_arguments(cls, config: TrainArgs, run: RunDir, has_dev: bool, extr
         report_to="none",
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        bf16=config.bf16,
+        use_cpu=config.bf16 and not torch.cuda.is_available(),  # transformers refuses bf16 on a CPU unless told
         **extra,
     )
     if config.eval_steps:
@@ -450,7 +469,7 @@ def _time_limit(seconds: float):
 
 
 def _fit(trainer_cls, model, args, train_dataset, loss, evaluator, config: TrainArgs, run: RunDir, resume: bool,
-         phase: str = "train"):
+         phase: str = "train", name: str = "model"):
     from transformers import EarlyStoppingCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -467,7 +486,7 @@ def _fit(trainer_cls, model, args, train_dataset, loss, evaluator, config: Train
     progress = _progress_with_loss()(run, phase)
     trainer.add_callback(progress)
     checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"))
-    with span("pretrain" if phase == "pretrain" else "train", _model_name(model), unit="examples") as timed:
+    with span("pretrain" if phase == "pretrain" else "train", name, unit="examples") as timed:
         try:
             trainer.train(resume_from_checkpoint=bool(resume and checkpoints) or None)
         finally:  # an error or Ctrl-C never leaves the bar drawing
@@ -486,12 +505,6 @@ def _fit(trainer_cls, model, args, train_dataset, loss, evaluator, config: Train
         "loss_last": history[-1]["loss"] if history else None,
         "loss_history": [(h["step"], h["loss"]) for h in history],
     }
-
-
-def _model_name(model) -> str:
-    """What a training span is named: the model's directory or alias, as the trainer loaded it."""
-    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "model_card_data", None), "base_model", None)
-    return Path(str(path)).name if path else type(model).__name__
 
 
 def _to_hf(columns: dict):
@@ -577,39 +590,50 @@ def _tuples_from_groups(examples: TrainingExamples, groups: dict, num: int) -> d
 
 def _mine_with_model(config: BiTrainConfig, examples: TrainingExamples, spec: ModelSpec, corpus: list[str],
                      num: int) -> dict:
-    from sentence_transformers.util import mine_hard_negatives
+    """sentence-transformers' ``mine_hard_negatives`` with the base model, its corpus embeddings taken from the
+    embedding cache (the zero-shot evaluation has usually just made them) and its output in our style."""
+    from sentence_transformers.util import hard_negatives, mine_hard_negatives
 
-    from stagewise.cache import cache_dir, texts_hash
     from stagewise.models import load_cross_encoder
+    from stagewise.progress import tqdm_off
+    from stagewise.retrievers import DenseRetriever
 
-    model = _encoding_on_our_bar(load_bi_encoder(spec, max_seq_length=config.max_seq_length), config.batch_size)
+    retriever = DenseRetriever(spec, batch_size=config.batch_size, max_seq_length=config.max_seq_length)
+    model = _MiningModel(retriever)
     cross = load_cross_encoder(config.negative_filter) if config.negative_filter else None
-    # keyed by content, like every cache here: sentence-transformers names its files by corpus size only
-    folder = cache_dir() / "mining" / f"{spec.fingerprint}-{texts_hash(corpus)}-{config.max_seq_length}"
-    with span("mine", spec.name, len(examples), "queries"):
+    with span("mine", spec.name, len(examples), "queries"), tqdm_off(hard_negatives):
         mined = mine_hard_negatives(
             _to_hf({"anchor": examples.columns["anchor"], "positive": examples.columns["positive"]}), model,
             corpus=corpus, cross_encoder=cross, range_min=config.range_min, range_max=config.range_max,
             relative_margin=config.relative_margin, num_negatives=num, sampling_strategy="top",
-            output_format="n-tuple", batch_size=config.batch_size, cache_folder=str(folder), verbose=True,
+            output_format="n-tuple", batch_size=config.batch_size, verbose=False,
         )
     return {name: list(mined[name]) for name in mined.column_names}
 
 
-def _encoding_on_our_bar(model, batch_size: int):
-    """``model`` whose ``encode_document`` / ``encode_query`` show our bar: ``mine_hard_negatives`` asks them for
-    sentence-transformers' tqdm one, and takes no option to turn it off."""
-    for name, what in (("encode_document", "documents"), ("encode_query", "queries")):
-        encode = getattr(model, name)
+class _MiningModel:
+    """The base model as ``mine_hard_negatives`` sees it: its ``encode_document`` answers from the embedding cache
+    (through the retriever: one encoding per model and corpus, in bf16 where chosen), its ``encode_query`` shows our
+    bar (it asks for sentence-transformers' tqdm bar and takes no option to turn it off); the rest is the model's."""
 
-        def on_our_bar(texts, *args, _encode=encode, _what=what, **kwargs):
-            kwargs["show_progress_bar"] = False
-            with span("encode", f"mining: {_what}", len(texts), "docs" if _what == "documents" else "queries"):
-                return map_chunks(lambda chunk: _encode(chunk, *args, **kwargs), texts, f"mining: encode {_what}",
-                                  chunk_size=8 * batch_size)
+    def __init__(self, retriever):
+        self._retriever = retriever
 
-        setattr(model, name, on_our_bar)
-    return model
+    def __getattr__(self, name):
+        return getattr(self._retriever.model, name)
+
+    def encode_document(self, texts, *args, **kwargs):
+        embeddings = self._retriever.embed_corpus(list(texts)).embeddings
+        if kwargs.get("normalize_embeddings"):  # a dot-product model's cache entry is not normalised
+            embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+        return embeddings
+
+    def encode_query(self, texts, *args, **kwargs):
+        kwargs["show_progress_bar"] = False
+        encode = self._retriever.model.encode_query
+        with span("encode", "mining: queries", len(texts), "queries"):
+            return map_chunks(lambda chunk: encode(chunk, *args, **kwargs), texts, "mining: encode queries",
+                              chunk_size=8 * self._retriever.batch_size)
 
 
 def _teacher_margins(config: BiTrainConfig, columns: dict) -> dict:
@@ -680,7 +704,7 @@ def train_bi(config: BiTrainConfig, out: str | Path, resume: bool = False) -> di
         args = _training_arguments(SentenceTransformerTrainingArguments, config, run, evaluator is not None,
                                    {"batch_sampler": sampler})
         fit = _fit(SentenceTransformerTrainer, model, args, _to_hf(columns), _bi_loss(loss_name, model, spec, config),
-                   evaluator, config, run, resume)
+                   evaluator, config, run, resume, name=spec.name)
         model_dir = run.path / "model"
         model.save(str(model_dir))  # with sentence-transformers' generated model card (README.md)
         result = {"model": str(model_dir), "loss": loss_name, "train": {**stats, **fit}}
@@ -743,6 +767,25 @@ def _read_bi_run(path: str) -> dict:
     return data
 
 
+def sample_queries(examples: TrainingExamples, count: int, seed: int) -> TrainingExamples:
+    """The examples of a fixed random sample of ``count`` queries (all of them where there are no more)."""
+    key = "anchor" if "anchor" in examples.columns else "text1"
+    queries = sorted(set(examples.columns[key]))
+    if count >= len(queries):
+        return examples
+    keep = set(random.Random(seed).sample(queries, count))
+    rows = [i for i, q in enumerate(examples.columns[key]) if q in keep]
+    return TrainingExamples(examples.kind, {k: [v[i] for i in rows] for k, v in examples.columns.items()},
+                            f"{examples.source} ({count} of {len(queries)} queries)")
+
+
+def _dev_sample(ids: list[str], count: int | None, seed: int) -> list[str]:
+    """A fixed random sample of ``count`` dev query ids, in order (all of them without a count)."""
+    if not count or count >= len(ids):
+        return ids
+    return sorted(random.Random(seed).sample(ids, count))
+
+
 def _cross_columns(loss: str, groups: dict[str, list[tuple[str, int]]]) -> dict:
     """Mined groups in the shape each cross-encoder loss reads."""
     if loss in ("listnet", "lambda"):
@@ -780,6 +823,30 @@ def _cross_loss(name: str, model, columns: dict, pos_weight: float | None = None
     if name == "listnet":
         return losses.ListNetLoss(model)
     return losses.LambdaLoss(model)
+
+
+#: The sequence lengths ``select`` chooses among for a cross-encoder (tokens of query and document together).
+MAX_LENGTHS = (128, 192, 256)
+
+
+def fit_max_length(model: str, dataset: RetrievalDataset, split: str, sample: int = 300, seed: int = 0) -> dict:
+    """The shortest of :data:`MAX_LENGTHS` that holds at least half of the split's (query, relevant document) pairs
+    whole, by the model's own tokenizer (the longest where none does): a shorter sequence costs less to train and
+    to score, and loses nothing where the documents fit (measured: 128 tokens on the default dataset, whose median
+    pair is 102 tokens, reranks as well as 256; on SciFact, median 339, 128 and 192 lose 0.007 to 0.010 nDCG@10
+    fused). Documents keep their title first, so a cut takes the end of the text."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(model).path))
+    queries, qrels = dataset.split(split)
+    pairs = [(queries[q], dataset.corpus[d].full_text()) for q in sorted(qrels) for d, rel in sorted(qrels[q].items())
+             if rel > 0]
+    pairs = random.Random(seed).sample(pairs, min(sample, len(pairs))) if pairs else [("", "")]
+    lengths = sorted(len(tokenizer(q, d, truncation=False, verbose=False)["input_ids"]) for q, d in pairs)
+    median = lengths[len(lengths) // 2]
+    chosen = next((n for n in MAX_LENGTHS if n >= median), MAX_LENGTHS[-1])
+    return {"max_length": chosen, "median_tokens": median, "pairs": len(pairs),
+            "whole_at_max_length": sum(n <= chosen for n in lengths) / len(lengths)}
 
 
 def pretraining_queries(config: CrossTrainConfig, dataset: RetrievalDataset) -> list:
@@ -832,7 +899,8 @@ def _pretrain_cross(config: CrossTrainConfig, run: RunDir, spec: ModelSpec, firs
                     early_stopping_patience=None)
     args = _training_arguments(CrossEncoderTrainingArguments, phase, run, False, {}, checkpoints="pretrain-checkpoints")
     loss = _cross_loss(loss_name, model, columns, config.pos_weight)
-    fit = _fit(CrossEncoderTrainer, model, args, _to_hf(columns), loss, None, phase, run, resume, phase="pretrain")
+    fit = _fit(CrossEncoderTrainer, model, args, _to_hf(columns), loss, None, phase, run, resume, phase="pretrain",
+               name=spec.name)
     model.save_pretrained(str(run.path / "pretrained"))
     kinds = [q.kind for q in queries]
     record = {"queries": len(queries), "kinds": {k: kinds.count(k) for k in sorted(set(kinds))}, "mining": stats,
@@ -847,7 +915,7 @@ def train_cross(config: CrossTrainConfig, out: str | Path, resume: bool = False)
 
     from stagewise.models import load_cross_encoder
 
-    from stagewise.retrievers import build_first_stage
+    from stagewise.retrievers import build_first_stage, retrieve_once
 
     if config.depth < 1:
         raise StagewiseError(f"--depth must be at least 1, got {config.depth}")
@@ -874,6 +942,8 @@ def train_cross(config: CrossTrainConfig, out: str | Path, resume: bool = False)
                              f"not '{config.pretrain_kind}'")
     check_train_config(config)
     spec, init_warning = resolve_cross_init(config)
+    if config.max_train_queries:
+        examples = sample_queries(examples, config.max_train_queries, config.seed)
     pseudo = _pseudo_queries(config, dataset)
     first_stage_spec = config.first_stage or (str(Path(config.bi_run) / "model") if config.bi_run else "bm25")
     first_stage = build_first_stage(first_stage_spec) if examples.kind != "scored" or dev else None
@@ -903,12 +973,16 @@ def train_cross(config: CrossTrainConfig, out: str | Path, resume: bool = False)
         evaluator, candidates = None, None
         if dev:
             queries, qrels = dev
-            candidates = {q: [d for d, _ in first_stage.retrieve([queries[q]], max(100, config.depth))[0]]
-                          for q in queries}
-            evaluator = make_rerank_evaluator(queries, candidates, texts, qrels, config.depth, run.log_metrics)
+            ids = sorted(queries)
+            rankings = retrieve_once(first_stage, [queries[q] for q in ids], max(100, config.depth))
+            candidates = {q: [d for d, _ in ranking] for q, ranking in zip(ids, rankings)}
+            sample = _dev_sample(ids, config.dev_sample, config.seed)  # during training; every query at the end
+            evaluator = make_rerank_evaluator({q: queries[q] for q in sample}, {q: candidates[q] for q in sample},
+                                              texts, {q: qrels[q] for q in sample}, config.depth, run.log_metrics)
         args = _training_arguments(CrossEncoderTrainingArguments, config, run, evaluator is not None, {})
         loss = _cross_loss(loss_name, model, columns, config.pos_weight)
-        fit = _fit(CrossEncoderTrainer, model, args, _to_hf(columns), loss, evaluator, config, run, resume)
+        fit = _fit(CrossEncoderTrainer, model, args, _to_hf(columns), loss, evaluator, config, run, resume,
+                   name=spec.name)
         model_dir = run.path / "model"
         model.save_pretrained(str(model_dir))
         result = {"model": str(model_dir), "loss": loss_name, "init": config.init, "init_model": spec.spec,

@@ -1,0 +1,131 @@
+"""The time budget's plan (shares, ladders of recipes, what is left out) and the timing of where the time goes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from stagewise import timing
+from stagewise.budget import Level, Rates, Sizes, Step, bi_levels, cross_levels, share_out
+from stagewise.training import BiTrainConfig, CrossTrainConfig
+
+SIZES = Sizes(corpus=5000, train_queries=600, train_pairs=690, dev_queries=200, latency_queries=20,
+              depths=[5, 10, 20, 50, 100], query_seconds=0.02)
+
+
+def step(name, full, minimum, tier=0, priority=0, stage=1):
+    return Step(name, [Level(full, cuts=[]), Level(minimum, cuts=["cut"])], tier, priority, stage)
+
+
+def test_the_second_stage_gets_its_share_before_the_first_spends_it():
+    bi = step("bi", 1000, 250, tier=0, priority=10)
+    cross = step("cross", 500, 150, tier=0, priority=8, stage=2)
+    shared = step("shared", 5000, 300, tier=1, priority=2, stage=2)
+    plan = share_out([bi, cross, shared], 1200)
+    assert all(a.runs for a in plan.values())
+    # the core steps share what is left after every minimum, in proportion to what each could still use
+    assert plan["bi"].share == pytest.approx(250 + 500 * 750 / 1100)
+    assert plan["cross"].share == pytest.approx(150 + 500 * 350 / 1100)
+    assert plan["shared"].share == pytest.approx(300)  # extra steps get more only once the core have their full
+    assert plan["bi"].level.cuts == ["cut"] and plan["cross"].level.cuts == ["cut"]
+    assert sum(a.share for a in plan.values()) == pytest.approx(1200)
+
+
+def test_extra_steps_get_what_the_core_steps_cannot_use():
+    plan = share_out([step("bi", 1000, 250), step("shared", 5000, 300, tier=1)], 3000)
+    assert plan["bi"].share == pytest.approx(1000) and plan["bi"].level.cuts == []
+    assert plan["shared"].share == pytest.approx(2000)
+
+
+def test_time_beyond_every_full_recipe_is_slack_for_all():
+    plan = share_out([step("bi", 1000, 250), step("cross", 500, 150)], 3000)
+    assert plan["bi"].share == pytest.approx(2000) and plan["cross"].share == pytest.approx(1000)
+    assert all(a.level.cuts == [] for a in plan.values())
+
+
+def test_when_even_the_shortest_recipes_do_not_fit_the_least_important_is_left_out():
+    plan = share_out([step("bi", 1000, 250, priority=10), step("cross", 500, 150, priority=8),
+                      step("shared", 5000, 300, tier=1, priority=2)], 500)
+    assert not plan["shared"].runs and plan["bi"].runs and plan["cross"].runs
+    assert "5.0 min" in plan["shared"].reason  # its shortest recipe
+    plan = share_out([step("bi", 1000, 250, priority=10), step("cross", 500, 150, priority=8)], 300)
+    assert plan["bi"].runs and not plan["cross"].runs
+
+
+def test_no_time_budget_runs_every_full_recipe():
+    plan = share_out([step("bi", 1000, 250)], float("inf"))
+    assert plan["bi"].share is None and plan["bi"].level.cuts == []
+
+
+RATES = Rates(encode=40.0, train=100.0, score=800.0, score_query=400.0)
+
+
+def test_a_cross_encoder_ladder_cuts_in_order_and_each_cut_costs_less():
+    config = CrossTrainConfig(epochs=3, hard_negatives=7, random_negatives=2, pretrain_queries=2000)
+    levels = cross_levels(config, [5, 10, 20, 50, 100], RATES, SIZES)
+    costs = [lv.seconds for lv in levels]
+    assert costs == sorted(costs, reverse=True) and len(set(costs)) == len(costs)
+    assert levels[0].cuts == [] and levels[0].settings == {}
+    assert levels[1].cuts == ["pre-training on 1000 pseudo-queries (of 2000)"]
+    shortest = levels[-1]
+    assert shortest.settings == {"pretrain_queries": 250, "epochs": 1, "depths": [5, 10, 20]}
+    assert shortest.cuts == ["pre-training on 250 pseudo-queries (of 2000)", "1 epoch (of 3)", "depths 50, 100 not "
+                             "evaluated"]
+    assert sum(shortest.parts.values()) == pytest.approx(shortest.seconds)
+
+
+def test_the_shared_starts_trial_goes_on_down_to_no_pre_training_and_a_sample():
+    config = CrossTrainConfig(epochs=3, hard_negatives=7, random_negatives=2, pretrain_queries=2000)
+    trial = cross_levels(config, [5, 10, 20, 50, 100], RATES, SIZES, trial=True)
+    primary = cross_levels(config, [5, 10, 20, 50, 100], RATES, SIZES)
+    assert trial[:len(primary)] == primary and trial[-1].seconds < primary[-1].seconds
+    assert trial[-1].settings == {"pretrain_queries": 0, "epochs": 1, "depths": [5, 10, 20], "dev_sample": 100,
+                                  "max_train_queries": 150, "hard_negatives": 3, "random_negatives": 1}
+    assert "no pre-training" in trial[-1].cuts and "150 of 600 training queries" in trial[-1].cuts
+
+
+def test_a_recipe_already_short_has_fewer_cuts():
+    config = CrossTrainConfig(epochs=1, hard_negatives=3, random_negatives=1, pretrain_queries=0)
+    levels = cross_levels(config, [5, 10], RATES, SIZES)
+    assert len(levels) == 1  # nothing to cut: no pre-training, one epoch, no depth above 20
+
+
+def test_a_bi_encoder_ladder_shortens_its_training_only():
+    levels = bi_levels(BiTrainConfig(epochs=1), RATES, SIZES)
+    assert [lv.cuts for lv in levels][1:] == [[f"about {f}% of its training steps"] for f in (75, 50, 25)]
+    assert levels[0].parts["train_s"] == pytest.approx(4 * levels[-1].parts["train_s"])
+
+
+# --------------------------------------------------------------------------------------------
+# Where the time goes
+# --------------------------------------------------------------------------------------------
+
+
+def test_spans_nest_and_keep_their_own_time():
+    with timing.recording() as recorded:
+        with timing.step("stage 2"):
+            with timing.span("train", "model", items=100, unit="pairs"):
+                time.sleep(0.02)
+                with timing.span("dev-eval", "dev", 1, "evaluations"):
+                    time.sleep(0.03)
+    breakdown = recorded.breakdown()
+    train, dev = breakdown["by_kind"]["train"], breakdown["by_kind"]["dev-eval"]
+    assert dev["seconds"] >= 0.03 and 0.02 <= train["seconds"] < 0.03 + 0.02  # the evaluation is not training's
+    assert train["items"] == 100 and train["unit"] == "pairs" and train["rate"] == pytest.approx(100 / train["seconds"],
+                                                                                                   rel=0.05)
+    assert set(breakdown["by_step"]) == {"stage 2"}
+    assert {row["kind"] for row in breakdown["spans"]} == {"train", "dev-eval"}
+
+
+def test_a_span_outside_a_recording_is_not_kept_and_recordings_nest():
+    with timing.span("encode", "x", 5):
+        pass
+    with timing.recording() as outer:
+        with timing.recording() as inner:
+            with timing.span("encode", "x", 5, "docs"):
+                pass
+        with timing.span("score", "y", 7, "pairs"):
+            pass
+    assert set(inner.breakdown()["by_kind"]) == {"encode"}
+    assert set(outer.breakdown()["by_kind"]) == {"encode", "score"}
