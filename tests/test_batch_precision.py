@@ -132,3 +132,9 @@ def test_the_probes_measure_positive_rates_on_tiny_models(tiny_bi_encoder, tiny_
     with batch_precision.use("auto"):
         rates = probes.cross_rates(str(tiny_cross_encoder), 32, queries, documents)
     assert rates.train > 0 and rates.score > 0 and rates.score_query > 0
+
+
+def test_pair_sample_takes_more_queries_when_each_has_few_pairs():
+    pairs = [(f"q{q}", f"d{q}") for q in range(100)]  # one pair per query
+    sample, groups = batch_precision.pair_sample(pairs, size=64)
+    assert len(sample) == 64 and groups == [1] * 64 and len(set(sample)) == 64

@@ -260,8 +260,12 @@ def pair_sample(pairs: Sequence[tuple[str, str]], size: int = SAMPLE_PAIRS, per_
             groups[-1].append(pair)
         else:
             groups.append([pair])
-    chosen = spread_sample(groups, max(1, size // per_query))
-    out = [g[:per_query] for g in chosen]
+    out: list[list] = []
+    step = max(1, len(groups) // max(1, size // per_query))
+    for group in groups[::step] + [g for i, g in enumerate(groups) if i % step]:  # spread first, then the rest
+        if sum(map(len, out)) >= size:
+            break
+        out.append(group[:per_query])
     return [p for g in out for p in g], [len(g) for g in out]
 
 

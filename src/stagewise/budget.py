@@ -170,13 +170,12 @@ QUERY_TEXT_SPEEDUP = 5.0  # a query is about a fifth of a document's length: enc
 def bi_cost(config, rates: Rates, sizes: Sizes, fraction: float = 1.0) -> tuple[float, float]:
     """Seconds to fine-tune a bi-encoder on ``fraction`` of its recipe's steps, and around the training: mining
     (the corpus embeddings are cached by the zero-shot evaluation; the training queries are encoded), dev
-    evaluations on the dev corpus sample, re-encoding the corpus and evaluating the model before and after."""
+    evaluations on the dev corpus sample, re-encoding the corpus and evaluating the fine-tuned model."""
     examples = sizes.train_pairs * config.epochs * fraction
     train = examples / rates.train
     mining = sizes.train_queries / (rates.encode * QUERY_TEXT_SPEEDUP) if config.hard_negatives == "model" else 1.0
     evaluations = (math.ceil(config.epochs * fraction) + (fraction < 1)) * min(config.dev_corpus_size, sizes.corpus)
-    around = (mining + (evaluations + sizes.corpus) / rates.encode
-              + 2 * sizes.dev_queries * sizes.query_seconds)
+    around = mining + (evaluations + sizes.corpus) / rates.encode + sizes.dev_queries * sizes.query_seconds
     return train, around
 
 

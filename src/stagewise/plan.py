@@ -17,6 +17,7 @@ from stagewise.backend_selection import stage3_reserve
 from stagewise.budget import Allotment, Level, Rates, Sizes, Step, bi_levels, cross_levels, share_out
 from stagewise.models import display_name
 from stagewise.progress import console
+from stagewise.timing import step
 from stagewise.training import MIN_EXAMPLES, BiTrainConfig, CrossTrainConfig, fit_max_length, pretraining_queries
 
 SHARED = "shared starts"  # the step of the same-as-bi and from-finetuned-bi starts, which share one recipe
@@ -77,13 +78,21 @@ class SelectionPlan:
         they will be if the best zero-shot bi-encoder's line is chosen. No time budget: nothing to plan."""
         if self.s.budget.seconds is None:
             return
+        with step("plan"):
+            self._make(zero_shot, promising, candidates)
+        self.planned = self._describe(share_out(list(self.steps.values()), self.s.budget.remaining()))
+        self._print()
+
+    def _make(self, zero_shot: list[dict], promising: list[dict], candidates: list[dict]) -> None:
         self._sizes = self.sizes(zero_shot)
         queries, documents = self._texts()
         for i, z in enumerate(promising):
             training = BiTrainConfig(**{**self.config.bi_training, "model": z["spec"]})
+
             def measure(z=z, training=training) -> Rates:
                 rates = probes.bi_training_rates(z["spec"], training.max_seq_length, queries, documents,
-                                                 training.num_negatives, self.config.seed, self.config.train_precision)
+                                                 training.num_negatives, self.config.seed, self.config.train_precision,
+                                                 training.batch_size)
                 rates.encode = z.get("docs_per_second") or 50.0
                 rates.measured["encode"] = "zero-shot corpus encoding"
                 return rates
@@ -96,8 +105,6 @@ class SelectionPlan:
         reserve = stage3_reserve(self.config)
         if reserve:
             self.steps[STAGE3] = Step(STAGE3, [Level(reserve)], tier=0, priority=5)
-        self.planned = self._describe(share_out(list(self.steps.values()), self.s.budget.remaining()))
-        self._print()
 
     def restage(self, candidates: list[dict]) -> None:
         """The second stage's steps for these cross-encoder starts (again once the first stage is chosen: the starts
@@ -125,7 +132,8 @@ class SelectionPlan:
 
     def _cross_rates(self, model: str, max_length: int, queries, documents) -> Rates:
         return self._probe(f"cross-{display_name(model)}-{max_length}", lambda: probes.cross_rates(
-            model, max_length, queries, documents, self.config.seed, self.config.train_precision))
+            model, max_length, queries, documents, self.config.seed, self.config.train_precision,
+            self.recipe(model).batch_size))
 
     # ---- during the run -------------------------------------------------------------------------
 

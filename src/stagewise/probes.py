@@ -3,8 +3,8 @@ per model, on the user's own texts.
 
 Training a step costs four to five forward passes on these CPUs, not three, and the ratio moves with the model, the
 sequence length and the CPU (bf16 makes scoring faster and leaves training as it was), so nothing is derived from
-another rate: each is timed. A probe takes seconds (a quarter batch of MiniLM, a few bert-tiny batches); the
-smaller batches make its training rates a little pessimistic, which errs on the side of finishing in time.
+another rate: each is timed, optimizer step included. A probe takes seconds: a few examples padded as a real
+batch pads them (to its longest text), so that short texts alone cannot flatter the rate.
 """
 
 from __future__ import annotations
@@ -41,6 +41,27 @@ def _autocast(on: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
+def _as_in_a_batch(texts: Sequence[str], count: int, batch: int, rng: random.Random, length=len) -> list:
+    """``count`` texts padded as a real batch of ``batch`` would be: the longest of ``batch`` random ones, then
+    random ones (a batch is padded to its longest text, so a few short texts alone would flatter the rate)."""
+    drawn = rng.sample(list(texts), min(batch, len(texts)))
+    longest = max(drawn, key=length)
+    return [longest] + [t for t in drawn if t is not longest][:count - 1]
+
+
+def _optimizer_step(model) -> Callable[[], None]:
+    """What a training step does after the backward pass: an AdamW update (its cost is the trainer's too)."""
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+
+    def step():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def _best(fn: Callable[[], object], repeats: int = 2) -> float:
     """The fastest of ``repeats`` timed calls, after one untimed warm-up (first calls allocate and plan kernels)."""
     fn()
@@ -53,7 +74,7 @@ def _best(fn: Callable[[], object], repeats: int = 2) -> float:
 
 
 def bi_training_rates(model: str, max_seq_length: int | None, anchors: Sequence[str], documents: Sequence[str],
-                      negatives: int = 1, seed: int = 0, precision: str = "auto") -> Rates:
+                      negatives: int = 1, seed: int = 0, precision: str = "auto", batch_size: int = 32) -> Rates:
     """Training examples per second (an anchor, its positive and ``negatives`` hard negatives, through
     MultipleNegativesRankingLoss, backward pass included) for a bi-encoder on real texts, in float32 and bf16
     mixed precision (``precision``: auto measures both, float32 or bfloat16 only that one)."""
@@ -65,15 +86,16 @@ def bi_training_rates(model: str, max_seq_length: int | None, anchors: Sequence[
     encoder.train()
     loss = MultipleNegativesRankingLoss(encoder)
     rng = random.Random(seed)
-    columns = [rng.sample(list(anchors), BI_PROBE_BATCH)] + [rng.sample(list(documents), BI_PROBE_BATCH)
-                                                             for _ in range(1 + negatives)]
+    columns = [_as_in_a_batch(anchors, BI_PROBE_BATCH, batch_size, rng)] + [
+        _as_in_a_batch(documents, BI_PROBE_BATCH, batch_size, rng) for _ in range(1 + negatives)]
+    update = _optimizer_step(encoder)
 
     def step(bf16: bool):
         features = [encoder.preprocess(texts) for texts in columns]
         with _autocast(bf16):
             value = loss(features, None)
         value.backward()
-        encoder.zero_grad(set_to_none=True)
+        update()
 
     with span("probe", f"{model}: training rate", 1, "probes"):
         train, bf16, measured = _training(step, BI_PROBE_BATCH, precision)
@@ -81,7 +103,7 @@ def bi_training_rates(model: str, max_seq_length: int | None, anchors: Sequence[
 
 
 def cross_rates(model: str, max_length: int, queries: Sequence[str], documents: Sequence[str],
-                seed: int = 0, precision: str = "auto") -> Rates:
+                seed: int = 0, precision: str = "auto", batch_size: int = 16) -> Rates:
     """A cross-encoder start's training rate (pairs per second through BinaryCrossEntropyLoss, backward pass
     included), and its scoring rate on the batch path (bf16 where the batch precision in use chose it) and on the
     per-query path (latency runs score one query's candidates at a time, in float32)."""
@@ -99,14 +121,15 @@ def cross_rates(model: str, max_length: int, queries: Sequence[str], documents: 
         cross = load_cross_encoder(model, max_length=max_length, warn_untrained=False)
         cross.train()
         loss = BinaryCrossEntropyLoss(cross)
-        batch = pairs[:CROSS_PROBE_BATCH]
+        batch = _as_in_a_batch(pairs, CROSS_PROBE_BATCH, batch_size, rng, length=lambda p: len(p[0]) + len(p[1]))
         inputs, labels = [[q for q, _ in batch], [d for _, d in batch]], torch.ones(len(batch))
+        update = _optimizer_step(cross)
 
         def step(bf16: bool):
             with _autocast(bf16):
                 value = loss(inputs, labels)
             value.backward()
-            cross.zero_grad(set_to_none=True)
+            update()
 
         train, bf16, measured = _training(step, len(batch), precision)
         cross.eval()

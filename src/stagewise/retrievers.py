@@ -8,6 +8,7 @@ let :mod:`stagewise.index` persist a stage and add or remove documents without r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import warnings
@@ -325,11 +326,12 @@ def retrieve_once(stage: FirstStage, queries: Sequence[str], k: int, description
         if key is not None and known == key and depth >= k:
             return [r[:k] for r in rankings]
     rankings: list[Ranking] = []
-    with progress_bar() as bar:
-        task = bar.add_task(description or f"{stage.name}: retrieve", total=len(queries), visible=bool(description))
+    with progress_bar() if description else contextlib.nullcontext() as bar:
+        task = bar.add_task(description, total=len(queries)) if bar else None
         for start in range(0, len(queries), chunk):  # a dense stage encodes each chunk's queries together
             rankings += stage.retrieve(queries[start:start + chunk], k)
-            bar.advance(task, len(queries[start:start + chunk]))
+            if bar:
+                bar.advance(task, len(queries[start:start + chunk]))
     if key is not None:
         _RANKINGS[(key, k)] = rankings
     while len(_RANKINGS) > _RANKINGS_KEPT:

@@ -153,7 +153,7 @@ class Selection:
             return stored
         training = BiTrainConfig(**{**self.config.bi_training, "model": base, "data": self.config.data,
                                     "train_split": self.config.train_split, "dev_split": self.config.dev_split,
-                                    "seed": self.config.seed})
+                                    "seed": self.config.seed, "compare_base": False})  # select measures both itself
         allotment = self.plan.allot(name)
         if allotment is not None and not allotment.runs:
             self._skip(name, self.plan.needed(allotment))
@@ -250,7 +250,8 @@ class Selection:
         return out
 
     def rerankers(self, chosen: dict, first_result: SystemResult, candidates: list[dict]) -> list[dict]:
-        self.plan.restage(candidates)
+        with step("plan"):
+            self.plan.restage(candidates)
         records = []
         shared = sum(c["init"] != "base" and "skip" not in c and not self.steps.get(f"rerank-{c['name']}")
                      for c in candidates)  # the shared starts still to run share what is left of their step

@@ -36,6 +36,7 @@ from stagewise.pseudo_queries import KINDS as PSEUDO_QUERY_KINDS
 from stagewise.pseudo_queries import make_pseudo_queries, mine_pseudo_negatives
 from stagewise.rundir import RunDir, seed_everything
 from stagewise.timing import recording, span
+from stagewise.vector_index import inner_products
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class BiTrainConfig(TrainArgs):
     negative_filter: str | None = None  # a cross-encoder that drops negatives it scores like positives
     teacher: str | None = None  # a cross-encoder whose margins MarginMSELoss distils
     dev_corpus_size: int = 2000  # dev evaluation during training: relevant docs + a fixed sample
+    compare_base: bool = True  # at the end, the base and the fine-tuned model on the full dev corpus (select: its own)
 
 
 @dataclass
@@ -298,7 +300,7 @@ def make_retrieval_evaluator(queries: dict[str, str], corpus: dict[str, str], qr
                                            normalize_embeddings=True, show_progress_bar=False)
         q = model.encode_query([queries[x] for x in qids], batch_size=batch_size, convert_to_numpy=True,
                                normalize_embeddings=True, show_progress_bar=False)
-        top = np.argsort(-(q @ docs.T), axis=1)[:, :100]
+        top = np.argsort(-inner_products(q, docs), axis=1)[:, :100]
         return {qid: [ids[i] for i in row] for qid, row in zip(qids, top)}, {}
 
     return _dev_evaluator(rank, qrels, (), on_metrics)
@@ -708,7 +710,7 @@ def train_bi(config: BiTrainConfig, out: str | Path, resume: bool = False) -> di
         model_dir = run.path / "model"
         model.save(str(model_dir))  # with sentence-transformers' generated model card (README.md)
         result = {"model": str(model_dir), "loss": loss_name, "train": {**stats, **fit}}
-        if dev:
+        if dev and config.compare_base:
             result["dev"] = _before_after_bi(dataset, config, spec, model_dir)
         result["time"] = timings.breakdown()
         run.finish(result)
