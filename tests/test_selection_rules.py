@@ -528,8 +528,9 @@ def test_a_reranker_not_evaluated_is_never_called_not_worth_it(tmp_path):
     assert v["reranker_worth_it"] is None and v["reranker_status"] == "not evaluated"
     assert v["not_evaluated"] == [f"cross bert-tiny: {why}"]
     assert "not known" in text(v) and "--time-budget 90" in text(v) and "not worth it" not in text(v)
-    measured = verdict(SelectConfig(), first_stage(), [reranker("cross a", [depth(5, 0.49)])])
+    measured = verdict(SelectConfig(), first_stage(), [reranker("cross a", [depth(5, 0.49)]), skipped])
     assert measured["reranker_worth_it"] is False and measured["reranker_status"] == "not worth it"
+    assert f"cross bert-tiny was {why}." in measured["summary"]  # what the budget could not afford, and its cost
     sel = {"verdict": v, "first_stage": {"chosen": FIRST, "candidates": [first_stage()]}, "rerankers": [skipped],
            "systems": [], "skipped": [], "budget": {}, "config": {}, "dataset": {}, "machine": {}}
     paths = write_report(sel, tmp_path)

@@ -468,6 +468,14 @@ def _time_section(sel: dict) -> Section:
              f"{_count(k.get('items'))} {k.get('unit', '')}".strip() if k.get("items") else NA,
              f"{_fmt(k.get('rate'), ',.1f')} {k.get('unit', '')}/s" if k.get("rate") else NA]
             for kind, k in kinds.items()], numeric={1, 2, 3, 4}))
+    spans = sorted((r for r in time.get("spans") or [] if (_num(r.get("seconds")) or 0) >= 1),
+                   key=lambda r: -r["seconds"])
+    if spans:
+        blocks.append(Table(["Step", "Work", "On", "Seconds", "Processed", "Rate"], [
+            [_text(r.get("step")), _text(r.get("kind")), _text(r.get("what")), _fmt(r.get("seconds"), ".1f"),
+             f"{_count(r.get('items'))} {r.get('unit', '')}".strip() if r.get("items") else NA,
+             f"{_fmt(r.get('rate'), ',.1f')} {r.get('unit', '')}/s" if r.get("rate") else NA]
+            for r in spans[:20]], numeric={3, 4, 5}))
     estimates = time.get("estimates") or []
     if estimates:
         blocks.append(Table(["Step", "Estimated", "Share", "Took", "Took / estimated"], [

@@ -65,17 +65,19 @@ class Timings:
         wall = time.perf_counter() - self.started
         kinds: dict[str, dict] = {}
         for e in self.entries.values():
-            k = kinds.setdefault(e.kind, {"seconds": 0.0, "items": 0.0, "units": set()})
+            k = kinds.setdefault(e.kind, {"seconds": 0.0, "items": 0.0, "units": set(), "whats": set()})
             k["seconds"] += e.seconds
             k["items"] += e.items
             k["units"].add(e.unit)
+            k["whats"].add(e.what)
         by_kind = {}
         for kind in sorted(kinds, key=lambda k: list(KINDS).index(k) if k in KINDS else len(KINDS)):
             k = kinds[kind]
             row = {"seconds": round(k["seconds"], 3), "share": round(k["seconds"] / wall, 3) if wall > 0 else None}
-            if len(k["units"]) == 1 and k["items"]:
-                row.update(items=round(k["items"], 1), unit=k["units"].pop(),
-                           rate=round(k["items"] / k["seconds"], 2) if k["seconds"] > 0 else None)
+            if len(k["units"]) == 1 and k["items"]:  # a rate only where it is one model's (else see the spans)
+                row.update(items=round(k["items"], 1), unit=k["units"].pop())
+                if len(k["whats"]) == 1 and k["seconds"] > 0:
+                    row["rate"] = round(k["items"] / k["seconds"], 2)
             by_kind[kind] = row
         steps: dict[str, float] = {}
         for e in self.entries.values():

@@ -125,6 +125,9 @@ def verdict(config: SelectConfig, chosen: dict, rerankers: list[dict]) -> dict:
         summary.append("Whether reranking is worth it on this data is not known: "
                        + ("; ".join(why) if why else "no cross-encoder start was configured" if not rerankers
                           else "no cross-encoder start could be trained") + ".")
+    if out.get("reranker_status") != "not evaluated":  # the starts the budget could not afford, and what they need
+        summary += [f"{r['name']} was {r['note']}." for r in rerankers
+                    if r.get("status") == "skipped" and "--time-budget" in (r.get("note") or "")]
     out["init_costs"] = _init_costs(rerankers)
     for cost in out["init_costs"]:
         if cost["vs_best_other"] is not None:
