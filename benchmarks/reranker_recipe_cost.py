@@ -1,10 +1,10 @@
 """Benchmark: the reranker's recipe against its cost: sequence length (128, 192, 256 tokens) and corpus pre-training.
 
     python benchmarks/reranker_recipe_cost.py --data ../shared/datasets/scifact --first-stage bm25+RUN/train/bi-minilm-l6/model \
-        --name scifact [--lengths 128 192 256] [--pretrain 0 2000] [--out benchmarks/results/reranker_recipe_cost]
+        --name scifact [--lengths 128 192 256] [--pretrain 0 2000] [--learning-rates 1e-4 3e-4] [--out benchmarks/results/reranker_recipe_cost]
     python benchmarks/reranker_recipe_cost.py --data default --first-stage bm25+minilm-l6 --name default
 
-Each variant is one ``train_cross`` run of ``bert-tiny`` with ``select``'s recipe (3 epochs, lr 1e-4, 7 hard and 2
+Each variant is one ``train_cross`` run of ``bert-tiny`` with ``select``'s recipe (3 epochs, lr 1e-4 unless ``--learning-rates``, 7 hard and 2
 random negatives mined from ``--first-stage``) at one max_length and one pre-training size, then evaluated as
 ``select`` evaluates it (every dev pair scored once at the deepest depth, reranking alone and fused with the first
 stage at the weight chosen on dev, latency measured end to end on 20 queries), compared query by query with the
@@ -16,6 +16,7 @@ the title first (``Document.full_text``), so a shorter length cuts the end of th
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -35,17 +36,18 @@ RECIPE = {"epochs": 3, "learning_rate": 1e-4, "hard_negatives": 7, "random_negat
 DEPTHS = [10, 20, 50]
 
 
-def variant(dataset: str, first_stage: str, length: int, pretrain: int, runs: Path) -> dict:
-    name = f"len{length}-pre{pretrain}"
+def variant(dataset: str, first_stage: str, length: int, pretrain: int, lr: float, runs: Path) -> dict:
+    name = f"len{length}-pre{pretrain}" + ("" if lr == RECIPE["learning_rate"] else f"-lr{lr:g}")
     out = runs / name
     config = CrossTrainConfig(model="bert-tiny", data=dataset, first_stage=first_stage, max_length=length,
-                              pretrain_queries=pretrain, **RECIPE)
+                              pretrain_queries=pretrain, **{**RECIPE, "learning_rate": lr})
     started = time.perf_counter()
     result = json.loads((out / "result.json").read_text()) if (out / "result.json").is_file() else \
         train_cross(config, out, resume=(out / "config.json").is_file())
     wall = result.get("wall_seconds") or time.perf_counter() - started
     kinds = (result.get("time") or {}).get("by_kind", {})
-    return {"name": name, "max_length": length, "pretrain_queries": pretrain, "model": result["model"],
+    return {"name": name, "max_length": length, "pretrain_queries": pretrain, "learning_rate": lr,
+            "model": result["model"],
             "train_wall_s": round(wall, 1), "health": (result.get("dev") or {}).get("health"),
             "rates": {k: {"rate": v.get("rate"), "unit": v.get("unit"), "seconds": v["seconds"]}
                       for k, v in kinds.items() if k in ("pretrain", "train", "score")}}
@@ -71,13 +73,14 @@ def markdown(result: dict) -> str:
              f"First stage `{result['first_stage']}`: dev nDCG@10 {result['first_stage_ndcg@10']:.4f}. "
              f"CPU: {result['environment']['cpu']['model']} ({result['environment']['cpu']['cores']} cores; "
              f"{' '.join(result['environment']['cpu']['flags'])}).", "",
-             "| max_length | pre-training | training s | train pairs/s | score pairs/s | best alone (depth) | "
-             "best fused (depth, weight) | fused gain, p | p95 ms |", "|---|---|---|---|---|---|---|---|---|"]
+             "| max_length | pre-training | lr | training s | train pairs/s | score pairs/s | best alone (depth) | "
+             "best fused (depth, weight) | fused gain, p | p95 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["variants"]:
         alone = max((d for d in row["depths"] if d["mode"] == "rerank"), key=lambda d: d["ndcg@10"])
         fused = max((d for d in row["depths"] if d["mode"] == "fusion"), key=lambda d: d["ndcg@10"])
         rates = row["rates"]
-        lines.append(f"| {row['max_length']} | {row['pretrain_queries']} | {row['train_wall_s']:.0f} | "
+        lr = row.get("learning_rate", RECIPE["learning_rate"])
+        lines.append(f"| {row['max_length']} | {row['pretrain_queries']} | {lr:g} | {row['train_wall_s']:.0f} | "
                      f"{(rates.get('train') or {}).get('rate') or 0:.0f} | {(rates.get('score') or {}).get('rate') or 0:.0f} | "
                      f"{alone['ndcg@10']:.4f} ({alone['depth']}) | {fused['ndcg@10']:.4f} ({fused['depth']}, "
                      f"{fused['weight']:.2f}) | {fused['gain']:+.4f}, p = {fused['p_value']:.2g} | "
@@ -92,6 +95,7 @@ def main() -> int:
     parser.add_argument("--name", required=True, help="Names the result files: <out>/<name>.json and .md")
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 192, 256])
     parser.add_argument("--pretrain", type=int, nargs="+", default=[0, 2000])
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[RECIPE["learning_rate"]])
     parser.add_argument("--out", default="benchmarks/results/reranker_recipe_cost")
     parser.add_argument("--runs", default="runs/reranker-recipe-cost")
     args = parser.parse_args()
@@ -103,15 +107,14 @@ def main() -> int:
     result = {"name": args.name, "data": args.data, "first_stage": args.first_stage, "recipe": RECIPE,
               "first_stage_ndcg@10": first.metrics["ndcg@10"], "environment": {"cpu": cpu(), **versions()},
               "command": " ".join(sys.argv), "variants": []}
-    for pretrain in args.pretrain:
-        for length in args.lengths:
-            with batch_precision.use("auto"):  # scoring as select scores: bf16 where this CPU makes it pay
-                row = variant(args.data, args.first_stage, length, pretrain, Path(args.runs) / args.name)
-                evaluate_variant(row, data, first, stage)
-            result["variants"].append(row)
-            (out / f"{args.name}.json").write_text(json.dumps(result, indent=2, default=str))
-            (out / f"{args.name}.md").write_text(markdown(result))
-            print(markdown(result), flush=True)
+    for lr, pretrain, length in itertools.product(args.learning_rates, args.pretrain, args.lengths):
+        with batch_precision.use("auto"):  # scoring as select scores: bf16 where this CPU makes it pay
+            row = variant(args.data, args.first_stage, length, pretrain, lr, Path(args.runs) / args.name)
+            evaluate_variant(row, data, first, stage)
+        result["variants"].append(row)
+        (out / f"{args.name}.json").write_text(json.dumps(result, indent=2, default=str))
+        (out / f"{args.name}.md").write_text(markdown(result))
+        print(markdown(result), flush=True)
     return 0
 
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import write_beir
 from stagewise.errors import DataError, StagewiseError
-from stagewise.training import (BiTrainConfig, CrossTrainConfig, TrainingExamples, detect_collapse,
+from stagewise.training import (BiTrainConfig, CrossTrainConfig, TrainingExamples, detect_collapse, health_warning,
                                 mine_from_first_stage, train_bi, train_cross)
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +377,10 @@ def test_detect_collapse():
     healthy = detect_collapse([np.array([3.0, 1.0, -2.0]), np.array([0.5, 0.1])], 0.8, 0.5)
     assert not healthy["collapsed"] and not healthy["no_gain"] and healthy["reasons"] == []
     assert healthy["mean_score_std"] > 0.1
+    # a collapse is a failure; reranking alone below the first stage is not one yet (fusion may still add)
+    assert health_warning(flat).startswith("the reranker did not learn") and health_warning(healthy) is None
+    assert health_warning(both).startswith("the reranker did not learn")
+    assert health_warning(no_gain).startswith("reranking alone does not beat") and "fused" in health_warning(no_gain)
     # a first stage that is already perfect leaves nothing to gain: that is not a failure of the reranker
     perfect = detect_collapse([np.array([3.0, 1.0])], reranked_ndcg=1.0, first_stage_ndcg=1.0)
     assert not perfect["no_gain"] and not perfect["collapsed"]

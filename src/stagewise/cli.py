@@ -311,6 +311,8 @@ def _loss(value) -> str:
 
 
 def _print_training(result: dict, run_dir: Path) -> None:
+    from stagewise.training import health_warning
+
     pre = result.get("pretrain") or {}
     if pre.get("skipped"):
         console.print(f"pre-training skipped: {pre['skipped']}", highlight=False)
@@ -326,8 +328,8 @@ def _print_training(result: dict, run_dir: Path) -> None:
             console.print(f"dev {name}: nDCG@10 {metrics['ndcg@10']:.4f}  Recall@100 {metrics['recall@100']:.3f}",
                           highlight=False)
     health = dev.get("health")
-    if health and (health["collapsed"] or health["no_gain"]):
-        console.print("[bold yellow]warning:[/] the reranker did not learn to rerank: " + "; ".join(health["reasons"]))
+    if health and (warning := health_warning(health)):
+        console.print("[bold yellow]warning:[/] " + escape(warning))
     console.print(printable(f"model: {result['model']}") + "\n" + printable(f"run: {run_dir}"), highlight=False,
                   markup=False)
 

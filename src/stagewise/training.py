@@ -367,6 +367,17 @@ def detect_collapse(scores: list[np.ndarray], reranked_ndcg: float, first_stage_
             "reranked_ndcg@10": reranked_ndcg, "first_stage_ndcg@10": first_stage_ndcg}
 
 
+def health_warning(health: dict) -> str | None:
+    """What a reranker's dev health says, in one line: a collapse is a failure; reranking alone below the first
+    stage is not one yet (fused with the first stage's scores it may still add, which ``select`` measures)."""
+    if health["collapsed"]:
+        return "the reranker did not learn to rerank: " + "; ".join(health["reasons"])
+    if health["no_gain"]:
+        return ("reranking alone does not beat the first stage (" + "; ".join(health["reasons"])
+                + "); fused with the first stage it may still add")
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # Shared trainer wiring
 # --------------------------------------------------------------------------------------------
@@ -998,8 +1009,8 @@ def train_cross(config: CrossTrainConfig, out: str | Path, resume: bool = False)
             reranked_metrics, _ = compute_metrics(qrels, run_from_rankings(rankings), (config.depth,))
             health = detect_collapse(scores, reranked_metrics["ndcg@10"], first_metrics["ndcg@10"])
             result["dev"] = {"first_stage": first_metrics, "reranked": reranked_metrics, "health": health}
-            if health["collapsed"] or health["no_gain"]:
-                warnings.warn("the reranker did not learn to rerank: " + "; ".join(health["reasons"]), stacklevel=2)
+            if warning := health_warning(health):
+                warnings.warn(warning, stacklevel=2)
         result["time"] = timings.breakdown()
         run.finish(result)
     return result
