@@ -1,12 +1,9 @@
-"""The time budget's plan (shares, ladders of recipes, what is left out) and the timing of where the time goes."""
+"""The time budget's plan: shares, ladders of recipes, what is left out."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from stagewise import timing
 from stagewise.budget import Level, Rates, Sizes, Step, bi_levels, cross_levels, share_out
 from stagewise.training import BiTrainConfig, CrossTrainConfig
 
@@ -95,37 +92,3 @@ def test_a_bi_encoder_ladder_shortens_its_training_only():
     levels = bi_levels(BiTrainConfig(epochs=1), RATES, SIZES)
     assert [lv.cuts for lv in levels][1:] == [[f"about {f}% of its training steps"] for f in (75, 50, 25)]
     assert levels[0].parts["train_s"] == pytest.approx(4 * levels[-1].parts["train_s"])
-
-
-# --------------------------------------------------------------------------------------------
-# Where the time goes
-# --------------------------------------------------------------------------------------------
-
-
-def test_spans_nest_and_keep_their_own_time():
-    with timing.recording() as recorded:
-        with timing.step("stage 2"):
-            with timing.span("train", "model", items=100, unit="pairs"):
-                time.sleep(0.02)
-                with timing.span("dev-eval", "dev", 1, "evaluations"):
-                    time.sleep(0.03)
-    breakdown = recorded.breakdown()
-    train, dev = breakdown["by_kind"]["train"], breakdown["by_kind"]["dev-eval"]
-    assert dev["seconds"] >= 0.03 and 0.02 <= train["seconds"] < 0.03 + 0.02  # the evaluation is not training's
-    assert train["items"] == 100 and train["unit"] == "pairs" and train["rate"] == pytest.approx(100 / train["seconds"],
-                                                                                                   rel=0.05)
-    assert set(breakdown["by_step"]) == {"stage 2"}
-    assert {row["kind"] for row in breakdown["spans"]} == {"train", "dev-eval"}
-
-
-def test_a_span_outside_a_recording_is_not_kept_and_recordings_nest():
-    with timing.span("encode", "x", 5):
-        pass
-    with timing.recording() as outer:
-        with timing.recording() as inner:
-            with timing.span("encode", "x", 5, "docs"):
-                pass
-        with timing.span("score", "y", 7, "pairs"):
-            pass
-    assert set(inner.breakdown()["by_kind"]) == {"encode"}
-    assert set(outer.breakdown()["by_kind"]) == {"encode", "score"}

@@ -312,6 +312,8 @@ def test_the_plan_reserves_the_second_stage_and_the_shared_starts_share_one_shor
     by_init = {r["init"]: r for r in result["rerankers"]}
     # one recipe for both shared starts (the plan is made again before them, with the time really left)
     assert by_init["same-as-bi"]["cuts"] == by_init["from-finetuned-bi"]["cuts"] != []
+    # … and one start's estimate for each: the second is not charged for both (which would cut its training short)
+    assert by_init["same-as-bi"]["estimated_seconds"] == by_init["from-finetuned-bi"]["estimated_seconds"]
     for r in (by_init["same-as-bi"], by_init["from-finetuned-bi"]):
         assert r["status"] == "shortened" and all(cut in r["note"] for cut in r["cuts"]) and r["depths"]
         trained = json.loads((Path(r["run"]) / "config.json").read_text())

@@ -127,7 +127,8 @@ def _disagrees(kind: str, agreement: dict) -> str | None:
     if kind == "bi-encoder" and agreement["min_cosine"] < MIN_COSINE:
         return f"bf16 embeddings drift (worst cosine {agreement['min_cosine']:.4f} < {MIN_COSINE})"
     if kind == "cross-encoder" and agreement["rank_correlation"] < MIN_RANK_CORRELATION:
-        return f"bf16 scores reorder pairs (rank correlation {agreement['rank_correlation']:.4f} < {MIN_RANK_CORRELATION})"
+        return (f"bf16 scores reorder pairs (rank correlation {agreement['rank_correlation']:.4f} "
+                f"< {MIN_RANK_CORRELATION})")
     if agreement["top10"] < MIN_TOP10:
         return f"bf16 changes the top 10 (overlap {agreement['top10']:.2f} < {MIN_TOP10})"
     return None

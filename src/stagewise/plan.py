@@ -147,13 +147,13 @@ class SelectionPlan:
         if key == SHARED:
             if self.shared_level is None:  # fixed by the first shared start, kept for the others (resumed too)
                 stored = self.s.steps.get("_shared-recipe")
-                self.shared_level = Level(**stored) if stored else allotment.level
-                if self.shared_level is not None and not stored:
+                if stored:
+                    self.shared_level = Level(**stored)
+                elif allotment.level is not None:  # the step's level costs every start; its parts are one start's
+                    self.shared_level = replace(allotment.level, seconds=allotment.level.seconds / shared_count)
                     self.s.steps.put("_shared-recipe", asdict(self.shared_level))
-            per_start = replace(self.shared_level, seconds=self.shared_level.seconds / shared_count) \
-                if self.shared_level else None  # its parts are one start's already
-            share = None if allotment.share is None else allotment.share / shared_count
-            return Allotment(allotment.step, share, per_start, allotment.reason)
+            share = None if allotment.share is None else allotment.share / shared_count  # those still to run
+            return Allotment(allotment.step, share, self.shared_level, allotment.reason)
         return allotment
 
     def done(self, name: str) -> None:

@@ -195,7 +195,8 @@ def _check_config(config: SelectConfig, path) -> None:
         except StagewiseError as e:
             raise StagewiseError(f"{where}{e}") from None
     if not 0 <= config.backend_max_loss < 1:
-        raise StagewiseError(f"{where}field 'backend_max_loss': a fraction between 0 and 1, got {config.backend_max_loss!r}")
+        raise StagewiseError(f"{where}field 'backend_max_loss': a fraction between 0 and 1, "
+                             f"got {config.backend_max_loss!r}")
     for name in ("batch_precision", "train_precision"):
         if getattr(config, name) not in batch_precision.MODES:
             raise StagewiseError(f"{where}field '{name}': one of {', '.join(batch_precision.MODES)}, "
