@@ -1,16 +1,20 @@
-"""Benchmark: the reranker's recipe against its cost: sequence length (128, 192, 256 tokens) and corpus pre-training.
+"""Benchmark: the reranker's recipe against its cost: sequence length, corpus pre-training, learning rate.
 
-    python benchmarks/reranker_recipe_cost.py --data ../shared/datasets/scifact --first-stage bm25+RUN/train/bi-minilm-l6/model \
-        --name scifact [--lengths 128 192 256] [--pretrain 0 2000] [--learning-rates 1e-4 3e-4] [--out benchmarks/results/reranker_recipe_cost]
+    python benchmarks/reranker_recipe_cost.py --data ../shared/datasets/scifact \
+        --first-stage bm25+RUN/train/bi-minilm-l6/model --name scifact \
+        [--lengths 128 192 256] [--pretrain 0 2000] [--learning-rates 1e-4 3e-4] \
+        [--out benchmarks/results/reranker_recipe_cost]
     python benchmarks/reranker_recipe_cost.py --data default --first-stage bm25+minilm-l6 --name default
 
-Each variant is one ``train_cross`` run of ``bert-tiny`` with ``select``'s recipe (3 epochs, lr 1e-4 unless ``--learning-rates``, 7 hard and 2
-random negatives mined from ``--first-stage``) at one max_length and one pre-training size, then evaluated as
-``select`` evaluates it (every dev pair scored once at the deepest depth, reranking alone and fused with the first
-stage at the weight chosen on dev, latency measured end to end on 20 queries), compared query by query with the
-first stage alone; batch scoring runs as ``select`` runs it (``batch_precision`` auto: bf16 where it pays). Its cost is the training's wall time and the rates ``train_cross`` recorded (training pairs/s,
-scoring pairs/s). Finished variants are kept under ``runs/`` (ignored by git) and not redone. The documents keep
-the title first (``Document.full_text``), so a shorter length cuts the end of the abstract, never the title.
+Each variant is one ``train_cross`` run of ``bert-tiny`` with ``select``'s recipe (3 epochs, lr 1e-4 unless
+``--learning-rates``, 7 hard and 2 random negatives mined from ``--first-stage``) at one max_length and one
+pre-training size, then evaluated as ``select`` evaluates it (every dev pair scored once at the deepest depth,
+reranking alone and fused with the first stage at the weight chosen on dev, latency measured end to end on 20
+queries), compared query by query with the first stage alone; batch scoring runs as ``select`` runs it
+(``batch_precision`` auto: bf16 where it pays). Its cost is the training's wall time and the rates ``train_cross``
+recorded (training pairs/s, scoring pairs/s). Finished variants are kept under ``--runs`` and not redone. The
+documents keep the title first (``Document.full_text``), so a shorter length cuts the end of the abstract, never
+the title.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import itertools
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from stagewise import batch_precision
@@ -81,7 +84,8 @@ def markdown(result: dict) -> str:
         rates = row["rates"]
         lr = row.get("learning_rate", RECIPE["learning_rate"])
         lines.append(f"| {row['max_length']} | {row['pretrain_queries']} | {lr:g} | {row['train_wall_s']:.0f} | "
-                     f"{(rates.get('train') or {}).get('rate') or 0:.0f} | {(rates.get('score') or {}).get('rate') or 0:.0f} | "
+                     f"{(rates.get('train') or {}).get('rate') or 0:.0f} | "
+                     f"{(rates.get('score') or {}).get('rate') or 0:.0f} | "
                      f"{alone['ndcg@10']:.4f} ({alone['depth']}) | {fused['ndcg@10']:.4f} ({fused['depth']}, "
                      f"{fused['weight']:.2f}) | {fused['gain']:+.4f}, p = {fused['p_value']:.2g} | "
                      f"{fused['p95_ms']:.0f} |")
