@@ -30,6 +30,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from stagewise.errors import StagewiseError
+from stagewise.export import rank_correlation, top10_overlap
 from stagewise.timing import span
 
 logger = logging.getLogger(__name__)
@@ -85,22 +86,6 @@ def bf16_copy(model):
     return to_bfloat16(twin)
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy import stats
-
-    if len(a) < 3 or np.all(a == a[0]) or np.all(b == b[0]):
-        return 1.0 if np.allclose(a, b) else 0.0
-    return float(stats.spearmanr(a, b).statistic)
-
-
-def _top10_overlap(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Mean overlap of each row's top 10 (fewer when a row is shorter) between two score matrices."""
-    k = min(10, reference.shape[1])
-    ref = np.argsort(-reference, axis=1, kind="stable")[:, :k]
-    can = np.argsort(-candidate, axis=1, kind="stable")[:, :k]
-    return float(np.mean([len(set(r) & set(c)) / k for r, c in zip(ref, can)]))
-
-
 def bi_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
     """Embeddings of the same texts: the worst cosine, and each text's top 10 neighbours among the others."""
     ref = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
@@ -109,7 +94,7 @@ def bi_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
     sims_ref, sims_can = ref @ ref.T, can @ can.T
     np.fill_diagonal(sims_ref, -np.inf)
     np.fill_diagonal(sims_can, -np.inf)
-    return {"min_cosine": cosine, "top10": _top10_overlap(sims_ref, sims_can)}
+    return {"min_cosine": cosine, "top10": top10_overlap(sims_ref, sims_can)}
 
 
 def cross_agreement(reference: np.ndarray, candidate: np.ndarray, groups: Sequence[int]) -> dict:
@@ -117,9 +102,9 @@ def cross_agreement(reference: np.ndarray, candidate: np.ndarray, groups: Sequen
     overlaps, start = [], 0
     for size in groups:
         if size > 1:
-            overlaps.append(_top10_overlap(reference[None, start:start + size], candidate[None, start:start + size]))
+            overlaps.append(top10_overlap(reference[None, start:start + size], candidate[None, start:start + size]))
         start += size
-    return {"rank_correlation": _spearman(reference, candidate),
+    return {"rank_correlation": rank_correlation(reference, candidate),
             "top10": float(np.mean(overlaps)) if overlaps else 1.0}
 
 

@@ -137,12 +137,19 @@ def builtin_calibration() -> Calibration:
 # ---------------------------------------------------------------------------------------------
 
 
-def _top10_overlap(reference: np.ndarray, candidate: np.ndarray) -> float:
+def top10_overlap(reference: np.ndarray, candidate: np.ndarray) -> float:
     """Mean overlap of each row's top 10 columns (rows: queries, columns: documents)."""
     k = min(10, reference.shape[1])
     ref = np.argsort(-reference, axis=1, kind="stable")[:, :k]
     cand = np.argsort(-candidate, axis=1, kind="stable")[:, :k]
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ref, cand)]))
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman correlation of two models' scores for the same pairs (constant scores: 1 if equal, else 0)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic) if np.ptp(a) > 0 and np.ptp(b) > 0 else float(np.allclose(a, b))
 
 
 def equivalence(kind: str, reference, candidate, sample: Calibration) -> dict:
@@ -154,19 +161,16 @@ def equivalence(kind: str, reference, candidate, sample: Calibration) -> dict:
         cosines = np.sum(a * b, axis=1)
         half = max(1, len(texts) // 2)
         return {"texts": len(texts), "min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean()),
-                "top10_agreement": _top10_overlap(a[:half] @ a[half:].T, b[:half] @ b[half:].T) if len(texts) > 1
+                "top10_agreement": top10_overlap(a[:half] @ a[half:].T, b[:half] @ b[half:].T) if len(texts) > 1
                 else 1.0}
-    from scipy.stats import spearmanr
-
     pairs = sample.pairs(SAMPLE_SIZE)
     a = np.asarray(reference.predict(pairs, show_progress_bar=False, convert_to_numpy=True), dtype=np.float64)
     b = np.asarray(candidate.predict(pairs, show_progress_bar=False, convert_to_numpy=True), dtype=np.float64)
     queries = sorted({q for q, _ in pairs}, key=[q for q, _ in pairs].index)
     width = len(pairs) // len(queries)
     rows = len(queries) if width * len(queries) == len(pairs) else 0
-    correlation = float(spearmanr(a, b).statistic) if np.ptp(a) > 0 and np.ptp(b) > 0 else float(np.allclose(a, b))
-    return {"pairs": len(pairs), "spearman": correlation, "max_abs_diff": float(np.max(np.abs(a - b))),
-            "top10_agreement": _top10_overlap(a[:rows * width].reshape(rows, width), b[:rows * width].reshape(rows, width))
+    return {"pairs": len(pairs), "spearman": rank_correlation(a, b), "max_abs_diff": float(np.max(np.abs(a - b))),
+            "top10_agreement": top10_overlap(a[:rows * width].reshape(rows, width), b[:rows * width].reshape(rows, width))
             if rows else 1.0}
 
 

@@ -14,6 +14,7 @@ import time
 from typing import Callable, Sequence
 
 from stagewise.budget import Rates
+from stagewise.progress import pair_length
 from stagewise.timing import span
 
 BI_PROBE_BATCH = 4  # examples per probed training step (a MiniLM step of 4 × 3 texts takes about 2 s here)
@@ -121,7 +122,7 @@ def cross_rates(model: str, max_length: int, queries: Sequence[str], documents: 
         cross = load_cross_encoder(model, max_length=max_length, warn_untrained=False)
         cross.train()
         loss = BinaryCrossEntropyLoss(cross)
-        batch = _as_in_a_batch(pairs, CROSS_PROBE_BATCH, batch_size, rng, length=lambda p: len(p[0]) + len(p[1]))
+        batch = _as_in_a_batch(pairs, CROSS_PROBE_BATCH, batch_size, rng, length=pair_length)
         inputs, labels = [[q for q, _ in batch], [d for _, d in batch]], torch.ones(len(batch))
         update = _optimizer_step(cross)
 

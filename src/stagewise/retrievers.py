@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -19,12 +21,12 @@ import numpy as np
 
 from stagewise import batch_precision, engine
 from stagewise.backends import Backend, fingerprints, stage_name
-from stagewise.cache import CachedEmbeddings, EmbeddingCache
+from stagewise.cache import CachedEmbeddings, EmbeddingCache, texts_hash
 from stagewise.data import Document
 from stagewise.errors import StagewiseError
 from stagewise.export import prepare
 from stagewise.models import ModelSpec, load_bi_encoder
-from stagewise.progress import map_chunks
+from stagewise.progress import map_chunks, progress_bar
 from stagewise.timing import span
 from stagewise.vector_index import VectorIndex, VectorIndexConfig, top_k
 
@@ -310,12 +312,6 @@ def retrieve_once(stage: FirstStage, queries: Sequence[str], k: int, description
     answered from memory when the same first stage (its config: models by fingerprint) has already retrieved the
     same queries at least as deep in this process: every cross-encoder start of a selection mines from the same
     first stage, and none should search twice."""
-    import hashlib
-    import json
-
-    from stagewise.cache import texts_hash
-    from stagewise.progress import progress_bar
-
     queries = list(queries)
     key = None
     if hasattr(stage, "config"):  # a stage that cannot say what it is is never answered from memory
