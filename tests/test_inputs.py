@@ -200,6 +200,7 @@ BAD_OPTIONS = [
     ["train", "cross", "--pretrain-epochs", "0"], ["train", "cross", "--pretrain-skip", "-1"],
     ["train", "cross", "--pretrain-minutes", "0"], ["train", "cross", "--eval-steps", "0"],
     ["train", "cross", "--patience", "-1"], ["train", "cross", "--seed", "4294967296"],
+    ["train", "cross", "--max-train-queries", "0"], ["train", "cross", "--dev-sample", "0"],
     ["select", "--depth", "0"], ["select", "--latency-budget-ms", "0"], ["select", "--time-budget", "-1"],
     ["select", "--max-dev-queries", "0"],
     ["export", "m", "--backend", "onnx", "--out", "o", "--min-cosine", "1.5"],
@@ -313,6 +314,9 @@ def test_a_run_directory_with_a_corrupted_config_is_one_line(beir_dir, tmp_path)
     ("min_gain: .inf\n", ("field 'min_gain'",)),
     ("bi_training: {epochs: one}\n", ("field 'bi_training'", "'epochs'")),
     ("cross_training: {batch_size: 0}\n", ("field 'cross_training'", "'batch_size'")),
+    ("cross_training: {dev_sample: 0}\n", ("field 'cross_training'", "'dev_sample'")),
+    ("batch_precision: fast\n", ("field 'batch_precision'", "'fast'")),
+    ("train_precision: half\n", ("field 'train_precision'", "'half'")),
     ("- a list\n", ("expected a mapping",)),
 ])
 def test_select_settings_of_the_wrong_type_or_range(content, words, tmp_path):
