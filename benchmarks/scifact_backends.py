@@ -2,24 +2,28 @@
 
     python benchmarks/scifact_backends.py [--data ../shared/datasets/scifact] [--stage bi|cross|both]
         [--bi runs/sf-bi/model] [--cross runs/reranker_recipe/current---pre-training/model] [--only LABEL ...]
-        [--docs 256] [--pairs 320] [--rounds 3] [--load] [--out benchmarks/results/scifact_backends]
+        [--docs 256] [--pairs 320] [--rounds 5] [--query-sample 20] [--load]
+        [--out benchmarks/results/scifact_backends]
 
 For the bi-encoder and the cross-encoder, each candidate (``torch`` float32 — the reference —, ``torch-bf16``,
 ``onnx``, ``onnx-int8``, ``openvino``, ``openvino-bf16`` on the float export, ``openvino-int8`` calibrated on
 SciFact with ``load_calibration``) is exported once (kept under ``--work``, ignored by git) and loaded in this
 one process, so that the ratios hold on a noisy machine:
 
-1. Throughput on SciFact texts at their real lengths: bi-encoder docs/s encoding a fixed sample of ``--docs``
-   corpus documents, cross-encoder pairs/s scoring ``--pairs`` (dev query, candidate) pairs from the float32
-   first stage's top 20. One warm-up call per candidate, then ``--rounds`` rounds, each measuring every
-   candidate once (the order rotated each round); the median per candidate, its min and max, and the ratio of
-   medians to torch float32.
+1. Speed for both uses, measured with ``stagewise.backend_timing`` (what ``select``'s stage 3 uses): batch work
+   (bi-encoder docs/s encoding a fixed sample of ``--docs`` corpus documents; cross-encoder pairs/s scoring
+   ``--pairs`` (dev query, candidate) pairs from the float32 first stage's top 20) and per-query work (one dev
+   query's encoding; one dev query's 20 pairs), ``--query-sample`` queries per round. One warm-up per
+   candidate, then interleaved rounds, each measuring every candidate once (order rotated); a candidate's
+   speed-up is the median of its per-round ratios to torch float32, with their range; per-query p50 and p95
+   pool every query of every round. A timing whose float32 rounds disagree is repeated, then flagged.
 2. Quality on SciFact dev: the bi-encoder's nDCG@10 of dense retrieval over the whole corpus (embeddings kept in
    an embedding cache under ``--work``, keyed by model fingerprint and backend, so a rerun is cheap), the
    cross-encoder's nDCG@10 of pure reranking of the float32 first stage's top 20; the relative change against
    torch float32, and the equivalence numbers (the export's manifest; for bf16, measured here on the same sample).
-3. ``--load``: the service load test of ``benchmarks/scifact_index.py`` twice in this process, with the torch
-   float32 reranker and with the fastest reranker candidate losing at most 1% nDCG@10, reranking at depth 20.
+   Per stage and use, the recommended backend: the fastest losing at most 1% nDCG@10.
+3. ``--load``: the service load test of ``benchmarks/scifact_index.py`` twice in this process, reranking at depth
+   20: every stage on torch float32, then every stage on its recommended backends (batch and per query).
 
 A candidate that fails to export or load on this CPU is recorded with its error. ``--max-queries`` and
 ``--corpus-limit`` are for smoke runs; a result made with them says so. Writes ``result.json`` and ``result.md``
@@ -33,7 +37,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -42,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stagewise.backend_timing import USES, batch_work, interleaved, query_work
 from stagewise.backends import Backend, read_manifest
 from stagewise.cache import EmbeddingCache
 from stagewise.data import RetrievalDataset, load_dataset
@@ -183,31 +187,38 @@ def build_candidates(stage: str, source: str, names: list[str], work: Path, cali
 # ---- throughput --------------------------------------------------------------------------------
 
 
-def throughput(candidates: dict, work_fn, items: int, rounds: int, pause: float = 0.3) -> None:
-    """Interleaved: one warm-up call per candidate, then ``rounds`` rounds measuring each once (order rotated)."""
-    ready = [n for n, r in candidates.items() if "object" in r]
-    for name in ready:
-        try:
-            work_fn(candidates[name]["object"])
-        except Exception as e:  # noqa: BLE001
-            candidates[name]["error"] = _error(e)
-            print(f"  {name}: warm-up FAILED {candidates[name]['error']}", flush=True)
-    ready = [n for n in ready if "error" not in candidates[n]]
-    rates = {n: [] for n in ready}
-    for r in range(rounds):
-        order = ready[r % len(ready):] + ready[:r % len(ready)] if ready else []
-        for name in order:
-            time.sleep(pause)  # let the previous runtime's worker threads go idle (ONNX Runtime spins a while)
-            start = time.perf_counter()
-            work_fn(candidates[name]["object"])
-            rates[name].append(items / (time.perf_counter() - start))
-        print(f"  round {r + 1}: " + ", ".join(f"{n} {rates[n][-1]:.1f}" for n in ready), flush=True)
-    ref = statistics.median(rates[REFERENCE]) if rates.get(REFERENCE) else None
-    for name, values in rates.items():
-        median = statistics.median(values)
-        candidates[name]["throughput"] = {"median": round(median, 2), "min": round(min(values), 2),
-                                          "max": round(max(values), 2), "rounds": [round(v, 2) for v in values],
-                                          "vs_torch": round(median / ref, 3) if ref else None}
+def timing(candidates: dict, batch_fn, query_fn, queries: dict, rounds: int) -> dict:
+    """Both uses in interleaved rounds against torch float32 (``stagewise.backend_timing``)."""
+    ready = {n: r for n, r in candidates.items() if "object" in r}
+    out = {}
+    for use in USES:
+        work = {n: batch_work(lambda items, o=r["object"]: batch_fn(o, items), queries["batch"]) if use == "batch"
+                else query_work(lambda one, o=r["object"]: query_fn(o, one[0]), queries["query"])
+                for n, r in ready.items()}
+        measured = interleaved(work, REFERENCE, use, rounds=rounds)
+        for name, error in measured["errors"].items():
+            candidates[name]["error"] = error
+            print(f"  {name}: {use} FAILED {error}", flush=True)
+        for name, row in measured["candidates"].items():
+            candidates[name]["throughput" if use == "batch" else "per_query"] = row
+        out[use] = {k: v for k, v in measured.items() if k != "candidates"}
+        print(f"  {use}: " + ", ".join(f"{n} {r.get('speedup', 0):.2f}×" for n, r in measured["candidates"].items())
+              + (" (DISTURBED)" if measured["disturbed"] else ""), flush=True)
+    return out
+
+
+def recommend(candidates: dict) -> dict:
+    """Per use, the fastest candidate losing at most ``MAX_LOSS`` nDCG@10 (a 5% tie goes to torch float32)."""
+    out = {}
+    for use, key in (("batch", "throughput"), ("query", "per_query")):
+        fitting = {n: r[key]["speedup"] for n, r in candidates.items() if key in r and "error" not in r
+                   and r.get("quality", {}).get("relative_change", -1) >= -MAX_LOSS}
+        if not fitting:
+            continue
+        best = max(fitting.values())
+        tied = [n for n, v in fitting.items() if v >= best * 0.95]
+        out[use] = REFERENCE if REFERENCE in tied else max(tied, key=lambda n: fitting[n])
+    return out
 
 
 # ---- quality -----------------------------------------------------------------------------------
@@ -215,13 +226,15 @@ def throughput(candidates: dict, work_fn, items: int, rounds: int, pause: float 
 
 def _measured(name: str, row: dict, min_speedup: float | None) -> bool:
     """Whether a candidate's dev quality is measured: it loaded, and (with ``--quality-min-speedup``) it is at least
-    that fast against torch float32, as ``select`` does (a slower one cannot be recommended; its equivalence on
+    that fast against torch float32 in either use, as ``select`` does (a slower one cannot be recommended; its equivalence on
     the sample still shows how close it is)."""
     if "object" not in row or "error" in row:
         return False
-    ratio = (row.get("throughput") or {}).get("vs_torch")
+    ratios = [(row.get(key) or {}).get("speedup") for key in ("throughput", "per_query")]
+    ratio = max((r for r in ratios if r is not None), default=None)  # faster in either use: it may be recommended
     if name != REFERENCE and min_speedup is not None and ratio is not None and ratio < min_speedup:
-        row["quality_skipped"] = f"{ratio:.2f}× torch float32's throughput (< {min_speedup:g}): dev quality not measured"
+        row["quality_skipped"] = (f"{ratio:.2f}× torch float32 at best (batch or per query; < {min_speedup:g}): dev "
+                                  "quality not measured")
         print(f"  {name}: {row['quality_skipped']}", flush=True)
         return False
     return True
@@ -319,15 +332,19 @@ def markdown(result: dict) -> str:
                    else f"pure reranking of the float32 first stage's top {DEPTH} (first stage alone: "
                         f"{data.get('first_stage_ndcg@10', float('nan')):.4f})")
         lines += ["", f"### {KINDS[stage]}: `{data['model']}`", "",
-                  f"Throughput: {what}, median of {result['settings']['rounds']} interleaved rounds (min–max). "
-                  f"Quality: nDCG@10 on SciFact dev ({data['queries']} queries, {data['corpus']} documents), "
+                  f"Batch: {what}. Per query: {data.get('per_query_what', '')}. {result['settings']['rounds']} "
+                  "interleaved rounds; speed-ups are medians of per-round ratios to torch float32 (their range in "
+                  "brackets); p50/p95 pool every query of every round. "
+                  + ("**The float32 rounds disagreed (machine busy): these timings are flagged.** "
+                     if any(t.get("disturbed") for t in data.get("timing", {}).values()) else "")
+                  + f"Quality: nDCG@10 on SciFact dev ({data['queries']} queries, {data['corpus']} documents), "
                   f"{quality}.", "",
-                  f"| candidate | {unit} median (min–max) | vs float32 torch | nDCG@10 | relative change | "
-                  "equivalence | runs as |", "|---|---|---|---|---|---|---|"]
+                  f"| candidate | batch {unit} median (min–max) | batch vs float32 | per-query p50 / p95 ms | "
+                  "p95/p50 | per query vs float32 | nDCG@10 | relative change | equivalence | runs as |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name, row in data["candidates"].items():
-            t, q = row.get("throughput"), row.get("quality")
+            t, p, q = row.get("throughput"), row.get("per_query"), row.get("quality")
             speed = f"{t['median']:.1f} ({t['min']:.1f}–{t['max']:.1f})" if t else "—"
-            ratio = f"{t['vs_torch']:.2f}×" if t and t.get("vs_torch") else "—"
             ndcg = f"{q['ndcg@10']:.4f}" if q else "not measured (slower)" if "quality_skipped" in row else "—"
             rel = f"{q['relative_change']:+.2%}" if q and "relative_change" in q else "—"
             eq = _equivalence_text(row.get("equivalence"), stage) if name != REFERENCE else "reference"
@@ -336,7 +353,13 @@ def markdown(result: dict) -> str:
                 runs = "float32 (this CPU has no bf16: the same computation as `openvino`)"
             if "error" in row:
                 runs = f"**failed**: {row['error']}"
-            lines.append(f"| {name} | {speed} | {ratio} | {ndcg} | {rel} | {eq} | {runs} |")
+            latency = f"{p['p50_ms']:.1f} / {p['p95_ms']:.1f}" if p else "—"
+            tail = f"{p['p95_ms'] / p['p50_ms']:.2f}" if p and p["p50_ms"] else "—"
+            lines.append(f"| {name} | {speed} | {_ratio(t)} | {latency} | {tail} | {_ratio(p)} | {ndcg} | {rel} | {eq} "
+                         f"| {runs} |")
+        rec = data.get("recommended") or {}
+        lines += ["", f"Recommended (fastest within {MAX_LOSS:.0%} nDCG@10): batch **{rec.get('batch', '—')}**, "
+                      f"per query **{rec.get('query', '—')}**."]
     load = result.get("load")
     if load:
         lines += ["", f"### Service load test (reranking at depth {DEPTH}, {load['clients']} clients, "
@@ -344,16 +367,31 @@ def markdown(result: dict) -> str:
         if "error" in load:
             lines.append(f"Not run: {load['error']}")
         else:
-            lines += ["| server micro-batch | rerank | torch q/s | " + f"{load['candidate']} q/s | ratio | "
-                      "p95 ms (torch / candidate) |", "|---|---|---|---|---|---|"]
+            lines += [f"Recommended: {load['candidate']}.", "",
+                      "| server micro-batch | rerank | float32 q/s | recommended q/s | ratio | p95 ms (float32 / "
+                      "recommended) | lost / wrong (float32; recommended) |", "|---|---|---|---|---|---|---|"]
             for a, b in zip(load["torch"]["runs"], load["fastest"]["runs"]):
                 ratio = b["throughput_qps"] / a["throughput_qps"] if a["throughput_qps"] else float("nan")
                 lines.append(f"| {a['max_batch']} | {'on' if a['rerank'] else 'off'} | {a['throughput_qps']:.2f} | "
-                             f"{b['throughput_qps']:.2f} | {ratio:.2f}× | {a['p95_ms']:.0f} / {b['p95_ms']:.0f} |")
-            lines += ["", f"The candidate is the fastest reranker losing at most {MAX_LOSS:.0%} nDCG@10. Rows with "
-                      "reranking off run the same first stage in both servers: their ratio shows the machine's noise."]
+                             f"{b['throughput_qps']:.2f} | {ratio:.2f}× | {a['p95_ms']:.0f} / {b['p95_ms']:.0f} | "
+                             f"{_lost(a)}; {_lost(b)} |")
+            lines += ["", f"Each stage on the backends recommended above for each use (losing at most {MAX_LOSS:.0%} "
+                      "nDCG@10), against every stage on torch float32. Wrong answers are checked against the same "
+                      "server's own pipeline searched in process before the load."]
     lines += ["", f"Wall time {result['wall_seconds'] / 60:.1f} min. Command: `{' '.join(result['command'])}`"]
     return "\n".join(lines) + "\n"
+
+
+def _lost(run: dict) -> str:
+    lost = run.get("requests", 0) - run.get("statuses", {}).get("200", run.get("requests", 0))
+    return f"{lost} / {run.get('wrong', 0)}"
+
+
+def _ratio(measured: dict | None) -> str:
+    if not measured or measured.get("speedup") is None:
+        return "—"
+    low, high = measured["speedup_range"]
+    return f"{measured['speedup']:.2f}× ({low:.2f}–{high:.2f})"
 
 
 def _public(candidates: dict) -> dict:
@@ -364,27 +402,41 @@ def _public(candidates: dict) -> dict:
 # ---- load test ---------------------------------------------------------------------------------
 
 
-def load_test(dataset, bi: str, cross: dict, clients: int, seconds: float, cache: EmbeddingCache) -> dict:
+def _deployed(candidates: dict, recommended: dict, source: str):
+    """(model, backend, per-query setting) of a stage on its recommended backends."""
+    batch, query = (candidates[recommended.get(use, REFERENCE)] for use in USES)
+
+    def folder(row):
+        return row.get("export") or source
+
+    backend = Backend.from_config(batch["backend"])
+    setting = None if query is batch else {"model": folder(query), **query["backend"]}
+    return folder(batch), backend, setting
+
+
+def load_test(dataset, bi: str, built: dict, recommended: dict, clients: int, seconds: float,
+              cache: EmbeddingCache, sources: dict) -> dict:
     sys.path.insert(0, str(HERE))
     from scifact_index import load_benchmark
 
-    eligible = [n for n, r in cross.items() if n != REFERENCE and "throughput" in r and "error" not in r
-                and r.get("quality", {}).get("relative_change", -1) >= -MAX_LOSS]
     base = {"clients": clients, "seconds": seconds, "max_loss": MAX_LOSS}
-    if REFERENCE not in cross or "throughput" not in cross[REFERENCE]:
+    if "cross" not in built or REFERENCE not in built["cross"] or "throughput" not in built["cross"][REFERENCE]:
         return {**base, "error": "the torch float32 reranker was not measured"}
-    if not eligible:
-        return {**base, "error": f"no reranker candidate loses at most {MAX_LOSS:.0%} nDCG@10"}
-    fastest = max(eligible, key=lambda n: cross[n]["throughput"]["median"])
-    out = {**base, "candidate": fastest}
-    for key, name in (("torch", REFERENCE), ("fastest", fastest)):
-        backend, export_backend = CANDIDATES[name]
-        model = cross[name].get("export") or cross[name]["object"].spec.spec
+    setups = {"torch": ({"type": "dense", "model": bi}, sources["cross"], None, None)}
+    dense = {"type": "dense", "model": bi}
+    if "bi" in built and recommended.get("bi"):
+        model, backend, setting = _deployed(built["bi"], recommended["bi"], sources["bi"])
+        dense = {"type": "dense", "model": model, **backend.config(), **({"per_query": setting} if setting else {})}
+    model, backend, setting = _deployed(built["cross"], recommended.get("cross", {}), sources["cross"])
+    setups["fastest"] = (dense, model, backend, setting)
+    out = {**base, "candidate": "; ".join(f"{KINDS[s]} batch {r.get('batch', REFERENCE)}, per query "
+                                          f"{r.get('query', REFERENCE)}" for s, r in recommended.items())}
+    for key, (first, cross, backend, setting) in setups.items():
         work = Path(tempfile.mkdtemp(prefix="stagewise-backends-"))
         try:
-            print(f"load test with the {name} reranker", flush=True)
-            out[key] = {"reranker": name, **load_benchmark(dataset, bi, model, DEPTH, clients, seconds, work,
-                                                           cross_backend=backend, cache=cache)}
+            print(f"load test: {key}", flush=True)
+            out[key] = load_benchmark(dataset, first, cross, DEPTH, clients, seconds, work, cross_backend=backend,
+                                      cache=cache, cross_per_query=setting)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     out["ratio_rerank_qps"] = {str(a["max_batch"]): round(b["throughput_qps"] / a["throughput_qps"], 3)
@@ -405,7 +457,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", choices=list(CANDIDATES), help="candidates (torch is always measured)")
     parser.add_argument("--docs", type=int, default=256, help="corpus documents per bi-encoder throughput call")
     parser.add_argument("--pairs", type=int, default=320, help="pairs per cross-encoder throughput call")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--query-sample", type=int, default=20, help="dev queries per per-query round")
     parser.add_argument("--force", action="store_true", help="keep exports that drift past the tolerance")
     parser.add_argument("--load", action="store_true", help="then the service load test, torch vs the fastest")
     parser.add_argument("--clients", type=int, default=8)
@@ -462,10 +515,14 @@ def main() -> int:
         data = {"model": source, "fingerprint": resolve_model(source).fingerprint, "unit":
                 "docs/s" if stage == "bi" else "pairs/s", "queries": len(queries), "corpus": len(dataset.corpus)}
         result["stages"][stage] = data
+        timed = [queries[q] for q in sorted(queries)[:args.query_sample]]
         if stage == "bi":
             data["items"] = len(texts)
-            print(f"== throughput: {len(texts)} documents × {args.rounds} rounds", flush=True)
-            throughput(built[stage], lambda s: s.encode_documents(texts, show_progress=False), len(texts), args.rounds)
+            data["per_query_what"] = "encoding one dev query"
+            print(f"== timing: {len(texts)} documents; {len(timed)} single queries; × {args.rounds} rounds", flush=True)
+            data["timing"] = timing(built[stage], lambda s, items: s.encode_documents(items, show_progress=False),
+                                    lambda s, one: s.encode_queries([one]), {"batch": texts, "query": timed},
+                                    args.rounds)
             print("== quality: dense retrieval on dev", flush=True)
             write()
             top = bi_quality(built[stage], dataset, queries, qrels, write, args.quality_min_speedup)
@@ -480,16 +537,22 @@ def main() -> int:
             data["first_stage_ndcg@10"] = round(compute_metrics(qrels, run_from_rankings(top))[0]["ndcg@10"], 4)
             pairs = [(queries[q], dataset.corpus[d].full_text()) for q in top for d in top[q]][:args.pairs]
             data["items"] = len(pairs)
-            print(f"== throughput: {len(pairs)} pairs × {args.rounds} rounds", flush=True)
-            throughput(built[stage], lambda s: s.score_pairs(pairs), len(pairs), args.rounds)
+            data["per_query_what"] = f"scoring one dev query's top-{DEPTH} pairs"
+            per_request = [[(queries[q], dataset.corpus[d].full_text()) for d in top[q]] for q in sorted(queries)
+                           [:args.query_sample] if q in top]
+            print(f"== timing: {len(pairs)} pairs; {len(per_request)} single requests; × {args.rounds} rounds",
+                  flush=True)
+            data["timing"] = timing(built[stage], lambda s, items: s.score_pairs(items, per_query_work=False),
+                                    lambda s, one: s.score_pairs(one, per_query_work=True),
+                                    {"batch": pairs, "query": per_request}, args.rounds)
             print("== quality: pure reranking on dev", flush=True)
             cross_quality(built[stage], dataset, queries, qrels, top, args.quality_min_speedup)
+        data["recommended"] = recommend(built[stage])
         write()
     if args.load:
-        if "cross" not in built:
-            result["load"] = {"error": "--load needs --stage cross or both"}
-        else:
-            result["load"] = load_test(dataset, args.bi, built["cross"], args.clients, args.seconds, cache)
+        recommended = {stage: result["stages"][stage].get("recommended", {}) for stage in built}
+        result["load"] = load_test(dataset, args.bi, built, recommended, args.clients, args.seconds, cache,
+                                   {"bi": args.bi, "cross": args.cross})
         write()
     write()
     print(markdown(result))

@@ -187,11 +187,14 @@ def _load(url: str, texts: list[str], expected: dict, rerank: bool, clients: int
             "p99_ms": round(float(np.percentile(lat, 99)), 1)}
 
 
-def load_benchmark(dataset, bi: str, cross: str, depth: int, clients: int, seconds: float, work: Path,
-                   cross_backend=None, cache=None) -> dict:
-    """``cross_backend`` runs the reranker on another backend (benchmarks/scifact_backends.py); ``cache`` is the
-    embedding cache the first stage reads."""
-    pipeline = Pipeline(build_first_stage(bi, cache), CrossEncoderReranker(cross, backend=cross_backend), depth=depth)
+def load_benchmark(dataset, bi: str | dict, cross: str, depth: int, clients: int, seconds: float, work: Path,
+                   cross_backend=None, cache=None, cross_per_query: dict | None = None) -> dict:
+    """``bi`` is a first-stage spec or config (a dense config may name backends); ``cross_backend`` and
+    ``cross_per_query`` run the reranker's batch and per-query work on other backends
+    (benchmarks/scifact_backends.py); ``cache`` is the embedding cache the first stage reads."""
+    pipeline = Pipeline(build_first_stage(bi, cache), CrossEncoderReranker(cross, backend=cross_backend,
+                                                                          per_query_setting=cross_per_query),
+                        depth=depth)
     untrained = not pipeline.reranker.trained  # the bert-tiny fallback: speed is measured here, not quality
     index = Index.build(pipeline, dataset.corpus, work / "ix-serve", VectorIndexConfig("hnsw"),
                         allow_untrained_reranker=untrained)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import yaml
 
 from stagewise.backend_selection import BackendSelection, parse_backend
+from stagewise.backend_timing import ROUNDS, USES, RoundResult, RoundWork, interleaved
 from stagewise.errors import StagewiseError
 from stagewise.pipeline import Pipeline
 from stagewise.selection import Selection, SelectConfig, _slug, load_select_config, select
@@ -31,32 +33,47 @@ def test_every_candidate_is_measured_against_torch_float32(backend_run):
     _, out, result = backend_run
     rows = result["backends"]["stages"]["first_stage"]
     assert [r["backend"] for r in rows] == CANDIDATES  # PyTorch float32 first: every ratio is against it
-    assert rows[0]["status"] == "ok" and rows[0]["speedup"] == 1.0 and rows[0]["relative_change"] == 0.0
-    chosen = next(c for c in result["first_stage"]["candidates"] if c["name"] == result["first_stage"]["chosen"])
-    assert rows[0]["ndcg@10"] == chosen["metrics"]["ndcg@10"]  # PyTorch float32: stage 1's numbers, not remeasured
+    assert rows[0]["status"] == "ok" and rows[0]["relative_change"] == 0.0
+    for use in USES:  # measured in the same interleaved rounds: its ratio to itself is exactly 1 in every round
+        assert rows[0][use]["speedup"] == 1.0 and rows[0][use]["speedup_range"] == [1.0, 1.0]
+        timing = result["backends"]["timing"]["first_stage"][use]
+        assert timing["rounds"] >= 3 and 1 <= timing["attempts"] <= 3 and isinstance(timing["disturbed"], bool)
     for r in rows:
-        assert r["status"] in ("ok", "slower", "refused"), r
-        assert r["status"] == "refused" and "tolerance" in r["note"] or r["rate"] > 0 and r["unit"] == "docs/s"
-        if r["status"] == "ok":
-            assert 0 <= r["ndcg@10"] <= 1 and r["latency_ms"] > 0
-        if r["backend"].startswith("onnx") and r["status"] != "refused":
+        assert r["status"] in ("ok", "refused"), r
+        if r["status"] == "refused":
+            assert "tolerance" in r["note"]
+            continue
+        assert r["batch"]["median"] > 0 and len(r["batch"]["rounds"]) == timing["rounds"]
+        assert r["batch"]["min"] <= r["batch"]["median"] <= r["batch"]["max"]
+        assert 0 < r["query"]["p50_ms"] <= r["query"]["p95_ms"] and r["query"]["queries"] >= timing["rounds"]
+        if "ndcg@10" in r:
+            assert 0 <= r["ndcg@10"] <= 1
+        if r["backend"].startswith("onnx"):
             assert r["equivalence"]["min_cosine"] > 0.9 and (out / "exports").is_dir()
+            assert r["equivalence"]["sample"].endswith("(held out)")
     onnx = next(r for r in rows if r["backend"] == "onnx")
-    if onnx["status"] == "ok":  # a float32 export ranks exactly as PyTorch does
+    if "relative_change" in onnx:  # a float32 export ranks exactly as PyTorch does
         assert onnx["relative_change"] == pytest.approx(0.0, abs=1e-3)
-    assert sum(r.get("recommended", False) for r in rows) == 1
-    assert result["verdict"]["backends"]["first_stage"] in CANDIDATES
-    assert any(line.startswith("First stage: run it on") for line in result["verdict"]["summary"])
+    for use in USES:
+        assert sum(use in r["recommended"] for r in rows) == 1
+        assert result["verdict"]["backends"]["first_stage"][use] in CANDIDATES
+    assert result["backends"]["samples"]["first_stage"]["queries"] > 0
+    assert any(line.startswith("First stage: batch work") for line in result["verdict"]["summary"])
 
 
-def test_the_recommended_backend_is_deployed_and_reported(backend_run):
+def test_the_recommended_backends_are_deployed_and_reported(backend_run):
     _, out, result = backend_run
     chosen = result["verdict"]["backends"]["first_stage"]
     saved = yaml.safe_load((out / "pipeline.yaml").read_text())["first_stage"]
-    assert saved.get("backend", "torch") == parse_backend(chosen).name
-    assert Pipeline.load(out / "pipeline.yaml").first_stage.backend == parse_backend(chosen)
+    assert saved.get("backend", "torch") == parse_backend(chosen["batch"]).name
+    loaded = Pipeline.load(out / "pipeline.yaml").first_stage
+    assert loaded.backend == parse_backend(chosen["batch"])
+    if chosen["query"] == chosen["batch"]:  # one backend wins both: one simple setting
+        assert "per_query" not in saved and loaded.per_query is None
+    else:
+        assert loaded.per_query.backend == parse_backend(chosen["query"])
     markdown = (out / "report.md").read_text()
-    assert "Stage 3: backends" in markdown and "onnx-int8" in markdown
+    assert "Stage 3: backends" in markdown and "onnx-int8" in markdown and "per query" in markdown
 
 
 def test_a_chosen_reranker_gets_its_backends_measured_too(backend_run, tmp_path):
@@ -71,30 +88,84 @@ def test_a_chosen_reranker_gets_its_backends_measured_too(backend_run, tmp_path)
     rows = backends["stages"]["reranker"]
     assert [r["backend"] for r in rows] == CANDIDATES
     for r in rows:  # a random head's near-constant scores may well fail the int8 correlation check: refused
-        assert r["status"] == "refused" and "tolerance" in r["note"] or r["unit"] == "pairs/s" and r["rate"] > 0
+        assert r["status"] == "refused" and "tolerance" in r["note"] or r["batch"]["median"] > 0
         if r["status"] == "ok":
-            assert r["latency"]["total"]["p50_ms"] > 0 and "@" in r["name"] or r["backend"] == "torch"
-    assert backends["recommended"]["reranker"] in CANDIDATES
+            assert r["query"]["p95_ms"] > 0
+    for use in USES:
+        assert backends["recommended"]["reranker"][use] in CANDIDATES
+    confirmation = backends["confirmation"].get("reranker")
+    if confirmation:  # a recommendation other than float32 is checked on the whole dev split
+        assert confirmation["latency"]["total"]["p50_ms"] > 0 and "@" in confirmation["name"]
 
 
-def _row(backend, latency, change=0.0, status="ok"):
-    return {"backend": backend, "status": status, "latency_ms": latency, "rate": 1000 / latency,
-            "relative_change": change}
+def _row(backend, batch, query=None, change=0.0, status="ok"):
+    return {"backend": backend, "status": status, "relative_change": change,
+            "batch": {"speedup": batch}, "query": {"speedup": batch if query is None else query}}
 
 
 @pytest.mark.parametrize("rows, expected", [
-    ([_row("torch", 100), _row("onnx", 50)], "onnx"),  # faster, no loss
-    ([_row("torch", 100), _row("onnx-int8", 40, change=-0.02)], "torch"),  # faster, but loses 2% > 1%
-    ([_row("torch", 100), _row("onnx", 97)], "torch"),  # within the noise: no export for 3%
-    ([_row("torch", 100), _row("onnx", 60, status="refused"), _row("openvino", 70, change=-0.005)], "openvino"),
-    # a tie within 5% goes to the smaller loss (float32 before int8), not to noise in the latency
-    ([_row("torch", 100), _row("onnx", 51), _row("onnx-int8", 50, change=-0.004)], "onnx"),
-    ([_row("torch", 100), _row("onnx", 70), _row("onnx-int8", 50, change=-0.004)], "onnx-int8"),
+    ([_row("torch", 1), _row("onnx", 2)], "onnx"),  # faster, no loss
+    ([_row("torch", 1), _row("onnx-int8", 2.5, change=-0.02)], "torch"),  # faster, but loses 2% > 1%
+    ([_row("torch", 1), _row("onnx", 1.03)], "torch"),  # within the noise: no export for 3%
+    ([_row("torch", 1), _row("onnx", 1.6, status="refused"), _row("openvino", 1.4, change=-0.005)], "openvino"),
+    # a tie within 5% goes to the smaller loss (float32 before int8), not to noise in the timing
+    ([_row("torch", 1), _row("onnx", 1.96), _row("onnx-int8", 2.0, change=-0.004)], "onnx"),
+    ([_row("torch", 1), _row("onnx", 1.4), _row("onnx-int8", 2.0, change=-0.004)], "onnx-int8"),
 ])
 def test_the_fastest_within_the_loss_is_recommended(rows, expected):
+    assert _chooser()._recommend(rows, "batch", disturbed=False)["backend"] == expected
+
+
+def test_each_use_gets_its_own_fastest_and_a_disturbed_timing_moves_nothing():
+    rows = [_row("torch", 1), _row("openvino-int8", 3.0, query=0.9), _row("torch-bf16", 2.0, query=1.5)]
+    chooser = _chooser()
+    assert chooser._recommend(rows, "batch", disturbed=False)["backend"] == "openvino-int8"
+    assert chooser._recommend(rows, "query", disturbed=False)["backend"] == "torch-bf16"
+    assert chooser._recommend(rows, "batch", disturbed=True)["backend"] == "torch"
+
+
+def _chooser() -> BackendSelection:
     chooser = BackendSelection.__new__(BackendSelection)
     chooser.config = SelectConfig()
-    assert chooser._recommend(rows)["backend"] == expected
+    return chooser
+
+
+def _sleeping(seconds_by_round: list[float]):
+    """Round work that sleeps the given seconds in each round (a slowed round is a longer sleep)."""
+    calls = iter(seconds_by_round)
+
+    def run():
+        start = time.perf_counter()
+        time.sleep(next(calls))
+        return RoundResult(1.0 / (time.perf_counter() - start))
+
+    return RoundWork(run)
+
+
+@pytest.mark.parametrize("slowed", ["torch", "onnx", "torch-bf16"])
+def test_one_slowed_timing_round_does_not_flip_the_recommendation(slowed):
+    """onnx is 2× float32 and torch-bf16 1.5×; a burst of load that slows one round of any one of them 10× leaves
+    the medians of the per-round ratios, and so the recommendation, where they were."""
+    base = {"torch": 0.02, "onnx": 0.01, "torch-bf16": 0.0133}
+    work = {label: _sleeping([seconds * (10 if label == slowed and r == 2 else 1) for r in range(ROUNDS)])
+            for label, seconds in base.items()}
+    measured = interleaved(work, "torch", "batch", sleep=lambda s: None)
+    assert not measured["disturbed"] and measured["attempts"] == 1  # one slow round is what medians are for
+    speedups = {label: measured["candidates"][label]["speedup"] for label in base}
+    assert speedups["onnx"] == pytest.approx(2.0, rel=0.2) and speedups["torch-bf16"] == pytest.approx(1.5, rel=0.2)
+    assert measured["candidates"][slowed]["min"] < measured["candidates"][slowed]["max"] / 5  # the spread shows it
+    rows = [{**_row(label, speedups[label]), "batch": measured["candidates"][label]} for label in base]
+    assert _chooser()._recommend(rows, "batch", measured["disturbed"])["backend"] == "onnx"
+
+
+def test_a_reference_whose_rounds_disagree_is_measured_again_then_flagged():
+    # float32's own rounds swing 3× in every attempt: the machine is busy, nothing measured then is acted on
+    swings = [0.01, 0.03, 0.01, 0.03, 0.01] * 3
+    work = {"torch": _sleeping(swings), "onnx": _sleeping([0.005] * len(swings))}
+    measured = interleaved(work, "torch", "batch", sleep=lambda s: None)
+    assert measured["disturbed"] and measured["attempts"] == 3 and measured["reference_disturbed_rounds"] >= 2
+    rows = [{**_row(label, 1), "batch": measured["candidates"][label]} for label in work]
+    assert _chooser()._recommend(rows, "batch", measured["disturbed"])["backend"] == "torch"
 
 
 @pytest.mark.parametrize("label", ["tensorrt", "onnx-fp16", "torch-int8", "onnx-bf16", "int8-onnx"])

@@ -28,8 +28,8 @@ from stagewise.backends import Backend, backend_of, read_manifest, require, set_
 from stagewise.cache import cache_dir
 from stagewise.data import Document
 from stagewise.errors import DataError, ModelError, StagewiseError
-from stagewise.export import (FILES, Calibration, Tolerance, builtin_calibration, equivalence, export_model, failures,
-                              load_calibration, prepare)
+from stagewise.export import (FILES, Calibration, Tolerance, builtin_calibration, equivalence, equivalence_sample,
+                              export_model, failures, load_calibration, prepare)
 from stagewise.index import Index
 from stagewise.models import load_bi_encoder, load_cross_encoder, resolve_model
 from stagewise.pipeline import Pipeline, Query
@@ -225,10 +225,12 @@ def test_the_manifest_records_source_backend_calibration_and_equivalence(kind, l
     if int8:
         record = manifest["calibration"]
         assert record == load_calibration(str(calibration_dir)).record()  # the same data hashes the same
-        assert (record["queries"], record["documents"]) == (len(QUERIES), len(CORPUS))
+        held = calibration.held_out  # the rest of the data: what the equivalence is measured on
+        assert (record["queries"] + len(held.queries), record["documents"] + len(held.documents)) == (len(QUERIES),
+                                                                                                      len(CORPUS))
         assert record["source"] == str(calibration_dir) and len(record["hash"]) == 24
         assert record["hash"] != Calibration(calibration.queries[1:], calibration.documents, "x").record()["hash"]
-        assert manifest["equivalence"]["sample"] == str(calibration_dir)
+        assert manifest["equivalence"]["sample"] == f"{calibration_dir} (held out)"
     else:
         assert manifest["calibration"] is None
         assert manifest["equivalence"]["sample"] == builtin_calibration().source
@@ -242,8 +244,7 @@ def test_the_manifest_records_source_backend_calibration_and_equivalence(kind, l
         assert numbers["max_abs_diff"] < (0.3 if int8 else 1e-4)
     assert 0.8 <= numbers["top10_agreement"] <= 1.0
     # the numbers are the saved folder's own: measuring it again gives them back
-    sample = calibration if int8 else builtin_calibration()
-    again = equivalence(kind, reference[kind], loaded(kind, label), sample)
+    again = equivalence(kind, reference[kind], loaded(kind, label), equivalence_sample(calibration if int8 else None))
     assert again == pytest.approx({k: v for k, v in numbers.items() if k != "sample"}, abs=1e-6)
 
 
@@ -304,16 +305,35 @@ def test_calibration_from_a_text_file_is_recorded_in_the_manifest(tiny_bi_encode
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(lines[:5]) + "\n\n   \n" + "\n".join(lines[5:]) + "\n")  # blank lines are skipped
     calibration = load_calibration(texts)
-    assert sorted(calibration.queries + calibration.documents) == sorted(lines)
-    assert calibration.source == str(texts)
+    held = calibration.held_out.queries + calibration.held_out.documents
+    assert sorted(calibration.queries + calibration.documents + held) == sorted(lines)
+    assert calibration.source == str(texts) and len(held) == len(lines) // 2
 
     manifest = export_model(str(tiny_bi_encoder), Backend("onnx", "int8"), tmp_path / "out", calibration)
     record = manifest["calibration"]
-    assert record["source"] == str(texts) and record["queries"] + record["documents"] == len(lines)
+    assert record["source"] == str(texts) and record["queries"] + record["documents"] == len(lines) - len(held)
     assert record["hash"] == calibration.record()["hash"]
     texts.write_text("\n".join(lines[:-1]) + "\n")
     assert load_calibration(texts).record()["hash"] != record["hash"]  # other texts, another hash
-    assert manifest["equivalence"]["sample"] == str(texts) and manifest["equivalence"]["texts"] == len(lines)
+    assert manifest["equivalence"]["sample"] == f"{texts} (held out)" and manifest["equivalence"]["texts"] == len(held)
+
+
+@pytest.mark.parametrize("source", ["dataset", "text file", "one line", "built-in texts"])
+def test_the_equivalence_sample_never_overlaps_the_calibration_texts(source, calibration_dir, tmp_path):
+    texts = tmp_path / "texts.txt"
+    builtin = builtin_calibration()
+    lines = {"text file": [f"text {i} about {w}" for i, w in enumerate("cats dogs tea owls rust trains".split())],
+             "one line": ["just one text"],
+             "built-in texts": builtin.queries[:3] + builtin.documents[:3] + ["something of my own"]}
+    if source == "dataset":
+        calibration = load_calibration(str(calibration_dir))
+    else:
+        texts.write_text("\n".join(lines[source]) + "\n")
+        calibration = load_calibration(texts)
+    sample = equivalence_sample(calibration)
+    used = set(calibration.queries + calibration.documents)
+    assert sample.queries + sample.documents and not used & set(sample.queries + sample.documents)
+    assert sample.source.endswith("(held out)") or sample.source == builtin.source
 
 
 def test_threads_reach_the_runtime_sessions(exports):

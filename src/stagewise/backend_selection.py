@@ -1,31 +1,45 @@
-"""Stage 3 of ``select``: which backend runs each chosen stage, measured on this machine and the user's dev split.
+"""Stage 3 of ``select``: which backend runs each chosen stage, for batch work and for per-query work.
 
 Each backend × quantisation × dtype in ``SelectConfig.backends`` is a candidate for the chosen dense first stage and
-for the chosen reranker: exported (calibrated on the user's own texts, equivalence checked), then measured for dev
-nDCG@10, latency per query and throughput on a fixed sample of the corpus. The recommendation is the fastest
-candidate whose nDCG@10 is within ``backend_max_loss`` (relative) of PyTorch float32's; none is assumed fastest, as
-the ranking flips between CPUs (bf16 and int8 need AMX / AVX-512 to pay).
+for the chosen reranker. Every candidate is exported (calibrated on the user's texts, its equivalence checked on
+held-out ones) and timed for both uses in interleaved rounds against PyTorch float32 measured in the same rounds
+(:mod:`stagewise.backend_timing`): batch work on a fixed sample of the corpus, per-query work one dev query (one
+request's pairs) at a time. Each candidate faster than float32 in either use has its quality measured on a fixed
+sample of dev queries (the first stage ranks a pool: float32's top ``POOL_DEPTH`` of each sampled query and its
+judged documents; the reranker reorders the chosen first stage's top ``depth``, fused as the verdict fuses).
+
+Per stage and use, the recommendation is the fastest candidate within ``backend_max_loss`` (relative nDCG@10) of
+float32 on that sample; a timing that the machine's load disturbed recommends nothing. The recommended stage is
+then confirmed on the whole dev split, and stays on float32 if it loses more there. None is assumed fastest: the
+ranking flips between CPUs (bf16 and int8 need AMX / AVX-512 to pay).
 """
 
 from __future__ import annotations
 
-import time
+import random
 
+import numpy as np
+
+from stagewise import per_query
+from stagewise.backend_timing import USES, batch_work, interleaved, query_work
 from stagewise.backends import Backend, read_manifest, require_export
 from stagewise.errors import StagewiseError
 from stagewise.evaluation import evaluate, evaluate_pipeline
 from stagewise.export import export_model, load_calibration
 from stagewise.fusion import Fusion
+from stagewise.metrics import compute_metrics, run_from_rankings
 from stagewise.models import has_transformer, resolve_model
 from stagewise.pipeline import Pipeline
 from stagewise.progress import console
 from stagewise.rerankers import CrossEncoderReranker
-from stagewise.retrievers import build_first_stage
+from stagewise.retrievers import DenseRetriever, build_first_stage
 from stagewise.timing import span
 
-THROUGHPUT_SAMPLE = 64  # corpus documents (first stage) or (query, document) pairs (reranker) timed per candidate
-THROUGHPUT_REPEATS = 3  # the best of these, so a burst from another process does not decide
-LATENCY_TIE = 0.05  # latencies within this fraction of the fastest are a tie (noise, not a reason to export)
+THROUGHPUT_SAMPLE = 64  # corpus documents (first stage) or (query, document) pairs (reranker) per batch round
+QUERY_SAMPLE = 20  # dev queries per per-query round (× backend_timing.ROUNDS rounds: a stable p95)
+QUALITY_SAMPLE = 50  # dev queries each candidate's quality is measured on; the chosen one then on all of dev
+POOL_DEPTH = 30  # the first stage's sample pool: float32's top this many for each sampled query
+TIE = 0.05  # speed-ups within this fraction of the fastest are a tie (noise, not a reason to export)
 
 
 SECONDS_PER_CANDIDATE = 30.0  # what stages 1 and 2 leave of a time budget for each backend candidate: an export
@@ -52,17 +66,6 @@ def parse_backend(label: str) -> Backend:
     return backend
 
 
-def _best_rate(fn, items: list, what: str) -> float:
-    with span("probe", f"{what}: throughput", 1, "probes"):
-        fn(items[:2])  # warm-up: first calls allocate and compile
-        best = 0.0
-        for _ in range(THROUGHPUT_REPEATS):
-            start = time.perf_counter()
-            fn(items)
-            best = max(best, len(items) / max(time.perf_counter() - start, 1e-9))
-        return best
-
-
 def _dense_config(config: dict) -> dict | None:
     """The dense stage inside a first-stage config (itself, or a hybrid's)."""
     if config.get("type") == "dense":
@@ -70,11 +73,14 @@ def _dense_config(config: dict) -> dict | None:
     return next((c for c in config.get("stages", []) if c.get("type") == "dense"), None)
 
 
-def first_stage_on(config: dict, model: str, backend: Backend) -> dict:
-    """A first-stage config whose dense stage runs ``model`` on ``backend``."""
+def first_stage_on(config: dict, model: str, backend: Backend, per_query_setting: dict | None = None) -> dict:
+    """A first-stage config whose dense stage runs ``model`` on ``backend`` (and its queries on
+    ``per_query_setting``'s model and backend, when given)."""
     def swap(c: dict) -> dict:
         if c.get("type") == "dense":
-            return {**c, "model": model, **backend.config()}
+            c = {k: v for k, v in c.items() if k != per_query.KEY}
+            return {**c, "model": model, **backend.config(),
+                    **({per_query.KEY: per_query_setting} if per_query_setting else {})}
         return {**c, "stages": [swap(s) for s in c.get("stages", [])]} if c.get("type") == "hybrid" else c
     return swap(config)
 
@@ -87,6 +93,7 @@ class BackendSelection:
         self.config = s.config
         self.candidates = [parse_backend(b) for b in self.config.backends]
         self._calibration = None
+        self._rankings: dict | None = None
 
     def calibration(self):
         """The user's own texts: corpus documents and training queries (never the dev or test queries that
@@ -95,16 +102,8 @@ class BackendSelection:
             self._calibration = load_calibration(self.config.data, seed=self.config.seed)
             train = set(self.s.dataset.split(self.config.train_split)[0].values())
             self._calibration.queries = [q for q in self._calibration.queries if q in train]
+            self._calibration.held_out.queries = [q for q in self._calibration.held_out.queries if q in train]
         return self._calibration
-
-    def _missing(self, backend: Backend) -> str | None:
-        if not backend.exported:
-            return None
-        try:
-            require_export(backend)
-        except StagewiseError as e:
-            return str(e)
-        return None
 
     def _export(self, model: str, backend: Backend, stage: str) -> tuple[str, dict | None]:
         """The model folder for ``backend`` (exported once into the run folder) and its export manifest."""
@@ -116,124 +115,222 @@ class BackendSelection:
             manifest = export_model(model, Backend(backend.name, backend.quantize), folder, self.calibration())
         return str(folder), manifest
 
-    def _row(self, backend: Backend, stage: str, reference: dict | None) -> dict:
-        """Export, time on the sample, and (when faster than PyTorch float32 and within the time budget) measure
-        dev quality and latency."""
-        step = f"backend-{stage}-{backend.label}"
-        stored = self.s.steps.get(step)
-        if stored:
-            return stored
-        row = {"stage": stage, "backend": backend.label, "config": backend.config(), "status": "ok", "note": ""}
-        missing = self._missing(backend)
-        if missing:
-            return {**row, "status": "skipped", "note": missing}  # not stored: installing the extra makes it run
-        try:
-            built, rate, manifest = self._build(stage, backend)
-            row.update(rate=rate, unit="docs/s" if stage == "first_stage" else "pairs/s",
-                       equivalence=(manifest or {}).get("equivalence"), model=built["model"])
-            if reference and reference.get("rate"):
-                row["speedup"] = rate / max(reference["rate"], 1e-9)
-            cost = 0.0 if backend.is_default else self._quality_cost(stage, rate)
-            if row.get("speedup", 1.0) < 1:
-                row.update(status="slower", note=f"{row['speedup']:.2f}× PyTorch float32's throughput on this "
-                                                  "machine: not measured further")
-            elif self.s.budget.remaining() < cost:
-                row.update(status="skipped", note=f"measuring it on dev takes about {cost / 60:.1f} min; "
-                                                  f"{self.s.budget.remaining() / 60:.1f} min of the budget are left")
-                return row  # not stored: a resumed run with more time measures it
-            else:
-                row.update(self._measured(stage) if backend.is_default else self._quality(stage, built))
-                if reference and "ndcg@10" in reference:
-                    row["relative_change"] = row["ndcg@10"] / max(reference["ndcg@10"], 1e-9) - 1
-        except StagewiseError as e:  # an export past the tolerance …
-            row.update(status="refused", note=str(e))
-        except RuntimeError as e:  # a runtime that fails on this CPU (say bf16 where it has no support)
-            row.update(status="failed", note=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        ok = row["status"] == "ok"
-        console.print(f"  {stage.replace('_', ' ')} on {backend.label}: " + (
-            f"dev nDCG@10 {row['ndcg@10']:.4f}, {row['rate']:.1f} {row['unit']}, {self.config.latency_metric[:3]} "
-            f"{row['latency_ms']:.0f} ms" if ok else f"{row['status']}: {row['note']}"), highlight=False)
-        return self.s.steps.put(step, row)
-
-    def _quality_cost(self, stage: str, rate: float) -> float:
-        """Seconds to measure a candidate on dev: encode the corpus, or score every dev query's candidates."""
-        if stage == "first_stage":
-            return (len(self.s.dataset.corpus) + len(self.s.dev_queries)) / rate
-        return len(self.s.dev_queries) * self.verdict["depth"] / rate
-
-    def _build(self, stage: str, backend: Backend) -> tuple[dict, float, dict | None]:
-        """The stage on ``backend`` and its throughput on a fixed sample of the corpus."""
-        texts = [d.full_text() for d in list(self.s.dataset.corpus.values())[:THROUGHPUT_SAMPLE]]
-        if stage == "first_stage":
-            folder, manifest = self._export(_dense_config(self.chosen["config"])["model"], backend, "first-stage")
-            first = build_first_stage(first_stage_on(self.chosen["config"], folder, backend), self.s.cache)
-            first.name = f"{self.chosen['name']}@{backend.label}"
-            retriever = first if hasattr(first, "encode_documents") else next(
-                x for x in first.stages if hasattr(x, "encode_documents"))
-            rate = _best_rate(lambda t: retriever.encode_documents(t, show_progress=False), texts, first.name)
-            return {"model": folder, "first_stage": first}, rate, manifest
-        r = self._reranker_record()
-        folder, manifest = self._export(r["model_dir"], backend, "reranker")
-        reranker = CrossEncoderReranker(folder, max_length=r["max_length"], backend=backend)
-        reranker.name = f"{r['name']}@{backend.label}"
-        query = next(iter(self.s.dev_queries.values()))
-        rate = _best_rate(reranker.score_pairs, [(query, t) for t in texts], reranker.name)
-        return {"model": folder, "reranker": reranker}, rate, manifest
-
-    def _quality(self, stage: str, built: dict) -> dict:
-        """Dev nDCG@10 and latency per query: the first stage alone, or the chosen pipeline with this reranker."""
-        metric = self.config.latency_metric
-        if stage == "first_stage":
-            first = built["first_stage"]
-            result = evaluate(self.s.dataset, self.config.dev_split, [first], k=max(100, *self.config.depths),
-                              max_queries=self.config.max_dev_queries)[0]
-            return {"name": first.name, "ndcg@10": result.metrics["ndcg@10"], "latency": result.latency,
-                    "latency_ms": result.latency["first_stage"][metric]}
-        first = build_first_stage(self.chosen["config"], self.s.cache)
-        first.name = self.chosen["name"]
-        pipeline = Pipeline(first, built["reranker"], depth=self.verdict["depth"],
-                            fusion=Fusion.from_config(self.verdict.get("fusion"))).index(self.s.dataset.corpus)
-        _, final, _ = evaluate_pipeline(self.s.dataset, self.config.dev_split, pipeline, self.config.max_dev_queries)
-        return {"name": final.name, "ndcg@10": final.metrics["ndcg@10"], "latency": final.latency,
-                "latency_ms": final.latency["total"][metric]}
-
-    def _measured(self, stage: str) -> dict:
-        """PyTorch float32's dev quality and latency, as stages 1 and 2 already measured them."""
-        metric = self.config.latency_metric
-        if stage == "first_stage":
-            return {"name": self.chosen["name"], "ndcg@10": self.chosen["metrics"]["ndcg@10"],
-                    "latency": self.chosen["latency"], "latency_ms": self.chosen["latency"]["first_stage"][metric]}
-        row = next(d for d in self._reranker_record()["depths"] if d["name"] == self.verdict["name"])
-        return {"name": row["name"], "ndcg@10": row["metrics"]["ndcg@10"], "latency": row["latency"],
-                "latency_ms": row["latency"]["total"][metric]}
-
     def _reranker_record(self) -> dict | None:
         return next((r for r in self.rerankers if r["name"] == self.verdict.get("reranker")), None)
 
-    # ---- the stage -----------------------------------------------------------------------------
+    def _load(self, stage: str, backend: Backend):
+        """The stage on ``backend``: exported where it needs to be, loaded as a deployment would load it."""
+        if stage == "first_stage":
+            dense = _dense_config(self.chosen["config"])
+            folder, manifest = self._export(dense["model"], backend, "first-stage")
+            return DenseRetriever(folder, backend=backend, cache=self.s.cache, show_progress=False,
+                                  max_seq_length=dense.get("max_seq_length")), folder, manifest
+        r = self._reranker_record()
+        folder, manifest = self._export(r["model_dir"], backend, "reranker")
+        return CrossEncoderReranker(folder, max_length=r["max_length"], backend=backend), folder, manifest
 
-    def _stage_rows(self, stage: str) -> list[dict]:
-        """PyTorch float32 first (every ratio is against it, measured in this process), then the others."""
-        reference = self._row(Backend(), stage, None)
-        rows = [reference] + [self._row(b, stage, reference) for b in self.candidates if not b.is_default]
-        if reference["status"] == "ok":
-            reference.update(speedup=1.0, relative_change=0.0)
-        return rows
+    def _candidates(self, stage: str) -> tuple[list[dict], dict]:
+        """A row per candidate (PyTorch float32 first: every ratio is against it) and the loaded stages."""
+        rows, loaded = [], {}
+        for backend in [Backend()] + [b for b in self.candidates if not b.is_default]:
+            row = {"stage": stage, "backend": backend.label, "config": backend.config(), "status": "ok", "note": ""}
+            rows.append(row)
+            try:
+                if backend.exported:
+                    require_export(backend)
+                with span("export", f"{stage}@{backend.label}", 1, "models"):
+                    loaded[backend.label], row["model"], manifest = self._load(stage, backend)
+                row["equivalence"] = (manifest or {}).get("equivalence")
+            except StagewiseError as e:  # a missing runtime, or an export past the tolerance
+                row.update(status="skipped" if "not installed" in str(e) else "refused", note=str(e))
+            except RuntimeError as e:  # a runtime that fails on this CPU (say bf16 where it has no support)
+                row.update(status="failed", note=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return rows, loaded
 
-    def _recommend(self, rows: list[dict]) -> dict | None:
-        """The fastest by the latency metric within the allowed relative nDCG@10 loss. Candidates within
-        ``LATENCY_TIE`` of the fastest are a tie, which goes to PyTorch float32 (no export), then to the smaller
-        loss (a float32 export before an int8 one), then to the higher throughput."""
-        fitting = [r for r in rows if r["status"] == "ok" and "relative_change" in r
-                   and r["relative_change"] >= -self.config.backend_max_loss]
+    # ---- what each use does, on data the user searches -------------------------------------------
+
+    def _dev_sample(self, n: int) -> list[str]:
+        """A fixed sample of dev query ids (seeded, the same for every candidate and every rerun)."""
+        ids = sorted(self.s.dev_queries)
+        return sorted(random.Random(self.config.seed).sample(ids, min(n, len(ids))))
+
+    def _first_rankings(self) -> dict[str, list[tuple[str, float]]]:
+        """The chosen first stage's rankings of every dev query, as stage 1 deployed it (float32)."""
+        if self._rankings is None:
+            first = build_first_stage(self.chosen["config"], self.s.cache)
+            first.index(self.s.dataset.corpus)
+            qids = list(self.s.dev_queries)
+            k = max(100, self.verdict.get("depth") or 0)
+            self._rankings = dict(zip(qids, first.retrieve([self.s.dev_queries[q] for q in qids], k)))
+        return self._rankings
+
+    def _pairs(self, qid: str) -> list[tuple[str, str]]:
+        depth = self.verdict["depth"]
+        return [(self.s.dev_queries[qid], self.s.dataset.corpus[d].full_text())
+                for d, _ in self._first_rankings()[qid][:depth]]
+
+    def _work(self, stage: str, obj, use: str):
+        corpus = self.s.dataset.corpus
+        timed = self._dev_sample(QUERY_SAMPLE)
+        if stage == "first_stage":
+            if use == "batch":
+                ids = random.Random(self.config.seed).sample(sorted(corpus), min(THROUGHPUT_SAMPLE, len(corpus)))
+                return batch_work(lambda texts: obj.encode_documents(texts, show_progress=False),
+                                  [corpus[d].full_text() for d in ids])
+            return query_work(obj.encode_queries, [self.s.dev_queries[q] for q in timed], self.config.latency_metric)
+        if use == "batch":
+            pairs = [p for q in self._dev_sample(len(self.s.dev_queries)) for p in self._pairs(q)][:THROUGHPUT_SAMPLE]
+            return batch_work(lambda items: obj.score_pairs(items, per_query_work=False), pairs)
+        return query_work(lambda one: obj.score_pairs(one[0], per_query_work=True), [self._pairs(q) for q in timed],
+                          self.config.latency_metric)
+
+    # ---- quality ---------------------------------------------------------------------------------
+
+    def _first_stage_ndcg(self, obj, qids: list[str], pool: list[str]) -> float:
+        """nDCG@10 of the dense stage ranking ``pool`` for ``qids`` (documents encoded as batch work, queries as
+        per-query work, as deployed)."""
+        corpus = self.s.dataset.corpus
+        docs = obj.encode_documents([corpus[d].full_text() for d in pool], show_progress=False)
+        queries = obj.encode_queries([self.s.dev_queries[q] for q in qids])
+        scores = np.asarray(obj.model.similarity(queries, docs), dtype=np.float64)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :100]
+        return self._ndcg({q: [pool[j] for j in row] for q, row in zip(qids, order)}, qids)
+
+    def _reranked_ndcg(self, obj, qids: list[str], per_query_work: bool) -> float:
+        """nDCG@10 of the chosen first stage's top ``depth`` reordered by ``obj`` (fused as the verdict fuses)."""
+        depth, fusion = self.verdict["depth"], Fusion.from_config(self.verdict.get("fusion"))
+        pairs = {q: self._pairs(q) for q in qids}
+        if per_query_work:
+            scores = {q: obj.score_pairs(pairs[q], per_query_work=True) for q in qids}
+        else:
+            flat = obj.score_pairs([p for q in qids for p in pairs[q]], per_query_work=False).tolist()
+            scores, i = {}, 0
+            for q in qids:
+                scores[q], i = flat[i:i + len(pairs[q])], i + len(pairs[q])
+        rankings = {}
+        for q in qids:
+            ranked = self._first_rankings()[q]
+            order, _ = fusion.order([s for _, s in ranked[:depth]], list(scores[q]))
+            rankings[q] = [ranked[j][0] for j in order] + [d for d, _ in ranked[depth:]]
+        return self._ndcg(rankings, qids)
+
+    def _ndcg(self, rankings: dict, qids: list[str]) -> float:
+        qrels = {q: self.s.dev_qrels[q] for q in qids if q in self.s.dev_qrels}
+        return compute_metrics(qrels, run_from_rankings(rankings))[0]["ndcg@10"]
+
+    def _quality(self, stage: str, rows: list[dict], loaded: dict) -> dict:
+        """Each candidate faster than float32 in either use, and float32 itself, on the fixed dev sample."""
+        qids = [q for q in self._dev_sample(QUALITY_SAMPLE) if q in self.s.dev_qrels]
+        sample = {"queries": len(qids)}
+        if stage == "first_stage":
+            pool = list(dict.fromkeys([d for q in qids for d, _ in self._first_rankings()[q][:POOL_DEPTH]]
+                                      + [d for q in qids for d in self.s.dev_qrels[q] if d in self.s.dataset.corpus]))
+            sample["pool"] = len(pool)
+            measure = lambda obj: self._first_stage_ndcg(obj, qids, pool)  # noqa: E731
+            items = len(pool) + len(qids)
+        else:
+            measure = lambda obj: self._reranked_ndcg(obj, qids, per_query_work=False)  # noqa: E731
+            items = len(qids) * self.verdict["depth"]
+        reference = None
+        for row in rows:
+            faster = any((row.get(use) or {}).get("speedup", 0) > 1 + TIE for use in USES)
+            if row["status"] != "ok" or not (row["backend"] == "torch" or faster):
+                if row["status"] == "ok":
+                    row["note"] = "not faster than PyTorch float32 here in either use: quality not measured"
+                continue
+            cost = items / max(row["batch"]["median"], 1e-9)
+            if row["backend"] != "torch" and self.s.budget.remaining() < cost:
+                row.update(status="skipped", note=f"its quality check takes about {cost / 60:.1f} min; "
+                                                  f"{self.s.budget.remaining() / 60:.1f} min of the budget are left")
+                continue
+            with span("evaluate", f"{stage}@{row['backend']}: dev sample", len(qids), "queries"):
+                row["ndcg@10"] = measure(loaded[row["backend"]])
+            if reference is None:
+                reference = row["ndcg@10"]
+            row["relative_change"] = row["ndcg@10"] / max(reference, 1e-9) - 1
+        return sample
+
+    # ---- the choice ------------------------------------------------------------------------------
+
+    def _recommend(self, rows: list[dict], use: str, disturbed: bool) -> dict | None:
+        """The fastest for ``use`` within the allowed relative nDCG@10 loss. Speed-ups within ``TIE`` of the
+        fastest are a tie, which goes to PyTorch float32 (no export), then to the smaller loss, then to speed. A
+        disturbed timing recommends PyTorch float32 (nothing measured can be trusted to beat it)."""
+        fitting = [r for r in rows if r["status"] == "ok" and r.get("relative_change") is not None
+                   and r["relative_change"] >= -self.config.backend_max_loss and (r.get(use) or {}).get("speedup")]
         if not fitting:
             return None
-        fastest = min(r["latency_ms"] for r in fitting)
-        tied = [r for r in fitting if r["latency_ms"] * (1 - LATENCY_TIE) <= fastest]
-        return max(tied, key=lambda r: (r["backend"] == "torch", round(r.get("relative_change", 0.0), 4), r["rate"]))
+        if disturbed:
+            return next((r for r in fitting if r["backend"] == "torch"), None)
+        fastest = max(r[use]["speedup"] for r in fitting)
+        tied = [r for r in fitting if r[use]["speedup"] >= fastest * (1 - TIE)]
+        return max(tied, key=lambda r: (r["backend"] == "torch", round(r["relative_change"], 4), r[use]["speedup"]))
+
+    def _stage(self, stage: str) -> dict:
+        rows, loaded = self._candidates(stage)
+        timing = {}
+        for use in USES:
+            with span("probe", f"{stage}: {use} timing", len(loaded), "backends"):
+                measured = interleaved({label: self._work(stage, obj, use) for label, obj in loaded.items()},
+                                       "torch", use)
+            timing[use] = {k: v for k, v in measured.items() if k != "candidates"}
+            for row in rows:
+                if row["backend"] in measured["errors"]:
+                    row.update(status="failed", note=measured["errors"][row["backend"]])
+                elif row["backend"] in measured["candidates"]:
+                    row[use] = measured["candidates"][row["backend"]]
+        sample = self._quality(stage, rows, loaded)
+        chosen = {use: self._recommend(rows, use, timing[use]["disturbed"]) for use in USES}
+        for row in rows:
+            row["recommended"] = [use for use in USES if chosen[use] is row]
+        return {"rows": rows, "timing": timing, "sample": sample, "chosen": chosen, "loaded": loaded}
+
+    # ---- confirmation on the whole dev split -----------------------------------------------------
+
+    def _confirm(self, stage: str, result: dict) -> dict | None:
+        """The recommended stage (both uses, as deployed) on the whole dev split against float32's own number;
+        None where float32 stays for both uses (nothing to confirm)."""
+        chosen = result["chosen"]
+        if all(c is None or c["backend"] == "torch" for c in chosen.values()):
+            return None
+        setting = deployed({"stages": {stage: result["rows"]}, "recommended": {stage: _labels(chosen)}}, stage)
+        model, backend, query = setting
+        metric = self.config.latency_metric
+        with span("evaluate", f"{stage}: confirmation on dev", len(self.s.dev_queries), "queries"):
+            if stage == "first_stage":
+                first = build_first_stage(first_stage_on(self.chosen["config"], model, backend, query), self.s.cache)
+                got = evaluate(self.s.dataset, self.config.dev_split, [first], k=max(100, *self.config.depths),
+                               max_queries=self.config.max_dev_queries)[0]
+                out = {"name": first.name, "ndcg@10": got.metrics["ndcg@10"], "latency": got.latency,
+                       "reference_ndcg@10": self.chosen["metrics"]["ndcg@10"],
+                       "latency_ms": got.latency["first_stage"][metric]}
+            else:
+                r = self._reranker_record()
+                reranker = CrossEncoderReranker(model, max_length=r["max_length"], backend=backend,
+                                                per_query_setting=query)
+                first = build_first_stage(self.chosen["config"], self.s.cache)
+                first.name = self.chosen["name"]
+                pipeline = Pipeline(first, reranker, depth=self.verdict["depth"],
+                                    fusion=Fusion.from_config(self.verdict.get("fusion"))).index(self.s.dataset.corpus)
+                _, final, _ = evaluate_pipeline(self.s.dataset, self.config.dev_split, pipeline,
+                                                self.config.max_dev_queries)
+                reference = next(d for d in r["depths"] if d["name"] == self.verdict["name"])
+                out = {"name": final.name, "ndcg@10": final.metrics["ndcg@10"], "latency": final.latency,
+                       "reference_ndcg@10": reference["metrics"]["ndcg@10"],
+                       "latency_ms": final.latency["total"][metric]}
+                if query is not None:  # the batch backend is not what answers one query: check it on batches too
+                    qids = [q for q in self.s.dev_queries if q in self.s.dev_qrels]
+                    batch = self._reranked_ndcg(reranker, qids, per_query_work=False)
+                    alone = self._reranked_ndcg(result["loaded"]["torch"], qids, per_query_work=False)
+                    out["batch_relative_change"] = batch / max(alone, 1e-9) - 1
+        out["relative_change"] = out["ndcg@10"] / max(out["reference_ndcg@10"], 1e-9) - 1
+        worst = min(out["relative_change"], out.get("batch_relative_change", 0.0))
+        out["confirmed"] = worst >= -self.config.backend_max_loss
+        return out
 
     def run(self) -> dict:
-        out: dict = {"stages": {}, "recommended": {}, "summary": [], "max_loss": self.config.backend_max_loss}
+        out: dict = {"stages": {}, "timing": {}, "samples": {}, "confirmation": {}, "recommended": {}, "summary": [],
+                     "max_loss": self.config.backend_max_loss}
         if all(b.is_default for b in self.candidates):  # nothing to compare PyTorch float32 with
             return out
         dense = _dense_config(self.chosen["config"])
@@ -250,34 +347,74 @@ class BackendSelection:
         console.print(f"[bold]Stage 3[/]: backends {', '.join(b.label for b in self.candidates)} for "
                       + (" and ".join(stage.replace("_", " ") for stage in work) or "no stage"))
         for stage in work:
-            rows = self._stage_rows(stage)
-            best = self._recommend(rows)
-            out["stages"][stage] = rows
-            out["recommended"][stage] = best["backend"] if best else None
-            if best:
-                for r in rows:
-                    r["recommended"] = r is best
-                out["summary"].append(_summary(stage, best, rows, self.config.backend_max_loss))
+            stored = self.s.steps.get(f"backends-{stage}")
+            if stored is None:
+                result = self._stage(stage)
+                confirmation = self._confirm(stage, result)
+                if confirmation is not None and not confirmation["confirmed"]:
+                    for row in result["rows"]:
+                        row["recommended"] = ["batch", "query"] if row["backend"] == "torch" else []
+                    result["chosen"] = {use: result["rows"][0] for use in USES}
+                stored = self.s.steps.put(f"backends-{stage}", {
+                    "rows": result["rows"], "timing": result["timing"], "sample": result["sample"],
+                    "confirmation": confirmation, "recommended": _labels(result["chosen"])})
+            out["stages"][stage], out["timing"][stage] = stored["rows"], stored["timing"]
+            out["samples"][stage], out["recommended"][stage] = stored["sample"], stored["recommended"]
+            if stored["confirmation"]:
+                out["confirmation"][stage] = stored["confirmation"]
+            _print(stage, stored)
+            out["summary"].append(_summary(stage, stored, self.config.backend_max_loss))
         return out
 
 
-def _summary(stage: str, best: dict, rows: list[dict], max_loss: float) -> str:
+def _labels(chosen: dict) -> dict:
+    return {use: (row or {}).get("backend", "torch") for use, row in chosen.items()}
+
+
+def _print(stage: str, stored: dict) -> None:
+    for r in stored["rows"]:
+        if r["status"] != "ok":
+            text = f"{r['status']}: {r['note']}"
+        else:
+            b, q = r.get("batch") or {}, r.get("query") or {}
+            text = (f"batch {b.get('speedup', 0):.2f}× ({b.get('median', 0):.1f}/s), per query "
+                    f"{q.get('speedup', 0):.2f}× (p50 {q.get('p50_ms', 0):.1f} ms, p95 {q.get('p95_ms', 0):.1f} ms)"
+                    + (f", sample nDCG@10 {r['ndcg@10']:.4f}" if "ndcg@10" in r else ""))
+        console.print(f"  {stage.replace('_', ' ')} on {r['backend']}: {text}", highlight=False)
+
+
+def _summary(stage: str, stored: dict, max_loss: float) -> str:
     what = stage.replace("_", " ").capitalize()
-    slower = [f"{r['backend']} {r['speedup']:.2f}×" for r in rows if r.get("speedup", 1) < 1]
-    if best["backend"] == "torch":
-        line = f"{what}: stays on PyTorch float32; no other backend was clearly faster within a {max_loss:.0%} loss here."
-    else:
-        line = (f"{what}: run it on {best['backend']} ({best['speedup']:.2f}× PyTorch float32's throughput, "
-                f"nDCG@10 {best['relative_change']:+.1%} relative; the fastest within a {max_loss:.0%} loss on "
-                "this machine).")
-    if slower:
-        line += f" Slower than PyTorch float32 here: {', '.join(slower)}."
+    rows = {r["backend"]: r for r in stored["rows"]}
+    rec = stored["recommended"]
+    disturbed = [use for use, t in stored["timing"].items() if t.get("disturbed")]
+    parts = []
+    for use, words in (("batch", "batch work"), ("query", "per-query work")):
+        r = rows.get(rec.get(use))
+        if r is None or r["backend"] == "torch":
+            parts.append(f"{words} stays on PyTorch float32")
+        else:
+            parts.append(f"{words} on {r['backend']} ({r[use]['speedup']:.2f}× float32, nDCG@10 "
+                         f"{r['relative_change']:+.1%} on the dev sample)")
+    line = f"{what}: {'; '.join(parts)}; the fastest within a {max_loss:.0%} loss on this machine."
+    if disturbed:
+        line += (f" The {' and '.join(disturbed)} timing was disturbed by other load on the machine (PyTorch float32's "
+                 "own rounds disagreed, also when repeated): not acted on; run it again on a quiet machine.")
+    c = stored.get("confirmation")
+    if c:
+        line += (f" On the whole dev split: nDCG@10 {c['ndcg@10']:.4f} against float32's {c['reference_ndcg@10']:.4f} "
+                 f"({c['relative_change']:+.2%})" + ("." if c["confirmed"] else
+                                                     f", past the {max_loss:.0%} loss: it stays on PyTorch float32."))
     return line
 
 
-def deployed(backends: dict, stage: str) -> tuple[str, Backend] | None:
-    """The model folder and backend ``select`` recommends for ``stage``; None where PyTorch float32 stays."""
-    best = next((r for r in backends.get("stages", {}).get(stage, []) if r.get("recommended")), None)
-    if best is None or best["backend"] == "torch":
+def deployed(backends: dict, stage: str) -> tuple[str, Backend, dict | None] | None:
+    """The model folder and backend ``select`` recommends for ``stage``'s batch work, and the per-query setting
+    where per-query work runs on another; None where PyTorch float32 stays for both."""
+    rows = {r["backend"]: r for r in backends.get("stages", {}).get(stage, [])}
+    chosen = backends.get("recommended", {}).get(stage) or {}
+    batch, query = rows.get(chosen.get("batch")), rows.get(chosen.get("query"))
+    if batch is None or query is None or batch["backend"] == query["backend"] == "torch":
         return None
-    return best["model"], Backend.from_config(best["config"])
+    setting = None if query is batch else {"model": query["model"], **query["config"]}
+    return batch["model"], Backend.from_config(batch["config"]), setting

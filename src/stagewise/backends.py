@@ -58,6 +58,13 @@ class Backend:
         return self == Backend()
 
     @property
+    def batch_invariant(self) -> bool:
+        """Whether a text's output is the same whatever else shares its batch. ONNX Runtime's dynamic int8 scales
+        activations per batch, so a query's answer would depend on who else is searching: its per-query work runs
+        one query at a time."""
+        return not (self.name == "onnx" and self.quantize == "int8")
+
+    @property
     def exported(self) -> bool:
         """Whether this backend runs from an exported folder (PyTorch runs the model's own weights)."""
         return self.name != "torch"

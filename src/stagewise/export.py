@@ -41,7 +41,7 @@ FILES = {
     ("openvino", "int8"): "openvino/openvino_model_qint8_quantized.xml",
 }
 CALIBRATION_SIZE = 300  # texts (or pairs) for NNCF's statistics; its own default subset size
-SAMPLE_SIZE = 64  # texts (or pairs) the equivalence check compares on
+SAMPLE_PAIRS = 256  # (query, BM25 candidate) pairs a cross-encoder's equivalence check compares on
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,8 @@ class Tolerance:
     """How far an export may drift from float32 PyTorch on the sample before it is refused."""
 
     min_cosine: float = 0.98  # bi-encoder: the worst text's embedding cosine
-    min_correlation: float = 0.98  # cross-encoder: Spearman correlation of the pair scores
+    min_correlation: float = 0.98  # Spearman correlation of the scores (cross-encoder: all pairs; bi-encoder: mean
+    # over queries of their scores against the sample's documents)
     min_top10: float = 0.8  # both: mean overlap of each query's top 10 on the sample
 
 
@@ -60,11 +61,15 @@ class Tolerance:
 
 @dataclass
 class Calibration:
-    """Queries and documents from the user's data, and where they came from (its hash goes into the manifest)."""
+    """Queries and documents from the user's data, and where they came from (its hash goes into the manifest).
+
+    ``held_out`` holds other texts of the same data, never used to calibrate: the equivalence check runs on them,
+    so that it measures what the export does to texts it was not fitted to."""
 
     queries: list[str]
     documents: list[str]
     source: str
+    held_out: "Calibration | None" = None
 
     def texts(self, n: int) -> list[str]:
         """Up to ``n`` texts, queries and documents interleaved (both kinds go through a bi-encoder)."""
@@ -73,43 +78,73 @@ class Calibration:
         return mixed[:n]
 
     def pairs(self, n: int) -> list[tuple[str, str]]:
-        """Up to ``n`` (query, document) pairs: each query with 16 documents (fewer if there are fewer), so that
-        a top 10 is a real choice and its agreement can fail."""
+        """Up to ``n`` (query, document) pairs: each query with its BM25 top 16 among the documents (fewer if there
+        are fewer), the candidates a reranker really sees, so that a top 10 is a real choice and can disagree."""
         queries = self.queries or self.documents
         per_query = min(16, max(1, len(self.documents)))
-        out = [(q, self.documents[(i * 3 + j) % len(self.documents)]) for i, q in enumerate(queries)
-               for j in range(per_query)]
-        return out[:n]
+        ranked = _bm25_top(queries[:max(1, -(-n // per_query))], self.documents, per_query)
+        return [(q, self.documents[j]) for q, row in ranked for j in row][:n]
 
     def record(self) -> dict:
         return {"source": self.source, "queries": len(self.queries), "documents": len(self.documents),
                 "hash": texts_hash(self.queries + ["\x1d"] + self.documents)}
 
 
+def _bm25_top(queries: list[str], documents: list[str], k: int) -> list[tuple[str, list[int]]]:
+    """Each query's top ``k`` documents by BM25 (bm25s), then the rest in order where BM25 finds fewer."""
+    import bm25s
+
+    model = bm25s.BM25()
+    model.index(bm25s.tokenize(documents, stopwords="en", show_progress=False), show_progress=False)
+    hits, scores = model.retrieve(bm25s.tokenize(queries, stopwords="en", show_progress=False),
+                                  k=min(k, len(documents)), show_progress=False, n_threads=1)
+    out = []
+    for q, row, row_scores in zip(queries, hits, scores):
+        found = [int(j) for j, score in zip(row, row_scores) if score > 0]
+        found += [j for j in range(len(documents)) if j not in found][:k - len(found)]
+        out.append((q, found[:k]))
+    return out
+
+
+HELD_OUT_QUERIES, HELD_OUT_DOCUMENTS = 32, 256  # the equivalence sample: queries searched over an index of documents
+
+
+def _split(texts: list[str], held: int, size: int) -> tuple[list[str], list[str]]:
+    """(calibration, held out): disjoint, the held-out part at most half of the texts."""
+    held = min(held, len(texts) // 2)
+    return texts[held:held + size], texts[:held]
+
+
 def load_calibration(source: str | Path, seed: int = 42, size: int = CALIBRATION_SIZE) -> Calibration:
-    """A dataset (``default`` or a BEIR folder: its queries and documents) or a text file (one text per line)."""
+    """A dataset (``default`` or a BEIR folder: its queries and documents) or a text file (one text per line);
+    some of its texts are held out of calibration for the equivalence check."""
     path = Path(source)
+    rng = random.Random(seed)
     if path.is_file():
         try:
             lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(path, f"cannot read calibration texts ({e})") from None
-        texts = [t for t in lines if t]
+        texts = list(dict.fromkeys(t for t in lines if t))
         if not texts:
             raise DataError(path, "no calibration texts (the file is empty)", field="calibration")
-        rng = random.Random(seed)
-        texts = rng.sample(texts, min(size, len(texts)))
-        return Calibration(texts[::2], texts[1::2] or texts, str(path))
+        rng.shuffle(texts)
+        texts, held = _split(texts, HELD_OUT_QUERIES * 2, size)
+        return Calibration(texts[::2], texts[1::2] or texts, str(path),
+                           Calibration(held[::2], held[1::2], f"{path} (held out)") if held else None)
     from stagewise.data import load_dataset
 
     dataset = load_dataset(source)
-    rng = random.Random(seed)
-    docs = [d.full_text() for d in dataset.corpus.values()]
-    queries = list(dataset.queries.values())
+    docs = list(dict.fromkeys(d.full_text() for d in dataset.corpus.values()))
+    queries = list(dict.fromkeys(dataset.queries.values()))
     if not docs:
         raise DataError(dataset.source or str(source), "no calibration texts (the corpus is empty)", field="calibration")
-    return Calibration(rng.sample(queries, min(size // 2, len(queries))), rng.sample(docs, min(size // 2, len(docs))),
-                       str(source))
+    rng.shuffle(docs)
+    rng.shuffle(queries)
+    queries, held_queries = _split(queries, HELD_OUT_QUERIES, size // 2)
+    docs, held_docs = _split(docs, HELD_OUT_DOCUMENTS, size // 2)
+    held = Calibration(held_queries, held_docs, f"{source} (held out)") if held_queries or held_docs else None
+    return Calibration(queries, docs, str(source), held)
 
 
 _BUILTIN_SAMPLE = [  # checks equivalence when the user gives no calibration data (quantisation needs theirs)
@@ -130,6 +165,15 @@ _BUILTIN_SAMPLE = [  # checks equivalence when the user gives no calibration dat
 
 def builtin_calibration() -> Calibration:
     return Calibration([q for q, _ in _BUILTIN_SAMPLE], [d for _, d in _BUILTIN_SAMPLE], "built-in sample")
+
+
+def equivalence_sample(calibration: Calibration | None) -> Calibration:
+    """What the equivalence check runs on: the calibration data's held-out texts, else the built-in sample; never
+    a text the export was calibrated on."""
+    sample = (calibration.held_out if calibration and calibration.held_out else None) or builtin_calibration()
+    used = set(calibration.queries + calibration.documents) if calibration else set()
+    return Calibration([t for t in sample.queries if t not in used], [t for t in sample.documents if t not in used],
+                       sample.source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,16 +198,22 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def equivalence(kind: str, reference, candidate, sample: Calibration) -> dict:
     """Compare two loaded models of the same ``kind`` on the sample: the numbers the tolerance judges."""
-    if kind == "bi-encoder":
-        texts = sample.texts(SAMPLE_SIZE)
-        a = reference.encode(texts, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
-        b = candidate.encode(texts, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+    if kind == "bi-encoder":  # queries searched over an index of documents, as retrieval uses the model
+        queries = sample.queries[:HELD_OUT_QUERIES] or sample.documents[:len(sample.documents) // 2]
+        documents = [d for d in sample.documents if d not in queries][:HELD_OUT_DOCUMENTS] or queries
+        texts = queries + documents
+
+        def encode(model) -> np.ndarray:
+            return model.encode(texts, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+
+        a, b = encode(reference), encode(candidate)
         cosines = np.sum(a * b, axis=1)
-        half = max(1, len(texts) // 2)
-        return {"texts": len(texts), "min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean()),
-                "top10_agreement": top10_overlap(a[:half] @ a[half:].T, b[:half] @ b[half:].T) if len(texts) > 1
-                else 1.0}
-    pairs = sample.pairs(SAMPLE_SIZE)
+        n = len(queries)
+        scores_a, scores_b = a[:n] @ a[n:].T, b[:n] @ b[n:].T
+        return {"texts": len(texts), "queries": n, "documents": len(documents), "min_cosine": float(cosines.min()),
+                "mean_cosine": float(cosines.mean()), "top10_agreement": top10_overlap(scores_a, scores_b),
+                "score_correlation": float(np.mean([rank_correlation(x, y) for x, y in zip(scores_a, scores_b)]))}
+    pairs = sample.pairs(SAMPLE_PAIRS)
     a = np.asarray(reference.predict(pairs, show_progress_bar=False, convert_to_numpy=True), dtype=np.float64)
     b = np.asarray(candidate.predict(pairs, show_progress_bar=False, convert_to_numpy=True), dtype=np.float64)
     queries = sorted({q for q, _ in pairs}, key=[q for q, _ in pairs].index)
@@ -181,6 +231,8 @@ def failures(kind: str, numbers: dict, tolerance: Tolerance) -> list[str]:
         out.append(f"min cosine {numbers['min_cosine']:.4f} < {tolerance.min_cosine}")
     if kind == "cross-encoder" and numbers["spearman"] < tolerance.min_correlation:
         out.append(f"score correlation {numbers['spearman']:.4f} < {tolerance.min_correlation}")
+    if kind == "bi-encoder" and numbers.get("score_correlation", 1.0) < tolerance.min_correlation:
+        out.append(f"per-query score correlation {numbers['score_correlation']:.4f} < {tolerance.min_correlation}")
     if numbers["top10_agreement"] < tolerance.min_top10:
         out.append(f"top-10 agreement {numbers['top10_agreement']:.3f} < {tolerance.min_top10}")
     return out
@@ -322,8 +374,8 @@ def export_model(model: str | ModelSpec, backend: Backend, out: str | Path, cali
                  tolerance: Tolerance = Tolerance(), force: bool = False, threads: int | None = None) -> dict:
     """Export ``model`` for ``backend`` into the new folder ``out``; return its manifest.
 
-    Static int8 (OpenVINO) needs ``calibration``; the equivalence sample is the calibration data when given,
-    else a built-in one. Nothing is written at ``out`` unless the export succeeds and agrees (or ``force``)."""
+    Static int8 (OpenVINO) needs ``calibration``; the equivalence sample is its held-out texts when given, else a
+    built-in one (never a calibration text). Nothing is written at ``out`` unless the export succeeds and agrees (or ``force``)."""
     if not backend.exported:
         raise StagewiseError("option '--backend': export needs onnx or openvino (torch runs the model as it is)")
     spec = model if isinstance(model, ModelSpec) else resolve_model(model)
@@ -376,8 +428,8 @@ def export_model(model: str | ModelSpec, backend: Backend, out: str | Path, cali
         })
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         candidate = _load(str(tmp), kind, threads=threads)
-        manifest["equivalence"] = equivalence(kind, reference, candidate, calibration or builtin_calibration())
-        manifest["equivalence"]["sample"] = (calibration or builtin_calibration()).source
+        sample = equivalence_sample(calibration)
+        manifest["equivalence"] = {**equivalence(kind, reference, candidate, sample), "sample": sample.source}
         problems = failures(kind, manifest["equivalence"], tolerance)
         manifest["accepted"] = "forced" if problems and force else not problems
         if problems and not force:

@@ -367,17 +367,26 @@ def _copy_models(pipeline: Pipeline, target: Path, previous: Path | None) -> dic
     checked on load.
     """
     copies = {}
-    for stage in _model_stages(pipeline):
-        spec = stage.spec
+    for name, spec in _model_folders(pipeline):
         if spec.alias:
             continue
-        dest = target / f"{_slug(stage.name)}-{spec.fingerprint}"
+        dest = target / f"{_slug(name)}-{spec.fingerprint}"
         if previous and (previous / dest.name).is_dir():  # our own immutable copy: share its files
             shutil.copytree(previous / dest.name, dest, copy_function=_link_or_copy)
         elif not dest.exists():  # the user's files: a real copy, so rewriting them in place cannot touch the index
             shutil.copytree(spec.path, dest)
         copies[spec.spec] = str(dest)
     return copies
+
+
+def _model_folders(pipeline: Pipeline) -> list:
+    """(name, spec) of every model folder the pipeline loads: each stage's, and its per-query model's."""
+    out = []
+    for stage in _model_stages(pipeline):
+        out.append((stage.name, stage.spec))
+        if getattr(stage, "per_query", None):
+            out.append((f"{stage.name}-per-query", stage.per_query.spec))
+    return out
 
 
 def _link_or_copy(src: str, dst: str) -> None:

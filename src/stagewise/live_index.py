@@ -25,6 +25,7 @@ class LiveIndex:
                  threads: int | None = None, allow_untrained_reranker: bool = False):
         """``override``: the pipeline given at start (``serve --pipeline``), kept over every new version."""
         require_trained(index.pipeline.reranker, allow_untrained_reranker, f"serve {index.path}")
+        index.pipeline.warm_up()  # first-call costs paid here, not by the first requests
         self.index = index
         self._override = (override.reranker, override.depth, override.fusion) if override else None
         self._backend, self._threads, self._allow_untrained = backend, threads, allow_untrained_reranker
@@ -58,6 +59,7 @@ class LiveIndex:
             try:
                 new = self._load()
                 require_trained(new.pipeline.reranker, self._allow_untrained, f"serve {self.path} {new.version}")
+                new.pipeline.warm_up()
             except (StagewiseError, OSError) as e:
                 self.failed = {"version": version, "error": str(e)}
                 return False

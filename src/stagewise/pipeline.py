@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import yaml
 
+from stagewise import per_query
 from stagewise.backends import Backend
 from stagewise.cache import EmbeddingCache
 from stagewise.data import Document
@@ -22,6 +23,10 @@ from stagewise.errors import StagewiseError
 from stagewise.fusion import Fusion
 from stagewise.rerankers import CrossEncoderReranker
 from stagewise.retrievers import FirstStage, build_first_stage, warn_if_changed
+
+
+WARM_UP_QUERIES = ("warm up", "how does a two stage search pipeline choose its backends",
+                   " ".join(["a long query that fills the first stage's and the reranker's longer inputs"] * 6))
 
 
 @dataclass
@@ -165,11 +170,16 @@ class Pipeline:
         scores: dict[int, list[float]] = {i: [] for i in range(len(queries))}
         dropped: set[int] = set()
         chunk = getattr(self.reranker, "batch_size", None) or len(pairs)  # deadlines are checked between chunks
-        for begin in range(0, len(pairs), chunk):
-            dropped |= {i for i, _, _ in pairs[begin:begin + chunk] if i not in dropped and cancelled(i)}
-            todo = [p for p in pairs[begin:begin + chunk] if p[0] not in dropped]
+        # one query's reranking is per-query work, a micro-batch of several is batch work (for a reranker that has
+        # a per-query backend; any other scorer is called as it always was)
+        options = {"per_query_work": len({i for i, _, _ in pairs}) == 1} if getattr(self.reranker, "per_query",
+                                                                                      None) else {}
+        for part in _whole_queries(pairs, chunk):
+            dropped |= {i for i, _, _ in part if i not in dropped and cancelled(i)}
+            todo = [p for p in part if p[0] not in dropped]
             if todo:
-                for (i, _, _), score in zip(todo, self.reranker.score_pairs([(q, t) for _, q, t in todo]).tolist()):
+                for (i, _, _), score in zip(todo, self.reranker.score_pairs([(q, t) for _, q, t in todo],
+                                                                                  **options).tolist()):
                     scores[i].append(score)
         out = []
         fused = not self.fusion.pure_rerank
@@ -181,6 +191,16 @@ class Pipeline:
             order, final = self.fusion.order([s for _, s in top], rerank)  # stable: ties keep first-stage order
             out.append([(top[j][0], float(final[j]), rerank[j], float(final[j]) if fused else None) for j in order])
         return out
+
+    def warm_up(self) -> None:
+        """A few searches of different lengths through every model and path (one query; a micro-batch), so that
+        the first requests do not pay first-call costs: allocations, kernels planned per input shape, runtime
+        thread pools starting."""
+        if self.corpus is None or not self.corpus:
+            return
+        for text in WARM_UP_QUERIES:
+            self.search(text, k=1)
+        self.search_batch(list(WARM_UP_QUERIES), k=1)
 
     # ---- persistence --------------------------------------------------------------------------
 
@@ -249,10 +269,25 @@ class Pipeline:
             saved = Backend.from_config(reranker_config, f"{path}: field 'reranker'") if "backend" in reranker_config \
                 else None
             reranker = CrossEncoderReranker(reranker_config["model"], max_length=reranker_config.get("max_length"),
-                                            backend=backend or saved, threads=threads)
+                                            backend=backend or saved, threads=threads,
+                                            per_query_setting=None if backend else reranker_config.get(per_query.KEY))
             reranker.name = reranker_config.get("name") or reranker.name
             warn_if_changed(reranker_config, reranker.spec)
         return cls(first_stage, reranker, depth, fusion)
+
+
+def _whole_queries(pairs: list, size: int) -> list[list]:
+    """Consecutive chunks of about ``size`` pairs that never split one query's pairs, so a query's scores do not
+    depend on where its neighbours' pairs end (a query with more pairs than ``size`` is a chunk of its own)."""
+    by_query: dict[int, list] = {}
+    for pair in pairs:
+        by_query.setdefault(pair[0], []).append(pair)
+    chunks: list[list] = [[]]
+    for mine in by_query.values():
+        if chunks[-1] and len(chunks[-1]) + len(mine) > size:
+            chunks.append([])
+        chunks[-1] += mine
+    return [c for c in chunks if c]
 
 
 def _map_models(config, fn):

@@ -19,7 +19,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from stagewise import batch_precision, engine
+from stagewise import batch_precision, engine, per_query
 from stagewise.backends import Backend, fingerprints, stage_name
 from stagewise.cache import CachedEmbeddings, EmbeddingCache, texts_hash
 from stagewise.data import Document
@@ -128,7 +128,8 @@ class DenseRetriever:
     """A bi-encoder with exact search over cached corpus embeddings, using the similarity the model defines.
 
     ``backend`` runs it on ONNX Runtime, OpenVINO or bf16 (a plain model is exported once into the cache, see
-    :func:`stagewise.export.prepare`); an exported folder runs on its own."""
+    :func:`stagewise.export.prepare`); an exported folder runs on its own. ``per_query`` (a ``pipeline.yaml``
+    setting, see :mod:`stagewise.per_query`) encodes queries on another backend than documents."""
 
     def __init__(
         self,
@@ -141,12 +142,18 @@ class DenseRetriever:
         vectors: VectorIndexConfig | None = None,
         backend: Backend | None = None,
         threads: int | None = None,
+        per_query_setting: dict | None = None,
     ):
         self.spec, self.backend = prepare(model, backend)
-        self.name = stage_name(self.spec, self.backend)
         self.batch_size, self.device, self.show_progress = batch_size, device, show_progress
         self.model = load_bi_encoder(self.spec, device=device, max_seq_length=max_seq_length, backend=self.backend,
                                      threads=threads)
+        self.per_query = per_query.load(
+            per_query_setting, self.spec, "first stage", prepare,
+            lambda spec, b: load_bi_encoder(spec, device=device, max_seq_length=self.model.max_seq_length, backend=b,
+                                            threads=threads))
+        self.query_model = self.per_query.model if self.per_query else self.model
+        self.name = per_query.name(stage_name(self.spec, self.backend), self.per_query and self.per_query.label)
         self.cache = cache or EmbeddingCache()
         self.similarity = self.model.similarity_fn_name or "cosine"
         self.vector_config = vectors or VectorIndexConfig()
@@ -162,7 +169,8 @@ class DenseRetriever:
     def config(self) -> dict:
         return {"type": "dense", "name": self.name, "model": self.spec.spec, "fingerprint": self.spec.fingerprint,
                 "similarity": self.similarity, "max_seq_length": self.model.max_seq_length,
-                **({} if self.backend.is_default else self.backend.config())}
+                **({} if self.backend.is_default else self.backend.config()),
+                **({per_query.KEY: self.per_query.config()} if self.per_query else {})}
 
     def _normalize(self) -> bool:
         return self.similarity == "cosine"
@@ -185,10 +193,17 @@ class DenseRetriever:
             return encode(texts)
 
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
-        return self.model.encode_query(
-            list(queries), batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=self._normalize(),
-            show_progress_bar=False,
-        )
+        """Queries are per-query work: on the per-query backend where the pipeline names one, one query at a time
+        where that backend's outputs depend on the batch (so that an answer never depends on other requests)."""
+        backend = self.per_query.backend if self.per_query else self.backend
+
+        def encode(texts) -> np.ndarray:
+            return self.query_model.encode_query(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
+                                                 normalize_embeddings=self._normalize(), show_progress_bar=False)
+
+        if backend.batch_invariant or len(queries) < 2:
+            return encode(queries)
+        return np.concatenate([encode([q]) for q in queries])
 
     def embed_corpus(self, texts: Sequence[str]) -> CachedEmbeddings:
         """A corpus's embeddings, from the cache or encoded (in bf16 where the batch precision in use chose it)."""
@@ -390,8 +405,10 @@ def _first_stage_from_config(spec: dict, cache, shared, dense_options) -> FirstS
             raise StagewiseError(f"field 'first_stage': 'max_seq_length' must be a number of at least 1, "
                                  f"got {length!r}")
         options = {**dense_options, "max_seq_length": spec.get("max_seq_length")}
-        if "backend" in spec and not options.get("backend"):  # an explicit backend option overrides the saved one
-            options["backend"] = Backend.from_config(spec, f"first stage '{spec.get('name')}'")
+        if not options.get("backend"):  # an explicit backend option overrides the saved ones (both uses)
+            if "backend" in spec:
+                options["backend"] = Backend.from_config(spec, f"first stage '{spec.get('name')}'")
+            options["per_query_setting"] = spec.get(per_query.KEY)
         stage = DenseRetriever(spec["model"], cache=cache, **options)
         warn_if_changed(spec, stage.spec)
         return stage

@@ -29,8 +29,9 @@ import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-from stagewise import batch_precision
+from stagewise import batch_precision, per_query
 from stagewise.backend_selection import BackendSelection, deployed, first_stage_on
+from stagewise.backends import Backend
 from stagewise.budget import Allotment, TimeBudget
 from stagewise.cache import EmbeddingCache
 from stagewise.data import RetrievalDataset, load_dataset
@@ -477,28 +478,32 @@ def select(config: SelectConfig, out: str | Path, resume: bool = False, report: 
 
 
 def _backend_systems(backends: dict) -> list[dict]:
-    """Stage 3's measured candidates as systems on the quality-against-latency plot (PyTorch float32's are there)."""
-    return [{"name": r["name"], "stage": "backend", "ndcg@10": r["ndcg@10"], "p50_ms": r["latency"]["total" if stage ==
-             "reranker" else "first_stage"]["p50_ms"], "p95_ms": r["latency"]["total" if stage == "reranker" else
-             "first_stage"]["p95_ms"], "latency_ms": r["latency_ms"], "within_budget": True}
-            for stage, rows in backends.get("stages", {}).items() for r in rows
-            if r["status"] == "ok" and r["backend"] != "torch"]
+    """Stage 3's confirmed stages, as deployed on their recommended backends, on the quality-against-latency plot."""
+    out = []
+    for stage, c in backends.get("confirmation", {}).items():
+        latency = c["latency"]["total" if stage == "reranker" else "first_stage"]
+        out.append({"name": c["name"], "stage": "backend", "ndcg@10": c["ndcg@10"], "p50_ms": latency["p50_ms"],
+                    "p95_ms": latency["p95_ms"], "latency_ms": c["latency_ms"], "within_budget": True})
+    return out
 
 
 def _pipeline(s: Selection, chosen: dict, rerankers: list[dict], v: dict, backends: dict | None = None) -> Pipeline:
-    """The chosen pipeline, each stage on the backend stage 3 recommends."""
+    """The chosen pipeline, each stage on the backends stage 3 recommends for its batch and per-query work."""
     backends = backends or {}
     first_backend = deployed(backends, "first_stage")
     first = build_first_stage(first_stage_on(chosen["config"], *first_backend) if first_backend else chosen["config"],
                               s.cache)
-    first.name = chosen["name"] + (f"@{first_backend[1].label}" if first_backend else "")
+    first.name = chosen["name"]
+    if first_backend:
+        model, backend, setting = first_backend
+        first.name = per_query.name(f"{chosen['name']}@{backend.label}", setting and Backend.from_config(setting).label)
     if not v["reranker_worth_it"]:
         return Pipeline(first)
     r = next(r for r in rerankers if r["name"] == v["reranker"])
-    reranker_backend = deployed(backends, "reranker")
-    model, backend = reranker_backend or (r["model_dir"], None)
-    reranker = CrossEncoderReranker(model, max_length=r["max_length"], backend=backend)
-    reranker.name = r["name"]
+    model, backend, setting = deployed(backends, "reranker") or (r["model_dir"], None, None)
+    reranker = CrossEncoderReranker(model, max_length=r["max_length"], backend=backend, per_query_setting=setting)
+    reranker.name = per_query.name(r["name"] + (f"@{backend.label}" if backend else ""),
+                                   reranker.per_query and reranker.per_query.label)
     return Pipeline(first, reranker, depth=v["depth"], fusion=Fusion.from_config(v.get("fusion")))
 
 
