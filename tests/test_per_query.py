@@ -116,3 +116,26 @@ def test_a_bad_per_query_setting_is_one_line_naming_it(setting, words, sources):
     config = {"type": "dense", "model": str(sources[BI]), "per_query": setting}
     with pytest.raises(StagewiseError, match=words):
         build_first_stage(config)
+
+
+def test_on_a_batch_variant_backend_each_query_is_computed_alone(sources, monkeypatch):  # noqa: F811
+    """bf16 (like ONNX dynamic int8) rounds differently for other batch shapes: a micro-batch of queries must not
+    change any one query's answer, so its queries are encoded, and its pairs scored, one query at a time."""
+    pipeline = Pipeline(DenseRetriever(str(sources[BI]), backend=BF16, show_progress=False),
+                        CrossEncoderReranker(str(sources[CROSS]), backend=BF16), depth=3).index(docs())
+    assert not BF16.batch_invariant and Backend().batch_invariant
+    seen = {"encode_query": [], "predict": []}
+    for stage, attribute in ((pipeline.first_stage, "encode_query"), (pipeline.reranker, "predict")):
+        original = getattr(stage.model, attribute)
+
+        def spy(texts, *args, _original=original, _name=attribute, **kwargs):
+            seen[_name].append(list(texts))
+            return _original(texts, *args, **kwargs)
+
+        monkeypatch.setattr(stage.model, attribute, spy)
+    together = pipeline.search_batch(SEARCHES[:3], k=3)
+    assert [len(texts) for texts in seen["encode_query"]] == [1, 1, 1]
+    assert [len({q for q, _ in pairs}) for pairs in seen["predict"]] == [1, 1, 1]
+    alone = [pipeline.search(q, k=3) for q in SEARCHES[:3]]
+    assert [[(h.doc_id, h.score) for h in hits] for hits in together] == \
+        [[(h.doc_id, h.score) for h in hits] for hits in alone]

@@ -179,7 +179,7 @@ class BackendSelection:
                                   [corpus[d].full_text() for d in ids])
             return query_work(obj.encode_queries, [self.s.dev_queries[q] for q in timed], self.config.latency_metric)
         if use == "batch":
-            pairs = [p for q in self._dev_sample(len(self.s.dev_queries)) for p in self._pairs(q)][:THROUGHPUT_SAMPLE]
+            pairs = [p for q in sorted(self.s.dev_queries) for p in self._pairs(q)][:THROUGHPUT_SAMPLE]
             return batch_work(lambda items: obj.score_pairs(items, per_query_work=False), pairs)
         return query_work(lambda one: obj.score_pairs(one[0], per_query_work=True), [self._pairs(q) for q in timed],
                           self.config.latency_metric)
