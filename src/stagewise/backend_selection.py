@@ -102,7 +102,9 @@ class BackendSelection:
             self._calibration = load_calibration(self.config.data, seed=self.config.seed)
             train = set(self.s.dataset.split(self.config.train_split)[0].values())
             self._calibration.queries = [q for q in self._calibration.queries if q in train]
-            self._calibration.held_out.queries = [q for q in self._calibration.held_out.queries if q in train]
+            held = self._calibration.held_out  # none where the data is too small to spare any
+            if held is not None:
+                held.queries = [q for q in held.queries if q in train]
         return self._calibration
 
     def _export(self, model: str, backend: Backend, stage: str) -> tuple[str, dict | None]:
