@@ -92,3 +92,24 @@ def test_a_bi_encoder_ladder_shortens_its_training_only():
     levels = bi_levels(BiTrainConfig(epochs=1), RATES, SIZES)
     assert [lv.cuts for lv in levels][1:] == [[f"about {f}% of its training steps"] for f in (75, 50, 25)]
     assert levels[0].parts["train_s"] == pytest.approx(4 * levels[-1].parts["train_s"])
+
+
+def test_stage3_reserve_is_its_work_at_the_measured_rates():
+    """Stage 3's reserve follows what it does: nothing without candidates; more with every candidate, a bigger
+    corpus or slower models; an exported candidate costs more than a torch one (its export)."""
+    from types import SimpleNamespace
+
+    from stagewise.backend_selection import stage3_reserve
+
+    def reserve(backends, sizes=SIZES, docs=50.0, corpus=150.0, pairs=800.0):
+        return stage3_reserve(SimpleNamespace(backends=backends), sizes, docs, corpus, pairs)
+
+    assert reserve(["torch"]) == 0.0
+    one, two = reserve(["torch", "torch-bf16"]), reserve(["torch", "torch-bf16", "onnx-int8"])
+    assert 0 < one < two
+    assert reserve(["torch", "onnx"]) > reserve(["torch", "torch-bf16"])
+    bigger = Sizes(**{**SIZES.__dict__, "corpus": SIZES.corpus * 4})
+    assert reserve(["torch", "torch-bf16"], bigger) > one
+    assert reserve(["torch", "torch-bf16"], docs=25.0, corpus=75.0) > one
+    first_only = reserve(["torch", "torch-bf16"], pairs=None)
+    assert 0 < first_only < one and reserve(["torch", "torch-bf16"], docs=None, corpus=None) == pytest.approx(one - first_only)

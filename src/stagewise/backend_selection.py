@@ -21,8 +21,9 @@ import random
 import numpy as np
 
 from stagewise import per_query
-from stagewise.backend_timing import USES, batch_work, interleaved, query_work
+from stagewise.backend_timing import ROUNDS, USES, batch_work, interleaved, query_work
 from stagewise.backends import Backend, read_manifest, require_export
+from stagewise.budget import QUERY_TEXT_SPEEDUP
 from stagewise.errors import StagewiseError
 from stagewise.evaluation import evaluate, evaluate_pipeline
 from stagewise.export import export_model, load_calibration
@@ -42,13 +43,33 @@ POOL_DEPTH = 30  # the first stage's sample pool: float32's top this many for ea
 TIE = 0.05  # speed-ups within this fraction of the fastest are a tie (noise, not a reason to export)
 
 
-SECONDS_PER_CANDIDATE = 30.0  # what stages 1 and 2 leave of a time budget for each backend candidate: an export
-# and a timing (a float32 export of MiniLM takes about 10 s here, NNCF's int8 about 45 s)
+EXPORT_SECONDS = 5.0  # an export's fixed part (tracing, conversion, saving), whatever the model's size
+EXPORT_ITEMS = 600  # documents (pairs) an export runs through the model at float32: calibration, equivalence check
 
 
-def stage3_reserve(config) -> float:
-    """Seconds of the time budget that stage 3 needs, set aside while stages 1 and 2 plan theirs."""
-    return SECONDS_PER_CANDIDATE * sum(not parse_backend(b).is_default for b in config.backends)
+def stage3_reserve(config, sizes, docs_per_second: float | None, corpus_docs_per_second: float | None,
+                   pairs_per_second: float | None) -> float:
+    """Seconds of the time budget that stage 3 needs, set aside while stages 1 and 2 plan theirs, from float32 rates
+    measured on this machine (None: that stage has no model to run on another backend). Per stage: each exported
+    candidate's export; every backend's timing rounds and its quality sample (float32's included); the whole-dev
+    confirmation (the first stage encodes the corpus twice, as stage 1 did: the reference rankings and the chosen
+    backend's; the reranker scores dev at the deepest depth three times: float32, per query and in batches)."""
+    candidates = [b for b in (parse_backend(label) for label in config.backends) if not b.is_default]
+    if not candidates:
+        return 0.0
+    exports, backends = sum(b.exported for b in candidates), len(candidates) + 1
+    seconds = 0.0
+    if docs_per_second:
+        pool = min(sizes.corpus, QUALITY_SAMPLE * POOL_DEPTH)
+        timing = ROUNDS * (THROUGHPUT_SAMPLE + QUERY_SAMPLE / QUERY_TEXT_SPEEDUP)
+        seconds += (exports * EXPORT_ITEMS + backends * (pool + timing)) / docs_per_second
+        seconds += 2 * sizes.corpus / (corpus_docs_per_second or docs_per_second)
+    if pairs_per_second:
+        depth = max(sizes.depths)
+        timing = ROUNDS * (THROUGHPUT_SAMPLE + QUERY_SAMPLE * depth)
+        seconds += (exports * EXPORT_ITEMS + backends * (QUALITY_SAMPLE * depth + timing)
+                    + 3 * sizes.dev_queries * depth) / pairs_per_second
+    return seconds + exports * EXPORT_SECONDS * (bool(docs_per_second) + bool(pairs_per_second))
 
 
 def parse_backend(label: str) -> Backend:

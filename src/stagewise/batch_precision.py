@@ -216,6 +216,10 @@ class BatchPrecision:
             return model
         return self.twin(model, fresh=key is None)
 
+    def speedup(self, name: str) -> float:
+        """How much faster than float32 the model called ``name`` does its batch work here (1: float32)."""
+        return max((c.speedup or 1.0 for c in self.choices.values() if c.model == name and c.bf16), default=1.0)
+
     def summary(self) -> dict:
         return {key: choice.as_dict() for key, choice in self.choices.items() if not key.startswith("live-")}
 

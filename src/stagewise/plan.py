@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, replace
 
-from stagewise import probes
+from stagewise import batch_precision, probes
 from stagewise.backend_selection import stage3_reserve
 from stagewise.budget import Allotment, Level, Rates, Sizes, Step, bi_levels, cross_levels, share_out
 from stagewise.models import display_name
@@ -102,7 +102,7 @@ class SelectionPlan:
                                                          _precision(bi_levels(training, rates, self._sizes), rates),
                                                          tier=0, priority=10 - i)
         self.restage(candidates)
-        reserve = stage3_reserve(self.config)
+        reserve = self._stage3_reserve(promising)
         if reserve:
             self.steps[STAGE3] = Step(STAGE3, [Level(reserve)], tier=0, priority=5)
 
@@ -129,6 +129,17 @@ class SelectionPlan:
             levels = _precision(cross_levels(recipe, depths, rates, self._sizes, trial=True), rates)
             self.steps[SHARED] = Step(SHARED, [replace(lv, seconds=lv.seconds * len(shared)) for lv in levels],
                                       tier=1, priority=2, stage=2)
+
+    def _stage3_reserve(self, promising: list[dict]) -> float:
+        """Stage 3's time at the slowest promising bi-encoder's rates (its corpus rate as stage 1 measured it, and
+        that less what bf16 batch work gained: float32's) and the slowest cross-encoder start's float32 per-query
+        scoring rate."""
+        policy = batch_precision.current()
+        corpus = {z["name"]: self.rates[f"bi-{z['name']}"]["encode"] for z in promising}
+        slowest = min(corpus, key=corpus.get, default=None)
+        docs = slowest and corpus[slowest] / (policy.speedup(slowest) if policy else 1.0)
+        pairs = [r["score_query"] for key, r in self.rates.items() if key.startswith("cross-") and r.get("score_query")]
+        return stage3_reserve(self.config, self._sizes, docs, slowest and corpus[slowest], min(pairs, default=None))
 
     def _cross_rates(self, model: str, max_length: int, queries, documents) -> Rates:
         return self._probe(f"cross-{display_name(model)}-{max_length}", lambda: probes.cross_rates(
