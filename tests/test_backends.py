@@ -726,3 +726,111 @@ def test_an_index_keeps_the_bfloat16_backend_of_both_stages(tiny_bi_encoder, spr
     assert loaded.pipeline.reranker.backend == bf16
     assert next(transformer_module(loaded.pipeline.reranker.model).model.parameters()).dtype == torch.bfloat16
     _assert_same(_answers(loaded), _answers(built), 1e-6)
+
+
+# ---- a killed export: its temporary folder is refused by every loader and removed by the next export -----------
+
+KILLED_EXPORT = """
+import os, signal, sys
+from stagewise import export
+from stagewise.backends import Backend
+
+export.equivalence = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # killed mid-export
+export.export_model(sys.argv[1], Backend("onnx"), sys.argv[2])
+"""
+
+
+def _killed_export(source: Path, out: Path) -> Path:
+    """Export ``source`` in another process killed (SIGKILL: no cleanup runs) while it measures the equivalence;
+    the hidden temporary folder it leaves beside ``out``."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(source), str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == -9, done.stderr
+    left = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}-")]
+    assert len(left) == 1 and not out.exists()
+    return left[0]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and file locks are POSIX")
+def test_a_killed_export_is_refused_by_loaders_and_removed_by_the_next_export(tiny_bi_encoder, tmp_path):
+    """Issue 20.7: the half export a killed `export` left (`.NAME-xxxx`) loaded as if its equivalence were known."""
+    half = _killed_export(tiny_bi_encoder, tmp_path / "exported")
+    assert (half / "onnx" / "model.onnx").is_file()  # far enough to run, never checked
+    with pytest.raises(ModelError, match="unfinished export"):
+        load_bi_encoder(str(half))
+    export_model(str(tiny_bi_encoder), Backend("onnx"), tmp_path / "again")  # another export into the same parent
+    assert not half.exists() and read_manifest(tmp_path / "again")["accepted"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]
+
+
+def test_a_manifest_without_an_accepted_equivalence_is_refused(exports, tmp_path):
+    """What an export killed before this fix left: the manifest written before the equivalence was measured."""
+    import shutil
+
+    folder, manifest = exports(CROSS, "onnx")
+    half = shutil.copytree(folder, tmp_path / ".reranker-k1ll3d0")
+    (half / "export.json").write_text(json.dumps({k: v for k, v in manifest.items()
+                                                  if k not in ("equivalence", "accepted")}))
+    for load_it in (lambda: load_cross_encoder(str(half)), lambda: read_manifest(half)):
+        with pytest.raises(ModelError, match="field 'equivalence': no accepted equivalence"):
+            load_it()
+    (half / "export.json").write_text(json.dumps({**manifest, "accepted": False}))
+    with pytest.raises(ModelError, match="no accepted equivalence"):
+        read_manifest(half)
+    (half / "export.json").write_text(json.dumps({**manifest, "accepted": "forced"}))  # kept past it, on purpose
+    assert read_manifest(half)["accepted"] == "forced"
+
+
+def test_eval_refuses_a_half_export_as_reranker_in_one_line(exports, beir_dir, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from stagewise.cli import app
+
+    folder, manifest = exports(CROSS, "onnx")
+    half = shutil.copytree(folder, tmp_path / ".reranker-k1ll3d0")
+    (half / "export.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "equivalence"}))
+    result = CliRunner().invoke(app, ["eval", "--data", str(beir_dir), "-f", "bm25", "-r", str(half),
+                                      "--out", str(tmp_path / "run")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "export.json" in lines[0], result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_temporary_folder_in_use_is_left_alone(tmp_path):
+    """Only folders whose run is dead go: the lock on the marker says which (a live run holds it)."""
+    from stagewise.backends import UNFINISHED
+    from stagewise.models import _locked_marker, remove_stale_temporaries
+
+    live, dead, other = tmp_path / ".live-abcd1234", tmp_path / ".dead-abcd1234", tmp_path / ".other-abcd1234"
+    for folder in (live, dead, other):
+        folder.mkdir()
+    handle = _locked_marker(live)  # this process's run: alive
+    (dead / UNFINISHED).write_text("")  # a marker nobody holds: its run was killed
+    try:
+        assert remove_stale_temporaries(tmp_path) == [dead]
+        assert live.is_dir() and other.is_dir() and not dead.exists()  # `other` has no marker: not ours
+    finally:
+        handle.close()
+    assert remove_stale_temporaries(tmp_path) == [live] and other.is_dir()
+
+
+def test_thread_counts_past_what_torch_takes_are_refused(monkeypatch):
+    """Issue 20.5: `--threads 100000000000` was a traceback (torch.set_num_threads overflows); the environment's
+    OMP_NUM_THREADS is held to the same bound, named."""
+    with pytest.raises(StagewiseError, match="'--threads': must be between 1 and"):
+        set_threads(10**11)
+    monkeypatch.setenv("OMP_NUM_THREADS", "100000")  # spawns that many threads, if it does not crash first
+    with pytest.raises(StagewiseError, match="OMP_NUM_THREADS"):
+        set_threads(None)
+
+
+def test_export_out_where_no_folder_can_be_made_is_one_line(tiny_bi_encoder, tmp_path):
+    """Issue 20.5: `export --out /proc/x` was a traceback (FileNotFoundError from the temporary folder)."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    with pytest.raises(StagewiseError, match="option '--out': cannot create /proc/x"):
+        export_model(str(tiny_bi_encoder), Backend("onnx"), "/proc/x")

@@ -132,7 +132,7 @@ def test_a_fused_pipeline_is_built_searched_and_shown(beir_dir, tiny_bi_encoder,
 
 @pytest.mark.parametrize("extra, words", [
     ("fusion: {weight: 2}\n", ["field 'fusion'", "weight"]),
-    ("fusion: {weight: 0.5, blend: sum}\n", ["field 'fusion'", "unknown field 'blend'"]),
+    ("fusion: {weight: 0.5, blend: sum}\n", ["field 'fusion'", "unknown key 'blend'"]),
     ("fusion: [0.5]\n", ["field 'fusion'", "mapping"]),
     ("depth: zero\n", ["field 'depth'", "'zero'"]),
 ], ids=["weight-2", "unknown-key", "not-a-mapping", "depth-zero"])
@@ -146,3 +146,17 @@ def test_a_bad_pipeline_file_is_one_line_naming_the_field(built, beir_dir, tiny_
         output = user_error(args, "bad.yaml", *words)
         assert len([line for line in output.splitlines() if line.strip()]) == 1, output
     assert not (tmp_path / "new").exists()
+
+
+def test_search_prints_its_results_on_stdout(tmp_path):
+    """Issue 20.11: the table went to stderr with the progress, so `stagewise search … > hits.txt` kept nothing."""
+    from conftest import write_beir
+    from stagewise.index import load_pipeline_spec
+
+    Index.build(load_pipeline_spec("bm25"), write_beir(tmp_path / "ds") / "corpus.jsonl", tmp_path / "idx")
+    result = runner.invoke(app, ["search", str(tmp_path / "idx"), "animals that bark", "--k", "2"])
+    assert result.exit_code == 0, result.output
+    assert "d2" in result.stdout and "Dogs" in result.stdout and "rank" in result.stdout
+    assert "d2" not in result.stderr
+    failed = runner.invoke(app, ["search", str(tmp_path / "nowhere"), "q"])  # errors stay on stderr
+    assert failed.exit_code == 2 and failed.stdout == "" and "no such index" in failed.stderr

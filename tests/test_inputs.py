@@ -89,19 +89,13 @@ def test_a_failed_build_removes_the_folder_it_created_and_only_that(beir_dir, tm
     assert existing.is_dir()  # the user's own folder stays (a retry may use it)
 
 
-@pytest.mark.parametrize("score", ["9223372036854775807", "1e30", "-2147483649", "2147483648"])
-def test_relevance_out_of_a_c_int_is_refused_with_file_line_field(beir_dir, tmp_path, score):
+@pytest.mark.parametrize("score", ["9223372036854775807", "-2147483649", "2147483648"])
+def test_relevance_out_of_range_is_refused_with_file_line_field(beir_dir, tmp_path, score):
+    """The graded range and its edges: tests/test_data_hardening.py."""
     (beir_dir / "qrels" / "dev.tsv").write_text(f"query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t{score}\n")
     one_line_error(["eval", "--data", beir_dir, "-f", "bm25", "--out", tmp_path / "run"],
                    "dev.tsv:3:", "field 'score'", "out of range")
     assert not (tmp_path / "run").exists()
-
-
-def test_relevance_at_the_edges_of_a_c_int_is_accepted(tmp_path):
-    from stagewise.data import load_beir
-
-    root = write_beir(tmp_path / "ds", qrels={"dev": [("q1", "d1", 2147483647), ("q2", "d2", -2147483648)]})
-    assert load_beir(root).qrels["dev"]["q1"]["d1"] == 2147483647
 
 
 @pytest.mark.parametrize("file,record,field,got", [
@@ -393,3 +387,150 @@ def test_select_example_hits_go_through_the_same_helper():
 
     source = inspect.getsource(cli.select_command)
     assert source.count("printable(") >= 4
+
+
+# ---- issue 20: every option bounded by what the code can serve; no empty paths ----------------------------------
+
+
+def _commands(typer_app=None, prefix=()):
+    """Every command: its words on the command line and its function (from the app itself, so none is missed)."""
+    from stagewise import cli
+
+    typer_app = typer_app or cli.app
+    for info in typer_app.registered_commands:
+        yield [*prefix, info.name], info.callback
+    for group in typer_app.registered_groups:
+        yield from _commands(group.typer_instance, [*prefix, group.name])
+
+
+def _params(callback):
+    """``(name, annotation without Optional/List, OptionInfo or ArgumentInfo)`` for each of a command's parameters."""
+    import inspect
+    import typing
+
+    hints = typing.get_type_hints(callback)
+    for name, info in ((n, p.default) for n, p in inspect.signature(callback).parameters.items()):
+        hint = hints[name]
+        while typing.get_args(hint):  # Optional[X], List[X] -> X
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        yield name, hint, info
+
+
+# what each command needs besides the option under test; nothing in them has to exist, since every check under
+# test runs before anything is read
+REQUIRED = {"compare": ["a.json", "b.json"], "export": ["model", "--backend", "onnx", "--out", "exported"],
+            "search": ["idx", "query"], "serve": ["idx"], "data describe": ["default"],
+            "index build": ["-p", "bm25", "-c", "default", "-o", "idx"], "index add": ["idx", "docs.jsonl"],
+            "index delete": ["idx", "d1"], "index info": ["idx"]}
+def _numeric_options():
+    for words, callback in _commands():
+        for name, hint, info in _params(callback):
+            if hint in (int, float) and getattr(info, "param_decls", None):
+                yield pytest.param(words, info.param_decls[0], hint, id=f"{' '.join(words)} {info.param_decls[0]}")
+
+
+@pytest.mark.parametrize("words, option, kind", list(_numeric_options()))
+def test_every_numeric_option_has_a_bound_the_code_can_serve(words, option, kind, tmp_path, monkeypatch):
+    """Issue 20.5: `--threads 100000000000`, `--connectivity 1000000000`, `--epochs inf`, `--max-length 1000000000`
+    were tracebacks (some after the run folder existed). Far past any bound, every numeric option of every command
+    is one line naming it, and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    args = [*words, *REQUIRED.get(" ".join(words), [])]
+    for value in (["1" + "0" * 30] if kind is int else ["inf", "1e300"]):
+        one_line_error([*args, option, value], f"'{option}'")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _path_parameters():
+    """Every parameter that names a file or folder: a ``Path``, or a text parsed as a path (cli.TEXT_PATH)."""
+    from pathlib import Path as P
+
+    from stagewise import cli
+
+    for words, callback in _commands():
+        for name, hint, info in _params(callback):
+            if hint is P or getattr(info, "parser", None) is getattr(cli, "TEXT_PATH", P):
+                yield pytest.param(words, name, info, id=f"{' '.join(words)} {name}")
+
+
+@pytest.mark.parametrize("words, name, info", list(_path_parameters()))
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_every_path_refuses_an_empty_value(words, name, info, empty, tmp_path, monkeypatch):
+    """Issue 20.6: `eval --out ""` wrote config.json, results.json, log.txt, per_query/ and runs/ into the working
+    directory (Path("") is "."). Every option or argument that names a file or folder refuses it, naming it."""
+    import typer
+
+    monkeypatch.chdir(tmp_path)
+    base = REQUIRED.get(" ".join(words), [])
+    if isinstance(info, typer.models.ArgumentInfo):  # a positional one: the empty value in its place
+        callback = next(c for w, c in _commands() if w == words)
+        positions = [n for n, _, i in _params(callback) if isinstance(i, typer.models.ArgumentInfo)]
+        args = list(base)
+        args[positions.index(name)] = empty
+        label = f"'{info.metavar or name}'"
+    else:
+        args, label = [*base, info.param_decls[0], empty], f"'{info.param_decls[0]}'"
+    one_line_error([*words, *args], label, "empty path")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_out_empty_writes_nothing_into_the_working_directory(beir_dir, tmp_path, monkeypatch):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    one_line_error(["eval", "--data", beir_dir, "-f", "bm25", "--out", ""], "'--out'", "empty path")
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
+def test_bounds_refuse_before_the_previous_index_is_touched(bm25_idx, beir_dir, tmp_path):
+    """The previous index answers as it was: its files hash the same after each refusal."""
+    import hashlib
+
+    def digest() -> str:
+        return hashlib.sha256(b"".join(p.as_posix().encode() + p.read_bytes() for p in sorted(bm25_idx.rglob("*"))
+                                       if p.is_file())).hexdigest()
+
+    before = digest()
+    build = ["index", "build", "-p", "bm25", "-c", beir_dir, "-o", bm25_idx, "--replace"]
+    one_line_error([*build, "--kind", "hnsw", "--connectivity", "1000000000"], "'--connectivity'", "at most 256")
+    one_line_error([*build, "--kind", "hnsw", "--connectivity", "1"], "'--connectivity'", "at least 2")
+    one_line_error([*build, "--threads", "100000000000"], "'--threads'")
+    one_line_error(["index", "add", bm25_idx, beir_dir / "corpus.jsonl", "--threads", "100000000000"], "'--threads'")
+    one_line_error(["index", "add", bm25_idx, ""], "'documents'", "empty path")
+    one_line_error(["search", bm25_idx, "cats", "-k", "100000000000"], "'--k'")
+    assert digest() == before
+
+
+def test_training_options_past_their_bound_leave_no_run_folder(tmp_path):
+    """`train cross --epochs inf` and `--max-length 1000000000` failed after the run folder was made."""
+    for option, value in (("--epochs", "inf"), ("--max-length", "1000000000"), ("--pretrain-epochs", "inf"),
+                          ("--lr", "inf")):
+        one_line_error(["train", "cross", option, value, "--out", tmp_path / "run"], f"'{option}'")
+    one_line_error(["train", "bi", "--max-seq-length", "1000000000", "--out", tmp_path / "run"], "'--max-seq-length'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_static_embedding_model_is_no_reranker(beir_dir, tmp_path):
+    """Issue 20.5: `eval -r static-64` was a traceback from transformers (no model_type to load)."""
+    from stagewise.models import installed_aliases
+
+    if "static-64" not in installed_aliases():
+        pytest.skip("static-64 is not installed")
+    one_line_error(["eval", "--data", beir_dir, "-f", "bm25", "-r", "static-64", "--out", tmp_path / "run"],
+                   "'static-64'", "static embedding model")
+    # nor a cross-encoder to train: refused before the run folder (and before the warning about bi-encoder starts)
+    one_line_error(["train", "cross", "--model", "static-64", "--out", tmp_path / "run"], "'static-64'",
+                   "static embedding model")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_length_past_what_the_model_takes_is_held_to_its_limit(tiny_bi_encoder, tiny_cross_encoder):
+    """Within the options' bound, a length the model cannot take (the tiny models have 128 positions) is held to
+    what it takes: a long text is truncated there instead of failing inside the model."""
+    from stagewise.models import load_bi_encoder, load_cross_encoder
+
+    bi = load_bi_encoder(str(tiny_bi_encoder), max_seq_length=20_000)
+    cross = load_cross_encoder(str(tiny_cross_encoder), max_length=20_000)
+    long_text = " ".join(["cats purr"] * 400)
+    assert bi.encode([long_text]).shape == (1, 32)  # was an IndexError in the position embeddings
+    assert len(cross.predict([("cats", long_text)])) == 1
+    assert bi.max_seq_length == 128 and cross.max_length == 128

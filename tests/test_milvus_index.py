@@ -465,6 +465,95 @@ def test_a_collection_not_loaded_yet_is_loaded_and_searched_again(built, monkeyp
     assert len(calls) == 2
 
 
+def _failing_search(v: MilvusVectors, monkeypatch, error: Exception) -> tuple[list[bool], list]:
+    """Make the client's searches raise ``error`` while ``down[0]`` is true (it starts true); also returns the
+    timeout each search was given."""
+    real, down, timeouts = v.client.search, [True], []
+
+    def search(*args, **kwargs):
+        timeouts.append(kwargs.get("timeout"))
+        if down[0]:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(v.client, "search", search)
+    return down, timeouts
+
+
+def test_a_milvus_outage_is_a_503_naming_no_address_and_health_says_so(built, monkeypatch):
+    """What pymilvus raises while the server is down (a MilvusException naming its address) is a 503 with
+    Retry-After and a message for clients, /health is 200 with status degraded; as soon as Milvus answers again
+    so does the service (tests/test_milvus_server.py stops and restarts a real server)."""
+    import httpx
+    from pymilvus.exceptions import MilvusException
+
+    from conftest import running_server
+    from stagewise.service import ServiceSettings, create_app
+
+    index = Index.load(built)
+    v = vectors_of(index)
+    with running_server(create_app(index, ServiceSettings())) as base:
+        down, timeouts = _failing_search(v, monkeypatch, MilvusException(code=2, message=(
+            "Fail connecting to server on 127.0.0.1:29530, illegal connection params or server unavailable")))
+        for body in ({"query": "cats"}, {"query": "cats", "rerank": False}):
+            r = httpx.post(base + "/search", json=body, timeout=30)
+            assert r.status_code == 503, r.text
+            assert r.json() == {"error": "the vector store is unavailable: Milvus is not reachable; retry shortly"}
+            assert int(r.headers["retry-after"]) >= 1
+        health = httpx.get(base + "/health", timeout=30).json()
+        assert (health["status"], health["vector_store"]) == ("degraded", {"status": "down",
+                                                                           "error": "Milvus is not reachable"})
+        down[0] = False
+        r = httpx.post(base + "/search", json={"query": "cats", "k": 3}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["hits"]) == 3
+        health = httpx.get(base + "/health", timeout=30).json()
+        assert (health["status"], health["vector_store"]) == ("ok", {"status": "up"})
+    assert timeouts and all(t is not None and t <= milvus_index.CALL_TIMEOUT_S for t in timeouts), timeouts
+
+
+@pytest.mark.parametrize("error, reason", [
+    ("deadline", "Milvus did not answer within {seconds:g} s"),
+    ("retry timeout", "Milvus did not answer within {seconds:g} s"),
+    ("unavailable", "Milvus is not reachable"),
+    ("loading", "Milvus is loading the collection (after a restart)"),
+])
+def test_each_kind_of_outage_is_unavailable_with_a_message_for_clients(built, monkeypatch, error, reason):
+    """A search never waits out an outage and never passes pymilvus' text on: a gRPC deadline, pymilvus' retry
+    timeout, a refused connection, or a collection that is still loading after ``CALL_TIMEOUT_S``; any other
+    failure is raised as it is."""
+    import grpc
+    from pymilvus.exceptions import MilvusException
+
+    from stagewise.errors import Unavailable
+
+    class RpcError(grpc.RpcError):
+        def __init__(self, code):
+            self._code = code
+
+        def code(self):
+            return self._code
+
+    errors = {"deadline": RpcError(grpc.StatusCode.DEADLINE_EXCEEDED),
+              "retry timeout": MilvusException(code=65535, message="[search] Retry timeout: 3.0s, message=proxy "
+                                                                   "TaskCondition context Done"),
+              "unavailable": RpcError(grpc.StatusCode.UNAVAILABLE),
+              "loading": MilvusException(code=101, message="failed to search: collection not loaded[collection=1]")}
+    v = vectors_of(Index.load(built))
+    _failing_search(v, monkeypatch, errors[error])
+    if error == "loading":  # the load it asks for does not finish within the call's time
+        monkeypatch.setattr(v.client, "load_collection", lambda name, timeout: (_ for _ in ()).throw(MilvusException(
+            message=f"wait for loading collection timeout, collection: {name}")))
+    with pytest.raises(Unavailable) as e:
+        v.search(np.ones((1, v.dim), dtype=np.float32), 2)
+    assert str(e.value) == f"the vector store is unavailable: {reason.format(seconds=milvus_index.CALL_TIMEOUT_S)}; " \
+                           "retry shortly"
+    assert v.ping() == reason.format(seconds=milvus_index.PROBE_TIMEOUT_S)  # what /health says
+
+    _failing_search(v, monkeypatch, MilvusException(code=1100, message="invalid parameter"))
+    with pytest.raises(MilvusException, match="invalid parameter"):
+        v.search(np.ones((1, v.dim), dtype=np.float32), 2)
+
+
 # ---- refusals ----------------------------------------------------------------------------------
 
 

@@ -202,6 +202,15 @@ def vectors_of(index: Index) -> MilvusVectors:
     return index.pipeline.first_stage.vectors
 
 
+def wait_until_searchable(index: Index, timeout: float = 90) -> None:
+    """A restarted Milvus answers strongly consistent searches only once it has caught up (0.3 to 11 s here; until
+    then a search is Unavailable, as a service's client gets 503): wait for that, as such a client would."""
+    deadline = time.monotonic() + timeout
+    while (why := vectors_of(index).ping()) is not None:
+        assert time.monotonic() < deadline, f"Milvus did not answer searches again: {why}"
+        time.sleep(0.2)
+
+
 def write_docs(path: Path, documents) -> Path:
     path.write_text("".join(json.dumps({"_id": d.id, "title": d.title, "text": d.text}) + "\n" for d in documents))
     return path
@@ -355,6 +364,7 @@ def test_a_server_restart_loses_nothing(server, config, make, tmp_path):
     server.restart()
 
     loaded = Index.load(path)
+    wait_until_searchable(loaded)
     assert loaded.version == reader.version and list(loaded.corpus) == list(corpus_now)
     assert_same_answers(answers(loaded, k=6, texts=texts), expected)
     assert_same_answers(answers(reader, k=6, texts=texts), expected)
@@ -366,3 +376,61 @@ def test_a_server_restart_loses_nothing(server, config, make, tmp_path):
     loaded.add([owls])
     assert Index.load(path).search(owls.full_text(), k=1)[0].doc_id == "d9"
     assert server.version().startswith("v2.3")
+
+
+# ---- an outage while serving -------------------------------------------------------------------
+
+
+def test_an_outage_is_a_503_and_health_says_so_then_answers_resume(server, config, make, tmp_path):
+    """Stop the server while the service answers: each search is a 503 naming no address (within the Milvus call
+    deadline, not the request timeout) and /health is degraded. Start it again: while Milvus recovers (its own time,
+    0.5 to 11 s here), searches are 503s that each take at most that deadline, never a 504 or a 500; once /health
+    sees Milvus answer a search, the service answers within seconds, and /health is ok again."""
+    import httpx
+
+    from conftest import running_server
+    from stagewise.service import ServiceSettings, create_app
+
+    path = tmp_path / "idx"
+    Index.build(make(), docs(), path, vectors=config)
+    quick = 2 * milvus_index.CALL_TIMEOUT_S + 1  # a call, its reconnect, and the rest of the request
+    settings = ServiceSettings(reload_interval_s=0, timeout_s=10.0)
+    assert quick < settings.timeout_s
+
+    with running_server(create_app(path, settings)) as base:
+        def search() -> tuple[httpx.Response, float]:
+            began = time.monotonic()
+            r = httpx.post(base + "/search", json={"query": "cats", "k": 2, "include_text": False}, timeout=30)
+            return r, time.monotonic() - began
+
+        def health() -> dict:
+            return httpx.get(base + "/health", timeout=30).json()
+
+        assert search()[0].status_code == 200 and health()["vector_store"] == {"status": "up"}
+        server.stop()
+        for _ in range(3):
+            r, seconds = search()
+            assert r.status_code == 503 and seconds < quick, (r.text, seconds)
+            error = r.json()["error"]
+            assert error.startswith("the vector store is unavailable: ") and error.endswith("; retry shortly")
+            assert str(server.port) not in error and "127.0.0.1" not in error and "Exception" not in error, error
+            assert int(r.headers["retry-after"]) >= 1
+        state = health()
+        assert state["status"] == "degraded" and state["vector_store"]["status"] == "down", state
+        assert str(server.port) not in json.dumps(state)
+
+        server.start()
+        restarted, statuses = time.monotonic(), []
+        while (state := health())["vector_store"]["status"] != "up":  # Milvus recovering: its own time, not ours
+            r, seconds = search()
+            statuses.append((r.status_code, round(seconds, 1)))
+            assert r.status_code in (200, 503) and seconds < quick, (r.text, seconds)
+            assert time.monotonic() - restarted < 90, f"Milvus never answered again: {state}"
+        recovered = time.monotonic()
+        while (r := search()[0]).status_code != 200:  # as soon as Milvus answers, so does the service
+            assert r.status_code == 503 and time.monotonic() - recovered < quick, (r.text, time.monotonic() - recovered)
+        answered = time.monotonic()
+        assert state["status"] == "ok"
+        assert [search()[0].status_code for _ in range(3)] == [200] * 3
+    print(f"Milvus answered {recovered - restarted:.1f} s after its restart, the service {answered - recovered:.1f} s "
+          f"later; searches meanwhile: {statuses}")

@@ -110,7 +110,7 @@ def test_a_per_query_model_must_be_the_same_model(exports, sources, tiny_bi_enco
     ("torch", "a mapping with a 'model'"),
     ({"backend": "torch"}, "a mapping with a 'model'"),
     ({"model": "x", "dtyp": "bfloat16"}, "unknown key 'dtyp'"),
-    ({"model": "x", "backend": "tensorrt"}, "field 'per_query': option '--backend'"),
+    ({"model": "x", "backend": "tensorrt"}, "'per_query.backend' must be one of torch, onnx, openvino"),
 ])
 def test_a_bad_per_query_setting_is_one_line_naming_it(setting, words, sources):  # noqa: F811
     config = {"type": "dense", "model": str(sources[BI]), "per_query": setting}

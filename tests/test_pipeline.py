@@ -111,7 +111,10 @@ def test_save_and_load_give_the_same_results(reranker, tiny_cross_encoder, tmp_p
 def test_load_rejects_a_file_that_is_not_a_pipeline(tmp_path):
     bad = tmp_path / "pipeline.yaml"
     bad.write_text("just: a mapping\n")
-    with pytest.raises(StagewiseError, match="not a pipeline"):
+    with pytest.raises(StagewiseError, match="pipeline.yaml:1: unknown key 'just'"):
+        Pipeline.load(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(StagewiseError, match="must be a pipeline"):
         Pipeline.load(bad)
     with pytest.raises(StagewiseError, match="cannot read"):
         Pipeline.load(tmp_path / "missing.yaml")
@@ -214,7 +217,7 @@ def test_a_pipeline_file_without_fusion_is_pure_reranking(reranker, tiny_cross_e
 
 @pytest.mark.parametrize("lines, words", [
     ("fusion: {weight: 2}", ["field 'fusion'", "weight", "2"]),
-    ("fusion: {weight: 0.5, blend: sum}", ["field 'fusion'", "unknown field 'blend'"]),
+    ("fusion: {weight: 0.5, blend: sum}", ["field 'fusion'", "unknown key 'blend'"]),
     ("fusion: 0.5", ["field 'fusion'", "mapping"]),
     ("fusion: {normalization: softmax}", ["field 'fusion'", "normalization", "softmax"]),
     ("depth: zero", ["field 'depth'", "'zero'"]),
@@ -229,7 +232,8 @@ def test_a_bad_fusion_or_depth_in_pipeline_yaml_is_one_line_naming_the_field(lin
     with pytest.raises(StagewiseError) as e:
         Pipeline.load(path)
     message = str(e.value)
-    assert message.startswith(f"{path}: ") and "\n" not in message
+    line = 3 if lines.startswith("depth") else 4  # the line of the field at fault
+    assert message.startswith(f"{path}:{line}: ") and "\n" not in message
     for word in words:
         assert word in message, message
 

@@ -225,7 +225,7 @@ def confirmed_run(select_data, tiny_bi_encoder, tiny_cross_encoder, tmp_path_fac
     """One first stage and one reranker, with the gain rules relaxed so that a second stage is recommended, and a
     held-out test split to confirm it on."""
     config = tiny_config(select_data, tiny_bi_encoder, tiny_cross_encoder, bm25=False, finetune_top=0,
-                         init_strategies=["base"], min_gain=-1.0, alpha=1.01, test_split="test",
+                         init_strategies=["base"], min_gain=-1.0, alpha=1.0, test_split="test",
                          cross_training={"epochs": 1, "batch_size": 8, "hard_negatives": 2, "random_negatives": 1,
                                          "max_length": 32, "learning_rate": 1e-3})
     out = tmp_path_factory.mktemp("confirmed") / "run"
@@ -333,3 +333,57 @@ def test_a_tiny_time_budget_says_what_the_reranker_would_need(select_data, tiny_
     assert verdict["reranker_worth_it"] is None and verdict["reranker_status"] == "not evaluated"
     assert any("--time-budget" in why for why in verdict["not_evaluated"])
     assert "not worth it" not in " ".join(verdict["summary"])
+
+
+# ---- issue 20.3: what `train bi` / `train cross` refuse, `select --config` refuses before any work --------------
+
+REFUSED_AT_ONCE = [
+    ("cross_training: {loss: hinge}\n", ["field 'cross_training'", "unknown cross-encoder loss 'hinge'"]),
+    ("cross_training: {pretrain_kind: klingon}\n", ["field 'cross_training'", "--pretrain-kind", "'klingon'"]),
+    ("cross_training: {init: random}\n", ["field 'cross_training'", "--init", "'random'"]),
+    ("cross_training: {epochs: .inf}\n", ["field 'cross_training'", "setting 'epochs'"]),
+    ("cross_training: {max_length: 1000000000}\n", ["field 'cross_training'", "setting 'max_length'"]),
+    ("bi_training: {loss: hinge}\n", ["field 'bi_training'", "unknown bi-encoder loss 'hinge'"]),
+    ("bi_training: {hard_negatives: psychic}\n", ["field 'bi_training'", "--hard-negatives", "'psychic'"]),
+    ("cross_encoders: [static-64]\n", ["cross_encoders", "'static-64'", "static embedding model"]),
+    ("alpha: 5\n", ["field 'alpha'", "at most 1"]),
+    ("backends: []\n", ["field 'backends'"]),
+    ("time_budget_min: .inf\n", ["field 'time_budget_min'"]),
+    ("depths: [5, 100000]\n", ["field 'depths'"]),
+]
+
+
+@pytest.mark.parametrize("content, words", REFUSED_AT_ONCE, ids=[c.strip() for c, _ in REFUSED_AT_ONCE])
+def test_select_refuses_what_the_training_commands_refuse_before_any_work(content, words, select_data,
+                                                                          tiny_bi_encoder, tmp_path):
+    """Each was accepted and started work (zero-shot evaluation, training) until the step that used it failed."""
+    if "static-64" in content:
+        from stagewise.models import installed_aliases
+
+        if "static-64" not in installed_aliases():
+            pytest.skip("static-64 is not installed")
+    config = tmp_path / "select.yaml"
+    config.write_text(f"bi_encoders: ['{tiny_bi_encoder}']\n{content}")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["select", "--data", str(select_data), "--config", str(config),
+                                      "--out", str(out)])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert all(word in lines[0] for word in words), lines[0]
+    assert not out.exists()
+
+
+def test_the_training_commands_and_select_share_one_check():
+    """One check, not two kept in step: the settings `select` refuses are the ones `train_bi` / `train_cross` do."""
+    from stagewise.training import BiTrainConfig, CrossTrainConfig, check_train_config
+
+    for bad in (BiTrainConfig(loss="hinge"), BiTrainConfig(hard_negatives="psychic"),
+                BiTrainConfig(epochs=float("inf")), CrossTrainConfig(loss="hinge"), CrossTrainConfig(pretrain_kind="klingon"),
+                CrossTrainConfig(max_length=10**9), CrossTrainConfig(init="random")):
+        with pytest.raises(StagewiseError):
+            check_train_config(bad)
+        kind = "bi_training" if isinstance(bad, BiTrainConfig) else "cross_training"
+        default = BiTrainConfig() if kind == "bi_training" else CrossTrainConfig()
+        changed = {k: v for k, v in vars(bad).items() if v != vars(default)[k]}
+        with pytest.raises(StagewiseError, match=f"field '{kind}'"):
+            load_select_config(**{kind: changed})

@@ -18,8 +18,9 @@ from dataclasses import asdict
 import httpx
 import pytest
 
-from conftest import SERVICE_CORPUS, _build_service_index, running_server
+from conftest import SERVICE_CORPUS, _build_service_index, running_server, write_beir
 from stagewise.fusion import Fusion
+from stagewise.index import Index
 from stagewise.service import ServiceSettings, create_app, is_loopback, serve
 
 QUERIES = ["which animal purrs", "animals that bark", "language with memory safety", "drink from roasted beans",
@@ -318,10 +319,41 @@ def test_invalid_json_gets_422_saying_so(url):
     assert_error(r, 422, "body: invalid JSON", "character 18")
 
 
-def test_rerank_on_an_index_without_reranker_is_a_400(start, bm25_index):
-    base = start(bm25_index)
-    assert_error(post(base, "/search", {"query": "cats", "rerank": True}), 400, "rerank", "no reranker")
-    assert_error(post(base, "/search/batch", {"queries": ["cats"], "rerank": True}), 400, "no reranker")
+def rerank_schema(base: str) -> dict:
+    return httpx.get(base + "/openapi.json").json()["components"]["schemas"]["SearchRequest"]["properties"]["rerank"]
+
+
+def test_the_schema_says_what_the_index_served_can_rerank_and_follows_a_reload(tmp_path, tiny_cross_encoder):
+    """Over an index without a reranker /openapi.json allows ``rerank`` false or omitted only, and ``rerank: true``
+    is refused with 422 as the schema says (never answered unreranked); ``depth`` is valid and unused. After a
+    reload to a version with a reranker the schema allows true, and true reranks."""
+    from stagewise.data import load_corpus
+    from stagewise.pipeline import Pipeline
+    from stagewise.rerankers import CrossEncoderReranker
+    from stagewise.retrievers import build_first_stage
+
+    corpus = load_corpus(write_beir(tmp_path / "data", corpus=SERVICE_CORPUS) / "corpus.jsonl")
+    path = tmp_path / "idx"
+    Index.build(Pipeline(build_first_stage("bm25")), corpus, path)
+    with running_server(create_app(path, ServiceSettings(reload_interval_s=0.05))) as base:
+        assert {"type": "boolean", "enum": [False]} in rerank_schema(base)["anyOf"]
+        assert_error(post(base, "/search", {"query": "cats", "rerank": True}), 422, "rerank", "no reranker")
+        assert_error(post(base, "/search/batch", {"queries": ["cats"], "rerank": True, "depth": 5}), 422,
+                     "no reranker")
+        for options in ({"depth": 5}, {"rerank": False, "depth": 5}):
+            body = post(base, "/search", {"query": "cats", **options}).json()
+            assert (body["reranked"], body["depth"]) == (False, None)
+
+        Index.build(Pipeline(build_first_stage("bm25"), CrossEncoderReranker(str(tiny_cross_encoder)), depth=3),
+                    corpus, path, replace=True)
+        deadline = time.monotonic() + 30
+        while httpx.get(base + "/health").json()["version"] != "v000002":
+            assert time.monotonic() < deadline, "the service never picked up v000002"
+            time.sleep(0.05)
+        assert rerank_schema(base)["anyOf"] == [{"type": "boolean"}, {"type": "null"}]
+        assert httpx.get(base + "/openapi.json").json()["info"]["version"] == "v000002"
+        body = post(base, "/search", {"query": "cats", "rerank": True, "depth": 5}).json()
+        assert (body["reranked"], body["depth"], body["index_version"]) == (True, 5, "v000002")
 
 
 def test_body_over_the_limit_is_a_413(start, reranked_index):
@@ -423,6 +455,30 @@ def test_a_failing_model_is_a_500_and_the_service_keeps_answering(start, reranke
     assert r.status_code == 200, r.text
     assert_same_hits(r.json()["hits"], reranked_index.search("cats", k=4))
     assert httpx.get(base + "/stats").json()["requests"] == {"error_500": 1, "queries": 1}
+
+
+def test_a_body_shorter_than_its_content_length_is_a_408_within_the_body_timeout(start, reranked_index):
+    """A client that announces more body than it sends is answered 408 and its connection closed once
+    body_timeout_s has passed (by default a few seconds), not held until it gives up."""
+    import socket
+
+    base = start(reranked_index)
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=15) as sock:
+        began = time.perf_counter()
+        sock.sendall(b"POST /search HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n" + b'{"query": "cats"}')
+        answer = b""
+        while chunk := sock.recv(65536):  # until the service closes the connection (a socket timeout: held open)
+            answer += chunk
+        elapsed = time.perf_counter() - began
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer
+    timeout = ServiceSettings().body_timeout_s
+    assert timeout <= elapsed < timeout + 2 and timeout <= 5, elapsed
+    assert json.loads(body)["error"] == f"body: 17 bytes of the 100 its Content-Length announced arrived within the " \
+                                        f"{timeout:g} s allowed"
+    assert post(base, "/search", {"query": "cats", "k": 2}).status_code == 200  # the service is not held up
 
 
 # ---- batching --------------------------------------------------------------------------------------------

@@ -248,7 +248,8 @@ def test_removing_every_row_then_adding_again(kind, quantization):
     ({"kind": "ivf"}, "unknown index kind 'ivf'"),
     ({"quantization": "int4"}, "unknown quantization 'int4'"),
     ({"rescore": 0}, "rescore must be at least 1"),
-    ({"connectivity": 0}, "connectivity must be at least 1"),
+    ({"connectivity": 1}, "connectivity must be at least 2"),  # usearch refuses 1 (it was a traceback)
+    ({"connectivity": 10**9}, "at most 256"),  # usearch ran out of memory
     ({"expansion_search": -1}, "expansion_search must be at least 1"),
 ])
 def test_config_validation(options, message):

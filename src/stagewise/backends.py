@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stagewise.errors import ModelError, StagewiseError
+from stagewise.limits import MAX_THREADS
 
 BACKENDS = ("torch", "onnx", "openvino")
 QUANTIZATIONS = ("none", "int8")
@@ -103,11 +104,12 @@ def set_threads(threads: int | None) -> int:
     """The intra-op thread count every backend uses: ``threads``, else ``OMP_NUM_THREADS``, else PyTorch's own."""
     import torch
 
+    where = "option '--threads'"
     if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        threads = int(os.environ["OMP_NUM_THREADS"])
+        threads, where = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
     if threads is not None:
-        if threads < 1:
-            raise StagewiseError(f"option '--threads': must be at least 1, got {threads}")
+        if not 1 <= threads <= MAX_THREADS:
+            raise StagewiseError(f"{where}: must be between 1 and {MAX_THREADS}, got {threads}")
         torch.set_num_threads(threads)
     return torch.get_num_threads()
 
@@ -119,11 +121,22 @@ def set_threads(threads: int | None) -> int:
 MANIFEST = "export.json"
 
 
+#: What an export in progress keeps in its temporary folder (``.NAME-xxxxxxxx``, see ``models._atomic_dir``), locked
+#: while it runs: a folder holding it is unfinished, and stale once no process holds its lock.
+UNFINISHED = ".stagewise-unfinished"
+
+
 def read_manifest(folder: Path) -> dict | None:
-    """An exported folder's ``export.json`` (None for a plain model folder)."""
+    """An exported folder's ``export.json`` (None for a plain model folder).
+
+    Only a finished export counts: one whose manifest records the equivalence to PyTorch and its acceptance (within
+    the tolerance, or forced). A killed export's temporary folder (a manifest written before the check, or our
+    unfinished marker) is refused, so that nothing loads a model whose agreement was never measured."""
     import json
 
     path = Path(folder) / MANIFEST
+    if (Path(folder) / UNFINISHED).exists():
+        raise ModelError(f"'{folder}' is an unfinished export (interrupted, or still running): export the model again")
     if not path.is_file():
         return None
     try:
@@ -132,6 +145,9 @@ def read_manifest(folder: Path) -> dict | None:
         manifest["file"]
     except (ValueError, KeyError, TypeError) as e:
         raise ModelError(f"{path}: not an export manifest ({type(e).__name__}: {e})") from None
+    if not isinstance(manifest.get("equivalence"), dict) or manifest.get("accepted") not in (True, "forced"):
+        raise ModelError(f"{path}: field 'equivalence': no accepted equivalence to PyTorch is recorded (an "
+                         "interrupted export?): export the model again")
     return manifest
 
 

@@ -4,11 +4,15 @@ Requests that arrive together run through the models in one call (one encoder ba
 chunks). Work is counted in what it costs: cross-encoder pairs (queries × depth). Two lanes, each on its own
 model thread, keep cheap requests from starving: first-stage-only requests never queue behind reranking ones,
 and within a lane the request with the fewest pairs runs first; a request larger than a micro-batch
-(``max_batch_pairs``) is split, so cheaper ones run between its parts. A lane refuses a request with 503 when
-the work ahead of it could not finish within the timeout at the rate it has measured, or its queue is full.
-Every request carries a deadline that the model thread checks between cross-encoder chunks, so the work of a
-request that has timed out stops instead of holding the thread for minutes, and a queued request whose
-deadline has passed is never started.
+(``max_batch_pairs``) is split, so cheaper ones run between its parts.
+
+Admission is by what the lane has measured (:class:`CostModel`, seconds per batch from its own recent batches):
+a request whose own work could not finish within the timeout even on an idle lane is refused with 422, saying
+what it costs and what would fit (no retry can help it); one that fits alone is admitted whenever nothing is
+ahead of it; 503 with ``Retry-After`` is only for "busy now, would fit later" (the work ahead would leave it too
+little time, or the queue is full). Every request carries a deadline that the model thread checks between
+cross-encoder chunks, so the work of a request that has timed out stops instead of holding the thread for
+minutes, and a queued request whose deadline has passed is never started.
 """
 
 from __future__ import annotations
@@ -16,15 +20,48 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from stagewise.pipeline import Query, StageTimings
 
-# the share of the timeout that reranking work ahead may fill, at the measured rate: the rest is left for the first
-# stage, the batch waits and the answer, so an admitted request is not one that times out anyway
+# the share of the timeout that a request and the work ahead of it may fill, at the measured cost, when the lane is
+# busy: the rest is margin for the estimate, the batch waits and the answer. On an idle lane a request whose own
+# work fits the whole timeout is admitted: refusing it would only make it retry into the same idle lane.
 ADMIT_SHARE = 0.8
+
+
+class CostModel:
+    """Seconds a reranking batch of ``n`` pairs takes here, ``fixed_s + n · per_pair_s``, least-squares fitted to
+    the lane's recent batches (stopped ones too, counting the pairs they scored).
+
+    Two terms because a batch costs more than its pairs (the first stage, tokenising, thread hand-offs): a rate
+    measured on small batches alone overstates what a large request costs, which would refuse it wrongly.
+    """
+
+    def __init__(self, window: int = 64):
+        self.samples: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
+        self.fixed_s = 0.0
+        self.per_pair_s: float | None = None  # None until a batch has been measured
+        self.largest = 0  # the most pairs of the batches measured: how far the fit can be trusted
+
+    def record(self, pairs: int, seconds: float) -> None:
+        self.samples.append((pairs, seconds))
+        n = len(self.samples)
+        xs, ys = [p for p, _ in self.samples], [t for _, t in self.samples]
+        self.largest = max(xs)
+        mx, my = sum(xs) / n, sum(ys) / n
+        var = sum((x - mx) ** 2 for x in xs)
+        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+        a = my - b * mx
+        if b <= 0 or a < 0:  # one batch size, or noise: the line through the origin that fits best
+            a, b = 0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+        self.fixed_s, self.per_pair_s = a, b
+
+    def seconds(self, pairs: int, batches: int) -> float:
+        return batches * self.fixed_s + pairs * self.per_pair_s
 
 
 class ServiceError(Exception):
@@ -68,7 +105,8 @@ class LaneStats:
                                                     for stage in ("queue", "first_stage", "rerank")})
     skipped: int = 0  # requests whose deadline passed while queued: never started
     stopped: int = 0  # requests whose work stopped part way when their deadline passed
-    refused: int = 0  # requests refused with 503 at the door
+    refused: int = 0  # requests refused with 503 at the door: busy now
+    never_fits: int = 0  # requests refused with 422: their own work could not finish within the timeout
 
 
 class Lane:
@@ -82,8 +120,9 @@ class Lane:
         self.max_queued, self.max_queued_pairs, self.timeout_s = max_queued, max_queued_pairs, timeout_s
         self.pending: list[Work] = []  # requests with queries not yet handed to the models
         self.queued_pairs = 0  # their remaining pairs
-        self.running_pairs = 0
-        self.pairs_per_s: float | None = None  # measured, to refuse work that could not finish in time
+        self.running: list = []  # the batch on the model thread: (work, first query, end) slices
+        self.running_since = 0.0
+        self.cost = CostModel()  # measured, to refuse work that could not finish in time
         self.stats = LaneStats()
         self._arrived = asyncio.Event()
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stagewise-{name}")
@@ -97,34 +136,84 @@ class Lane:
             self._task.cancel()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    def admit(self, pairs: int) -> None:
-        """Refuse (503) a request the queue has no room or no time for."""
-        busy = None
+    @property
+    def pairs_per_s(self) -> float | None:
+        """The marginal reranking rate measured (for /stats)."""
+        return 1 / self.cost.per_pair_s if self.cost.per_pair_s else None
+
+    def _batches(self, queries: int, per_query: int) -> tuple[int, int]:
+        """How a request of ``queries`` × ``per_query`` pairs is split: (batches, pairs in its largest one)."""
+        per_batch = max(1, min(self.max_batch, self.max_batch_pairs // per_query))
+        return math.ceil(queries / per_batch), min(queries, per_batch) * per_query
+
+    def alone_s(self, queries: int, per_query: int) -> float:
+        """Seconds the request's own work takes at the measured cost, with nothing else on the lane."""
+        return self.cost.seconds(queries * per_query, self._batches(queries, per_query)[0])
+
+    def admit(self, queries: int, per_query: int) -> None:
+        """Refuse a request that can never fit the timeout (422), or that the lane has no room or time for now (503
+        with ``Retry-After``); admit it otherwise, and always when it fits alone and nothing is ahead of it."""
+        pairs = queries * per_query
         if len(self.pending) >= self.max_queued:
-            busy = f"{len(self.pending)} requests queued"
-        elif self.queued_pairs + pairs > self.max_queued_pairs:
-            busy = f"{self.queued_pairs:,} reranking pairs queued (limit {self.max_queued_pairs:,})"
-        elif pairs and self.pairs_per_s:
-            # cheapest first: only what runs now and what is no dearer than this request is ahead of it
-            ahead = self.running_pairs + sum(w.remaining for w in self.pending if w.remaining <= pairs)
-            alone_s, wait_s = pairs / self.pairs_per_s, (ahead + pairs) / self.pairs_per_s
-            if alone_s > self.timeout_s:
-                self.stats.refused += 1
-                raise ServiceError(503, f"too slow: its {pairs:,} pairs alone need about {alone_s:.1f} s at the "
-                                        f"measured {self.pairs_per_s:,.0f} pairs/s, over the {self.timeout_s:g} s "
-                                        "timeout (fewer queries or a smaller depth)")
-            if wait_s > self.timeout_s * ADMIT_SHARE:
-                busy = (f"the reranking work ahead needs about {wait_s:.1f} s, more than {ADMIT_SHARE:.0%} of the "
-                        f"{self.timeout_s:g} s timeout ({ahead:,} pairs ahead)")
-        if busy:
-            self.stats.refused += 1
-            raise ServiceError(503, f"server busy: {busy}; retry shortly", {"Retry-After": "1"})
+            self._busy(f"{len(self.pending)} requests queued", None)
+        if self.queued_pairs + pairs > self.max_queued_pairs:
+            self._busy(f"{self.queued_pairs:,} reranking pairs queued (limit {self.max_queued_pairs:,})", None)
+        if not pairs or self.cost.per_pair_s is None:
+            return  # nothing measured yet: its own batches will be
+        alone_s = self.alone_s(queries, per_query)
+        # only a cost measured on batches of at least a quarter of its batches' size says "never" (the fit of tiny
+        # batches alone overstates large ones): beyond that the lane tries it when idle, and measures it
+        if alone_s > self.timeout_s and 4 * self.cost.largest >= self._batches(queries, per_query)[1]:
+            self.stats.never_fits += 1
+            raise ServiceError(422, self._never_fits(queries, per_query, alone_s))
+        # cheapest first: only what runs now and what is no dearer than this request is ahead of it
+        waiting = sum(w.remaining for w in self.pending if w.remaining <= pairs)
+        running, running_s = self._running_left()
+        ahead = running + waiting
+        if not ahead:
+            return
+        ahead_s = running_s + (self.cost.seconds(waiting, math.ceil(waiting / self.max_batch_pairs)) if waiting else 0)
+        if ahead_s + alone_s > self.timeout_s * ADMIT_SHARE:
+            self._busy(f"the reranking work ahead ({ahead:,} pairs) needs about {ahead_s:.1f} s and this request "
+                       f"{alone_s:.1f} s, more than {ADMIT_SHARE:.0%} of the {self.timeout_s:g} s timeout", ahead_s)
+
+    def _running_left(self) -> tuple[int, float]:
+        """The running batch's pairs still wanted (a request past its deadline has its queries skipped) and the
+        seconds they still need: their cost less the time the batch has already run."""
+        pairs = sum((b - a) * w.per_query for w, a, b in self.running if not w.abandoned())
+        if not pairs:
+            return 0, 0.0
+        return pairs, max(0.0, self.cost.seconds(pairs, 1) - (time.perf_counter() - self.running_since))
+
+    def _busy(self, why: str, wait_s: float | None):
+        self.stats.refused += 1
+        retry = max(1, math.ceil(wait_s)) if wait_s else 1
+        raise ServiceError(503, f"server busy: {why}; retry after {retry} s", {"Retry-After": str(retry)})
+
+    def _never_fits(self, queries: int, per_query: int, alone_s: float) -> str:
+        """What the request costs, and the largest ones like it that fit: fewer queries, or a smaller depth."""
+        def fits(q: int, d: int) -> bool:
+            return self.alone_s(q, d) <= self.timeout_s
+
+        n = "1 query" if queries == 1 else f"{queries} queries"
+        smaller = []
+        most = next((q for q in range(queries - 1, 0, -1) if fits(q, per_query)), 0)
+        if most:
+            smaller.append(f"at most {most} {'query' if most == 1 else 'queries'} at depth {per_query}")
+        deepest = next((d for d in range(per_query - 1, 0, -1) if fits(queries, d)), 0)
+        if deepest:
+            smaller.append(f"depth at most {deepest}" + (f" for {n}" if queries > 1 else ""))
+        return (f"{n} × depth {per_query} = {queries * per_query:,} pairs to rerank need about {alone_s:.1f} s at "
+                f"this service's measured speed ({self.pairs_per_s:,.0f} pairs/s), over the {self.timeout_s:g} s "
+                "timeout even with nothing else queued; what fits: "
+                + (", or ".join(smaller) if smaller else "no reranking (rerank: false)"))
 
     async def submit(self, queries: list[Query], pairs: int):
         """(results, timings, index version) for ``queries``, or 504 once the timeout has passed."""
-        self.admit(pairs)
+        per_query = pairs // len(queries)
+        self.admit(len(queries), per_query)
         now = time.perf_counter()
-        work = Work(queries, pairs // len(queries), asyncio.get_running_loop().create_future(), now,
+        work = Work(queries, per_query, asyncio.get_running_loop().create_future(), now,
                     now + self.timeout_s, results=[None] * len(queries))
         self.pending.append(work)
         self.queued_pairs += pairs
@@ -211,27 +300,32 @@ class Lane:
             batch = await self._next_batch()
             queries = [q for w, a, b in batch for q in w.queries[a:b]]
             owner = [w for w, a, b in batch for _ in range(a, b)]
-            pairs = self.running_pairs = sum((b - a) * w.per_query for w, a, b in batch)
+            self.running, self.running_since = batch, time.perf_counter()
             stopped: set[Work] = set()
+            scored: set[int] = set()  # queries whose pairs went to the cross-encoder: what the batch's time bought
 
-            def cancelled(i: int) -> bool:  # asked on the model thread between cross-encoder chunks
+            def cancelled(i: int) -> bool:  # asked on the model thread before each query's cross-encoder chunk
                 if owner[i].abandoned():
                     stopped.add(owner[i])
                     return True
+                scored.add(i)
                 return False
 
             try:
                 results, timings = await loop.run_in_executor(self.executor, self.search, batch[0][0].index, queries,
                                                               cancelled)
-            except Exception as e:  # a model failure answers these requests with 500, the service keeps running
+            except Exception as e:  # a model failure answers these requests with 500 (a store outage: 503, from
+                # the search function), and the service keeps running
+                error = e if isinstance(e, ServiceError) else ServiceError(500, f"search failed: {type(e).__name__}: "
+                                                                                     f"{e}")
                 for work, _, _ in batch:
                     self._forget(work)
                     if not work.future.done():
-                        work.future.set_exception(ServiceError(500, f"search failed: {type(e).__name__}: {e}"))
+                        work.future.set_exception(error)
                 continue
             finally:
-                self.running_pairs = 0
-            self._record(queries, timings, pairs, complete=not stopped)
+                self.running = []
+            self._record(queries, timings, sum(owner[i].per_query for i in scored))
             start = 0
             for work, a, b in batch:
                 work.results[a:b] = results[start:start + b - a]
@@ -245,14 +339,13 @@ class Lane:
                     work.future.set_result((work.results, StageTimings(work.first_stage_s, work.rerank_s),
                                             work.index.version))
 
-    def _record(self, queries: list[Query], timings, pairs: int, complete: bool) -> None:
+    def _record(self, queries: list[Query], timings, scored_pairs: int) -> None:
         s = self.stats
         s.batch_sizes.append(len(queries))
         s.stage_ms["first_stage"].append(timings.first_stage_s * 1000)
         s.stage_ms["rerank"].append(timings.rerank_s * 1000)
-        if pairs and timings.rerank_s > 0 and complete:  # the rate of batches scored whole
-            rate = pairs / timings.rerank_s
-            self.pairs_per_s = rate if self.pairs_per_s is None else 0.7 * self.pairs_per_s + 0.3 * rate
+        if scored_pairs and timings.rerank_s > 0:  # a batch stopped part way is measured by what it scored
+            self.cost.record(scored_pairs, timings.total_s)
 
 
 class Batcher:

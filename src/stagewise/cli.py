@@ -10,11 +10,14 @@ from typing import List, Optional
 
 import typer
 import typer.core
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from stagewise import batch_precision, engine
 from stagewise.errors import StagewiseError
+from stagewise.limits import (MAX_BATCH, MAX_CANDIDATES, MAX_COUNT, MAX_LEARNING_RATE, MAX_SECONDS, MAX_THREADS,
+                              MAX_TOKENS)
 from stagewise.progress import console, printable, warnings_on_console
 from stagewise.rundir import RunDir, seed_everything
 
@@ -72,18 +75,39 @@ BACKEND_OPTION = typer.Option(None, "--backend", help="What runs the models: tor
 QUANTIZE_OPTION = typer.Option(None, "--quantize", help="none | int8 (onnx: dynamic; openvino: needs an export "
                                                        "calibrated with `stagewise export --calibration`).")
 DTYPE_OPTION = typer.Option(None, "--dtype", help="float32 | bfloat16 (torch, or openvino's inference precision).")
-THREADS_OPTION = typer.Option(None, "--threads", min=1, help="Intra-op threads for every backend (default: "
-                                                            "OMP_NUM_THREADS, else all cores).")
+THREADS_OPTION = typer.Option(None, "--threads", min=1, max=MAX_THREADS,
+                              help="Intra-op threads for every backend (default: OMP_NUM_THREADS, else all cores).")
 #: Seeds: what numpy, random and torch all accept.
 SEED_RANGE = {"min": 0, "max": 2**32 - 1}
+#: Results (search's hits) go to stdout, so that they can be piped or saved; progress, warnings and errors stay on
+#: stderr (``console``).
+results_console = Console()
+if not results_console.is_terminal:  # pipes and files: wide enough that tables are not truncated
+    results_console.width = 160
 
 
-def _above(low: float):
-    """A float option that must be greater than ``low`` (click's ranges are inclusive and let NaN through)."""
+def _nonblank(convert):
+    """A path option's or argument's parser: an empty (or blank) value is refused, naming it; ``Path("")`` is the
+    working directory, where ``eval --out ""`` wrote its whole run."""
+
+    def parse(value: str):
+        if not value.strip():
+            raise typer.BadParameter("an empty path: name a file or folder")
+        return convert(value)
+
+    return parse
+
+
+PATH = _nonblank(Path)  # every Path option and argument: parser=PATH
+TEXT_PATH = _nonblank(str)  # options that take a path as text (a corpus, a calibration file, a run folder)
+
+
+def _above(low: float, high: float):
+    """A float option in (low, high]: click's ranges are inclusive and let NaN (and, unbounded, infinity) through."""
 
     def check(value):
-        if value is not None and not value > low:
-            raise typer.BadParameter(f"must be greater than {low:g}, got {value:g}")
+        if value is not None and not low < value <= high:
+            raise typer.BadParameter(f"must be greater than {low:g} and at most {high:g}, got {value:g}")
         return value
 
     return check
@@ -98,6 +122,25 @@ def _between(low: float, high: float):
         return value
 
     return check
+
+
+def _train_range(name: str, real: bool = False) -> dict:
+    """A training option's bounds, from the table training itself checks (``training.RANGES``): the command line
+    and a ``select`` file's training settings refuse the same values."""
+    from stagewise.training import RANGES
+
+    low, open_low, high = RANGES[name]
+    if open_low:
+        return {"callback": _above(low, high)}
+    return {"callback": _between(low, high)} if real else {"min": low, "max": high}
+
+
+def _vector_range(name: str) -> str:
+    """An index option's range for its help; ``VectorIndexConfig`` refuses values outside it, naming the option."""
+    from stagewise.vector_index import RANGES
+
+    low, high, _ = RANGES[name]
+    return f"{low} to {high}"
 
 
 ALLOW_UNTRAINED_OPTION = typer.Option(False, "--allow-untrained-reranker",
@@ -193,15 +236,18 @@ def eval_command(
         None, "--first-stage", "-f",
         help="bm25 (default) | model (alias, directory, hub id) | a+b (hybrid, reciprocal rank fusion). Repeatable."),
     reranker: Optional[str] = typer.Option(None, "--reranker", "-r", help="Cross-encoder model to rerank with."),
-    depth: Optional[List[int]] = typer.Option(None, "--depth", "-d", min=1,
+    depth: Optional[List[int]] = typer.Option(None, "--depth", "-d", min=1, max=MAX_CANDIDATES,
                                               help="Rerank depth (repeatable; default 20)."),
     pipeline_path: Optional[Path] = typer.Option(
-        None, "--pipeline", help="Evaluate exactly this pipeline.yaml (or a select run folder holding one) and its "
-                                 "first stage alone, instead of -f/-r/-d."),
-    max_queries: Optional[int] = typer.Option(None, "--max-queries", min=1, help="Evaluate only the first N queries."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Encoding / scoring batch size."),
-    max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", min=1, help="Override the bi-encoder's."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/eval-<time>)."),
+        None, "--pipeline", parser=PATH,
+        help="Evaluate exactly this pipeline.yaml (or a select run folder holding one) and its first stage alone, "
+             "instead of -f/-r/-d."),
+    max_queries: Optional[int] = typer.Option(None, "--max-queries", min=1, max=MAX_COUNT,
+                                              help="Evaluate only the first N queries."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, max=MAX_BATCH, help="Encoding / scoring batch size."),
+    max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", min=1, max=MAX_TOKENS,
+                                                 help="Override the bi-encoder's (at most what the model takes)."),
+    out: Optional[Path] = typer.Option(None, "--out", parser=PATH, help="Run directory (default runs/eval-<time>)."),
     seed: int = typer.Option(0, "--seed", **SEED_RANGE),
     engine_name: str = ENGINE_OPTION,
     ray_address: Optional[str] = RAY_ADDRESS_OPTION,
@@ -232,8 +278,9 @@ def eval_command(
         pipeline = Pipeline.load(path, batch_size=batch_size, backend=backend, threads=threads)
         config = {"command": "eval", "data": data, "dataset_fingerprint": dataset.fingerprint(), "split": split,
                   "pipeline": str(path), "pipeline_config": pipeline.config(), "max_queries": max_queries, "seed": seed}
-        run = RunDir(out or RunDir.default_path("eval"), config)
-        with engine.use(engine_name, ray_address):
+        # an unknown engine fails before the run folder exists; a failed run stops logging into it
+        with engine.use(engine_name, ray_address), RunDir(out or RunDir.default_path("eval"), config,
+                                                          resumable=False) as run:
             first, final, comparison = evaluate_pipeline(dataset, split, pipeline, max_queries)
         results, comparisons = [first] + ([final] if final else []), [comparison] if comparison else []
     else:
@@ -247,13 +294,14 @@ def eval_command(
             "first_stages": [s.config() for s in stages], "reranker": cross.config() if cross else None,
             "depths": depth, "max_queries": max_queries, "seed": seed,
         }
-        run = RunDir(out or RunDir.default_path("eval"), config)  # only once every input has been checked
-        with engine.use(engine_name, ray_address):
+        # the run folder only once every input (the engine too) has been checked
+        with engine.use(engine_name, ray_address), RunDir(out or RunDir.default_path("eval"), config,
+                                                          resumable=False) as run:
             results = evaluate(dataset, split, stages, cross, depths=depth, max_queries=max_queries)
         comparisons = [compare(next(x for x in results if x.name == r.first_stage), r) for r in results
                        if r.first_stage]
     path = save_results(results, run.path, {**run.config, "wall_seconds": run.wall_seconds}, comparisons)
-    run.close()
+    run.finish({"results": str(path)})
     console.print(results_table(results, f"{dataset.name} / {split}"))
     for c in comparisons:
         console.print(printable(f"{c.b}: nDCG@10 {c.mean_diff:+.4f} vs first stage (95% CI {c.ci95[0]:+.4f}.."
@@ -265,8 +313,8 @@ def eval_command(
 @app.command("compare")
 @user_errors
 def compare_command(
-    a: Path = typer.Argument(..., help="per_query/<system>.json of system A (from an eval run)."),
-    b: Path = typer.Argument(..., help="per_query/<system>.json of system B."),
+    a: Path = typer.Argument(..., parser=PATH, help="per_query/<system>.json of system A (from an eval run)."),
+    b: Path = typer.Argument(..., parser=PATH, help="per_query/<system>.json of system B."),
     metric: str = typer.Option("ndcg@10", "--metric"),
 ):
     """Compare two evaluated systems query by query: mean difference, 95% CI, paired p-value, wins/losses."""
@@ -297,10 +345,10 @@ def results_table(results, title: str) -> Table:
 # ---- training ------------------------------------------------------------------------------
 
 _DATA = typer.Option("default", "--data", help="'default' or a BEIR folder: corpus, train and dev splits.")
-_TRAIN_FILE = typer.Option(None, "--train-file", help="JSONL/CSV/TSV pairs, tuples or scored pairs instead of "
-                                                      "the train split.")
+_TRAIN_FILE = typer.Option(None, "--train-file", parser=TEXT_PATH,
+                           help="JSONL/CSV/TSV pairs, tuples or scored pairs instead of the train split.")
 _DEV = typer.Option("dev", "--dev-split", help="Split to evaluate on during and after training ('' for none).")
-_OUT = typer.Option(None, "--out", help="Run directory (default runs/train-<kind>-<time>).")
+_OUT = typer.Option(None, "--out", parser=PATH, help="Run directory (default runs/train-<kind>-<time>).")
 _RESUME = typer.Option(False, "--resume", help="Continue an interrupted run in --out.")
 _BF16 = typer.Option(False, "--bf16", help="Train in bf16 mixed precision: faster only on CPUs with AMX or AVX-512 "
                                            "BF16 (`select` measures it before using it).")
@@ -346,26 +394,29 @@ def train_bi_command(
                                                             "online-contrastive | cosent | margin-mse (default: from "
                                                             "the data's shape)."),
     hard_negatives: str = typer.Option("model", "--hard-negatives", help="Mine negatives with: model | bm25 | none."),
-    num_negatives: int = typer.Option(1, "--num-negatives", min=1),
-    range_min: int = typer.Option(10, "--range-min", min=0, help="Skip the top N candidates when mining."),
-    range_max: int = typer.Option(50, "--range-max", min=1, help="Mine among the top N candidates."),
-    relative_margin: Optional[float] = typer.Option(0.05, "--relative-margin", callback=_between(0, 1),
+    num_negatives: int = typer.Option(1, "--num-negatives", **_train_range("num_negatives")),
+    range_min: int = typer.Option(10, "--range-min", **_train_range("range_min"),
+                                  help="Skip the top N candidates when mining."),
+    range_max: int = typer.Option(50, "--range-max", **_train_range("range_max"),
+                                  help="Mine among the top N candidates."),
+    relative_margin: Optional[float] = typer.Option(0.05, "--relative-margin", **_train_range("relative_margin", True),
                                                     help="A negative must score under (1 - margin) × the positive."),
     negative_filter: Optional[str] = typer.Option(None, "--negative-filter", help="Cross-encoder to drop false "
                                                                                   "negatives when mining."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Cross-encoder teacher for margin-mse."),
-    epochs: float = typer.Option(1.0, "--epochs", callback=_above(0)),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    learning_rate: Optional[float] = typer.Option(None, "--lr", callback=_above(0),
+    epochs: float = typer.Option(1.0, "--epochs", **_train_range("epochs")),
+    batch_size: int = typer.Option(32, "--batch-size", **_train_range("batch_size")),
+    learning_rate: Optional[float] = typer.Option(None, "--lr", callback=_above(0, MAX_LEARNING_RATE),
                                                   help="Default 5e-5 (0.2 for a static embedding model)."),
-    max_seq_length: int = typer.Option(256, "--max-seq-length", min=1),
-    eval_steps: Optional[int] = typer.Option(None, "--eval-steps", min=1, help="Evaluate and checkpoint every N "
-                                                                               "steps (default: every epoch)."),
-    patience: int = typer.Option(2, "--patience", min=0, help="Early stopping after N evaluations without gain "
-                                                              "(0: off)."),
-    dev_corpus_size: int = typer.Option(2000, "--dev-corpus-size", min=1, help="Documents in the dev corpus used "
-                                                                               "during training (judged ones + a "
-                                                                               "fixed sample)."),
+    max_seq_length: int = typer.Option(256, "--max-seq-length", **_train_range("max_seq_length"),
+                                       help="Tokens per text (at most what the model takes)."),
+    eval_steps: Optional[int] = typer.Option(None, "--eval-steps", **_train_range("eval_steps"),
+                                             help="Evaluate and checkpoint every N steps (default: every epoch)."),
+    patience: int = typer.Option(2, "--patience", **_train_range("early_stopping_patience"),
+                                 help="Early stopping after N evaluations without gain (0: off)."),
+    dev_corpus_size: int = typer.Option(2000, "--dev-corpus-size", **_train_range("dev_corpus_size"),
+                                        help="Documents in the dev corpus used during training (judged ones + a "
+                                             "fixed sample)."),
     bf16: bool = _BF16,
     seed: int = typer.Option(42, "--seed", **SEED_RANGE),
     out: Optional[Path] = _OUT,
@@ -391,44 +442,50 @@ def train_bi_command(
 def train_cross_command(
     model: str = typer.Option("bert-tiny", "--model", "-m", help="Base for --init base: alias, directory or hub id."),
     init: str = typer.Option("base", "--init", help="base | same-as-bi | from-finetuned-bi."),
-    bi_run: Optional[str] = typer.Option(None, "--bi-run", help="A train-bi run: its base (same-as-bi), its model "
-                                                                "(from-finetuned-bi), and the default first stage."),
+    bi_run: Optional[str] = typer.Option(None, "--bi-run", parser=TEXT_PATH,
+                                         help="A train-bi run: its base (same-as-bi), its model (from-finetuned-bi), "
+                                              "and the default first stage."),
     data: str = _DATA,
     train_split: str = typer.Option("train", "--train-split"),
     train_file: Optional[str] = _TRAIN_FILE,
     dev_split: str = _DEV,
     first_stage: Optional[str] = typer.Option(None, "--first-stage", help="What mines negatives (default: the bi "
                                                                           "run's model, else bm25)."),
-    depth: int = typer.Option(20, "--depth", min=1, help="The rerank depth to train (and evaluate) for."),
-    hard_negatives: int = typer.Option(7, "--hard-negatives", min=0, help="Negatives per query from the top --depth."),
-    random_negatives: int = typer.Option(2, "--random-negatives", min=0, help="Random negatives per query."),
-    skip_top: int = typer.Option(0, "--skip-top", min=0, help="Hard negatives from below the first stage's top N "
-                                                              "only."),
-    pos_weight: Optional[float] = typer.Option(None, "--pos-weight", callback=_above(0),
+    depth: int = typer.Option(20, "--depth", **_train_range("depth"),
+                              help="The rerank depth to train (and evaluate) for."),
+    hard_negatives: int = typer.Option(7, "--hard-negatives", **_train_range("hard_negatives"),
+                                       help="Negatives per query from the top --depth."),
+    random_negatives: int = typer.Option(2, "--random-negatives", **_train_range("random_negatives"),
+                                         help="Random negatives per query."),
+    skip_top: int = typer.Option(0, "--skip-top", **_train_range("skip_top"),
+                                 help="Hard negatives from below the first stage's top N only."),
+    pos_weight: Optional[float] = typer.Option(None, "--pos-weight", **_train_range("pos_weight"),
                                                help="bce's weight on positives (default: negatives / positives)."),
     loss: Optional[str] = typer.Option(None, "--loss", help="bce | mse | cross-entropy | listnet | lambda "
                                                             "(default: bce; mse for scored pairs)."),
-    epochs: float = typer.Option(1.0, "--epochs", callback=_above(0)),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
-    learning_rate: float = typer.Option(5e-5, "--lr", callback=_above(0)),
-    max_length: int = typer.Option(256, "--max-length", min=1),
+    epochs: float = typer.Option(1.0, "--epochs", **_train_range("epochs")),
+    batch_size: int = typer.Option(16, "--batch-size", **_train_range("batch_size")),
+    learning_rate: float = typer.Option(5e-5, "--lr", callback=_above(0, MAX_LEARNING_RATE)),
+    max_length: int = typer.Option(256, "--max-length", **_train_range("max_length"),
+                                   help="Tokens per query-document pair (at most what the model takes)."),
     pretrain_queries: int = typer.Option(
-        0, "--pretrain-queries", min=0,
+        0, "--pretrain-queries", **_train_range("pretrain_queries"),
         help="Pre-train on this many pseudo-queries made from the corpus first (0: none)."),
     pretrain_kind: str = typer.Option("auto", "--pretrain-kind",
                                       help="auto | title | sentence (inverse cloze)."),
-    pretrain_epochs: float = typer.Option(1.0, "--pretrain-epochs", callback=_above(0)),
-    pretrain_skip: int = typer.Option(2, "--pretrain-skip", min=0, help="Pre-training negatives from below the first "
-                                                                 "stage's top N (and below the source document)."),
-    pretrain_minutes: Optional[float] = typer.Option(None, "--pretrain-minutes", callback=_above(0),
+    pretrain_epochs: float = typer.Option(1.0, "--pretrain-epochs", **_train_range("pretrain_epochs")),
+    pretrain_skip: int = typer.Option(2, "--pretrain-skip", **_train_range("pretrain_skip"),
+                                      help="Pre-training negatives from below the first stage's top N (and below "
+                                           "the source document)."),
+    pretrain_minutes: Optional[float] = typer.Option(None, "--pretrain-minutes", callback=_above(0, MAX_SECONDS / 60),
                                                      help="Stop pre-training after this many minutes."),
-    max_train_queries: Optional[int] = typer.Option(None, "--max-train-queries", min=1,
+    max_train_queries: Optional[int] = typer.Option(None, "--max-train-queries", **_train_range("max_train_queries"),
                                                     help="Train on a fixed sample of this many labelled queries."),
-    dev_sample: Optional[int] = typer.Option(None, "--dev-sample", min=1, help="Evaluate on a fixed sample of this "
-                                                                               "many dev queries during training "
-                                                                               "(all of them at the end)."),
-    eval_steps: Optional[int] = typer.Option(None, "--eval-steps", min=1),
-    patience: int = typer.Option(2, "--patience", min=0),
+    dev_sample: Optional[int] = typer.Option(None, "--dev-sample", **_train_range("dev_sample"),
+                                             help="Evaluate on a fixed sample of this many dev queries during "
+                                                  "training (all of them at the end)."),
+    eval_steps: Optional[int] = typer.Option(None, "--eval-steps", **_train_range("eval_steps")),
+    patience: int = typer.Option(2, "--patience", **_train_range("early_stopping_patience")),
     bf16: bool = _BF16,
     seed: int = typer.Option(42, "--seed", **SEED_RANGE),
     out: Optional[Path] = _OUT,
@@ -459,22 +516,24 @@ def train_cross_command(
 @user_errors
 def select_command(
     data: Optional[str] = typer.Option(None, "--data", help="'default' or a BEIR folder (train and dev splits)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="select.yaml: candidates per stage, budgets."),
+    config: Optional[Path] = typer.Option(None, "--config", parser=PATH,
+                                          help="select.yaml: candidates per stage, budgets."),
     preset: Optional[str] = typer.Option(None, "--preset", help="quick (about 10 min on 2 CPU cores) | full."),
     bi: Optional[List[str]] = typer.Option(None, "--bi", help="Candidate bi-encoder (repeatable)."),
     cross: Optional[List[str]] = typer.Option(None, "--cross", help="Candidate cross-encoder base (repeatable)."),
-    depth: Optional[List[int]] = typer.Option(None, "--depth", "-d", min=1,
+    depth: Optional[List[int]] = typer.Option(None, "--depth", "-d", min=1, max=MAX_CANDIDATES,
                                               help="Rerank depth to consider (repeatable)."),
-    latency_budget_ms: Optional[float] = typer.Option(None, "--latency-budget-ms", callback=_above(0),
+    latency_budget_ms: Optional[float] = typer.Option(None, "--latency-budget-ms",
+                                                      callback=_above(0, MAX_SECONDS * 1000),
                                                       help="Per-query latency the pipeline must stay within."),
-    time_budget: Optional[float] = typer.Option(None, "--time-budget", callback=_above(0),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", callback=_above(0, MAX_SECONDS / 60),
                                                 help="Minutes for the whole selection."),
-    max_dev_queries: Optional[int] = typer.Option(None, "--max-dev-queries", min=1),
+    max_dev_queries: Optional[int] = typer.Option(None, "--max-dev-queries", min=1, max=MAX_COUNT),
     test_split: Optional[str] = typer.Option(None, "--test-split", help="Confirm the chosen pipeline once on this "
                                                                         "split (reported, never used to choose)."),
     query: Optional[str] = typer.Option(None, "--query", help="Example query to answer with the chosen pipeline "
                                                               "(default: the first dev query)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/select-<time>)."),
+    out: Optional[Path] = typer.Option(None, "--out", parser=PATH, help="Run directory (default runs/select-<time>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted selection in --out."),
     backends: Optional[List[str]] = typer.Option(None, "--backend", help="A backend candidate for the chosen stages "
                                                                          "(repeatable): torch, torch-bf16, onnx, "
@@ -543,11 +602,11 @@ def export_command(
     quantize: str = typer.Option("none", "--quantize", help="none | int8 (onnx: dynamic, weights per channel; "
                                                            "openvino: static, NNCF calibrated on --calibration)."),
     dtype: str = typer.Option("float32", "--dtype", help="openvino: float32 | bfloat16 inference precision."),
-    calibration: Optional[str] = typer.Option(None, "--calibration", help="Your texts: a dataset ('default', a BEIR "
-                                                                          "folder) or a file with one text per line. "
-                                                                          "Needed for openvino int8; also the "
-                                                                          "equivalence sample."),
-    out: Path = typer.Option(..., "--out", "-o", help="New folder for the exported model."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", parser=TEXT_PATH,
+                                              help="Your texts: a dataset ('default', a BEIR folder) or a file with "
+                                                   "one text per line. Needed for openvino int8; also the "
+                                                   "equivalence sample."),
+    out: Path = typer.Option(..., "--out", "-o", parser=PATH, help="New folder for the exported model."),
     min_cosine: float = typer.Option(0.98, "--min-cosine", callback=_between(-1, 1),
                                      help="Refuse a bi-encoder whose worst embedding cosine to PyTorch on the sample "
                                           "is lower."),
@@ -579,20 +638,26 @@ def export_command(
 @index_app.command("build")
 @user_errors
 def index_build_command(
-    pipeline: str = typer.Option(..., "--pipeline", "-p",
+    pipeline: str = typer.Option(..., "--pipeline", "-p", parser=TEXT_PATH,
                                  help="pipeline.yaml, a select run folder, or a first stage (bm25 | model | a+b)."),
-    corpus: str = typer.Option(..., "--corpus", "-c", help="corpus.jsonl, a BEIR folder, or 'default'."),
-    out: Path = typer.Option(..., "--out", "-o", help="Index folder to create."),
+    corpus: str = typer.Option(..., "--corpus", "-c", parser=TEXT_PATH, help="corpus.jsonl, a BEIR folder, or "
+                                                                              "'default'."),
+    out: Path = typer.Option(..., "--out", "-o", parser=PATH, help="Index folder to create."),
     kind: str = typer.Option("exact", "--kind", help="exact | hnsw (approximate, usearch) | milvus."),
     quantization: str = typer.Option("none", "--quantization", "-q", help="none | int8 | binary."),
-    rescore: int = typer.Option(4, "--rescore", help="Quantised/HNSW: rescore this many × k candidates in float32."),
-    connectivity: int = typer.Option(16, "--connectivity", help="HNSW edges per node (M)."),
-    ef_construction: int = typer.Option(128, "--ef-construction", help="HNSW build beam width."),
-    ef_search: int = typer.Option(64, "--ef-search", help="HNSW query beam width."),
+    rescore: int = typer.Option(4, "--rescore", help="Quantised/HNSW: rescore this many × k candidates in float32 "
+                                                     f"({_vector_range('rescore')})."),
+    connectivity: int = typer.Option(16, "--connectivity",
+                                     help=f"HNSW edges per node (M; {_vector_range('connectivity')})."),
+    ef_construction: int = typer.Option(128, "--ef-construction",
+                                        help=f"HNSW build beam width ({_vector_range('expansion_add')})."),
+    ef_search: int = typer.Option(64, "--ef-search",
+                                  help=f"HNSW query beam width ({_vector_range('expansion_search')})."),
     replace: bool = typer.Option(False, "--replace", help="Rebuild an existing index (it answers until the new one "
                                                           "is committed)."),
-    milvus_uri: Optional[str] = typer.Option(None, "--milvus-uri", help="--kind milvus: a Milvus Lite file or "
-                                                                        "http://host:19530 (default INDEX/milvus.db)."),
+    milvus_uri: Optional[str] = typer.Option(None, "--milvus-uri", parser=TEXT_PATH,
+                                             help="--kind milvus: a Milvus Lite file or http://host:19530 (default "
+                                                  "INDEX/milvus.db)."),
     allow_untrained: bool = ALLOW_UNTRAINED_OPTION,
     engine_name: str = ENGINE_OPTION,
     ray_address: Optional[str] = RAY_ADDRESS_OPTION,
@@ -616,8 +681,8 @@ def index_build_command(
 @index_app.command("add")
 @user_errors
 def index_add_command(
-    index_path: Path = typer.Argument(..., metavar="INDEX"),
-    documents: Path = typer.Argument(..., help="Documents to add, in BEIR corpus.jsonl format."),
+    index_path: Path = typer.Argument(..., metavar="INDEX", parser=PATH),
+    documents: Path = typer.Argument(..., parser=PATH, help="Documents to add, in BEIR corpus.jsonl format."),
     upsert: bool = typer.Option(False, "--upsert", help="Replace documents whose id is already indexed."),
     engine_name: str = ENGINE_OPTION,
     ray_address: Optional[str] = RAY_ADDRESS_OPTION,
@@ -634,9 +699,10 @@ def index_add_command(
 @index_app.command("delete")
 @user_errors
 def index_delete_command(
-    index_path: Path = typer.Argument(..., metavar="INDEX"),
+    index_path: Path = typer.Argument(..., metavar="INDEX", parser=PATH),
     ids: Optional[List[str]] = typer.Argument(None, help="Document ids to delete."),
-    ids_file: Optional[Path] = typer.Option(None, "--ids-file", help="A file with one document id per line."),
+    ids_file: Optional[Path] = typer.Option(None, "--ids-file", parser=PATH,
+                                            help="A file with one document id per line."),
     missing_ok: bool = typer.Option(False, "--missing-ok", help="Ignore ids that are not in the index."),
 ):
     """Delete documents by id without a rebuild."""
@@ -659,7 +725,7 @@ def index_delete_command(
 
 @index_app.command("info")
 @user_errors
-def index_info_command(index_path: Path = typer.Argument(..., metavar="INDEX"),
+def index_info_command(index_path: Path = typer.Argument(..., metavar="INDEX", parser=PATH),
                        as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """What an index holds: version, documents, models, vector index, size on disk and in memory."""
     from stagewise.index import Index
@@ -686,14 +752,15 @@ def _print_index(index) -> None:
 @app.command("search")
 @user_errors
 def search_command(
-    index_path: Path = typer.Argument(..., metavar="INDEX"),
+    index_path: Path = typer.Argument(..., metavar="INDEX", parser=PATH),
     query: str = typer.Argument(...),
-    k: int = typer.Option(10, "--k", "-k", min=1, help="Results to show."),
-    depth: Optional[int] = typer.Option(None, "--depth", "-d", min=1, help="Candidates to rerank (default: the "
-                                                                             "pipeline's)."),
+    k: int = typer.Option(10, "--k", "-k", min=1, max=MAX_CANDIDATES, help="Results to show."),
+    depth: Optional[int] = typer.Option(None, "--depth", "-d", min=1, max=MAX_CANDIDATES,
+                                        help="Candidates to rerank (default: the pipeline's)."),
     no_rerank: bool = typer.Option(False, "--no-rerank", help="First stage only."),
-    pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Another pipeline.yaml over the same first "
-                                                                     "stage (a different reranker, depth or fusion)."),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", parser=PATH,
+                                            help="Another pipeline.yaml over the same first stage (a different "
+                                                 "reranker, depth or fusion)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     backend_name: Optional[str] = BACKEND_OPTION,
     quantize: Optional[str] = QUANTIZE_OPTION,
@@ -723,17 +790,18 @@ def search_command(
                       f"{h.first_stage_score:.4f} ({h.first_stage_rank})",
                       "" if h.rerank_score is None else f"{h.rerank_score:.4f}", *fused_cell,
                       escape(printable((f"{h.title}: " if h.title else "") + h.text[:100])))
-    console.print(table)
+    results_console.print(table)
 
 
 @app.command("serve")
 @user_errors
 def serve_command(
-    index_path: Path = typer.Argument(..., metavar="INDEX"),
+    index_path: Path = typer.Argument(..., metavar="INDEX", parser=PATH),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. The service has no authentication: "
                                                          "keep it on loopback or put it behind a proxy."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
-    pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Another pipeline.yaml over the same first stage."),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", parser=PATH,
+                                            help="Another pipeline.yaml over the same first stage."),
     timeout: float = typer.Option(10.0, "--timeout", help="Seconds per request, queueing included; its work stops "
                                                           "when they pass."),
     max_k: int = typer.Option(100, "--max-k"),
@@ -748,6 +816,8 @@ def serve_command(
     batch_wait_ms: float = typer.Option(2.0, "--batch-wait-ms", help="How long a batch waits for more requests."),
     reload_interval: float = typer.Option(1.0, "--reload-interval", help="Seconds between checks for a new index "
                                                                          "version (0: never reload)."),
+    body_timeout: float = typer.Option(5.0, "--body-timeout", help="Seconds a request's whole body may take to arrive "
+                                                                    "(a body shorter than its Content-Length: 408)."),
     allow_untrained: bool = ALLOW_UNTRAINED_OPTION,
     backend_name: Optional[str] = BACKEND_OPTION,
     quantize: Optional[str] = QUANTIZE_OPTION,
@@ -763,7 +833,7 @@ def serve_command(
     settings = ServiceSettings(max_k=max_k, max_depth=max_depth, timeout_s=timeout, max_batch=max_batch,
                                batch_wait_ms=batch_wait_ms, max_request_pairs=max_request_pairs,
                                max_request_hits=max_request_hits, max_text_chars=max_text_chars,
-                               reload_interval_s=reload_interval).validate()
+                               reload_interval_s=reload_interval, body_timeout_s=body_timeout).validate()
     check_listen(host, port)  # before the models load
     backend = backend_option(backend_name, quantize, dtype)
     index = Index.load(index_path, pipeline=pipeline, backend=backend, threads=threads)

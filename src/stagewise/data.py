@@ -9,18 +9,26 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from stagewise.dataset import Document, RetrievalDataset
+from stagewise.dataset import Document, RetrievalDataset, is_blank
 from stagewise.errors import DataError
 from stagewise.stdlib_dataset import build_stdlib_dataset
 
 DEFAULT_DATASET_NAMES = ("default", "stdlib")
-#: The relevance a qrels file may give: what a C int holds (pytrec_eval's type).
-RELEVANCE_MIN, RELEVANCE_MAX = -(2**31), 2**31 - 1
+#: The relevance a qrels file may give: a small graded range. trec_eval (pytrec_eval) keeps a counter per level from
+#: 0 to a query's highest relevance, so memory grows with the value (10**7 took 76 MB, 10**8 0.8 GB); every negative
+#: value means "not relevant" to it (TREC's -1 unjudged, -2 junk), and the metrics read them all as -1.
+RELEVANCE_MIN, RELEVANCE_MAX = -1000, 1000
+#: An integer relevance as written in qrels: ASCII digits with an optional sign; a zero fraction ("1.0") is kept
+#: for files written from float columns. Not int()'s wider syntax ("1_0", " 1", Unicode digits, "1e0").
+_RELEVANCE = re.compile(r"([+-]?[0-9]+)(?:\.0*)?")
+_INVISIBLE = ": only spaces or invisible characters"
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,16 +59,41 @@ def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     return _lines(Path(path))
 
 
+def _field_with_long_integer(line: str) -> str | None:
+    """The top-level field of a JSON record holding an integer too long for Python's int() (it refuses more than
+    ``sys.get_int_max_str_digits()`` digits, and json.loads with it), found by parsing again without converting."""
+    limit = sys.get_int_max_str_digits()
+    too_long = object()
+
+    def holds(value) -> bool:
+        if value is too_long:
+            return True
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        return any(holds(v) for v in items)
+
+    try:
+        record = json.loads(line, parse_int=lambda digits: too_long if len(digits.lstrip("-")) > limit else 0)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    return next((key for key, value in record.items() if holds(value)), None)
+
+
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
     for number, line in _lines(path):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, f"invalid JSON ({e.msg} at column {e.colno})", line=number) from None
+        except json.JSONDecodeError as e:  # some messages end with "at" already ("Unterminated string starting at")
+            at = "" if e.msg.endswith(" at") else " at"
+            raise DataError(path, f"invalid JSON ({e.msg}{at} column {e.colno})", line=number) from None
         except RecursionError:  # thousands of nested brackets: no record is that deep
             raise DataError(path, "invalid JSON (nested too deeply)", line=number) from None
+        except ValueError:  # an integer of more digits than int() converts: the only other error json.loads raises
+            raise DataError(path, f"a number of more than {sys.get_int_max_str_digits()} digits", line=number,
+                            field=_field_with_long_integer(line)) from None
         if not isinstance(record, dict):
             raise DataError(path, f"expected a JSON object, got {type(record).__name__}", line=number)
         yield number, record
@@ -84,8 +117,8 @@ def _required_text(record: dict, key: str, path: Path, line: int, allow_empty: b
         value = str(value)
     if not isinstance(value, str):
         raise DataError(path, f"expected a string, got {type(value).__name__}", line=line, field=key)
-    if not allow_empty and not value.strip():
-        raise DataError(path, "empty", line=line, field=key)
+    if not allow_empty and is_blank(value):
+        raise DataError(path, "empty" + (_INVISIBLE if value else ""), line=line, field=key)
     return _valid_text(value, path, line, key)
 
 
@@ -94,7 +127,9 @@ def _required_text(record: dict, key: str, path: Path, line: int, allow_empty: b
 # --------------------------------------------------------------------------------------------
 
 
-def load_corpus(path: str | Path) -> dict[str, Document]:
+def load_corpus(path: str | Path, invisible_ok: bool = False) -> dict[str, Document]:
+    """``invisible_ok``: a document of invisible characters alone is kept (an index's own ``docs.jsonl``, which
+    earlier builds wrote with such documents in it); a new corpus refuses it like an empty one."""
     path = Path(path)
     corpus: dict[str, Document] = {}
     first_line: dict[str, int] = {}
@@ -107,8 +142,9 @@ def load_corpus(path: str | Path) -> dict[str, Document]:
             raise DataError(path, f"expected a string, got {type(title).__name__}", line=number, field="title")
         _valid_text(title, path, number, "title")
         text = _required_text(record, "text", path, number, allow_empty=True)
-        if not text.strip() and not title.strip():
-            raise DataError(path, "empty (and no title)", line=number, field="text")
+        if is_blank(text) and is_blank(title) and not (invisible_ok and (text or title)):  # nothing to index
+            raise DataError(path, "empty (and no title)" + (_INVISIBLE if text or title else ""), line=number,
+                            field="text")
         if doc_id in corpus:
             raise DataError(path, f"duplicate id '{doc_id}' (first on line {first_line[doc_id]})", line=number, field="_id")
         corpus[doc_id] = Document(doc_id, title, text)
@@ -134,8 +170,26 @@ def load_queries(path: str | Path) -> dict[str, str]:
     return queries
 
 
+def _relevance(score: str, path: Path, line: int) -> int:
+    """A qrels score as an int from RELEVANCE_MIN to RELEVANCE_MAX; anything else is a DataError naming the line."""
+    match, shown = _RELEVANCE.fullmatch(score), score if len(score) <= 40 else score[:40] + "…"
+    if match is None:  # 0.5 / 1.5 were silently truncated, 1_0 read as 10
+        raise DataError(path, f"expected an integer relevance, got '{shown}'", line=line, field="score")
+    digits = match[1].lstrip("+-").lstrip("0")
+    rel = int(match[1]) if len(digits) <= len(str(RELEVANCE_MAX)) else None  # int() never sees 5,000 digits
+    if rel is None or not RELEVANCE_MIN <= rel <= RELEVANCE_MAX:
+        raise DataError(path, f"relevance '{shown}' is out of range: an integer from {RELEVANCE_MIN} to "
+                              f"{RELEVANCE_MAX} (0 or negative: not relevant; trec_eval's memory grows with the "
+                              "highest grade)", line=line, field="score")
+    return rel
+
+
 def load_qrels(path: str | Path, corpus: dict[str, Document], queries: dict[str, str]) -> dict[str, dict[str, int]]:
-    """Read BEIR qrels (query-id, corpus-id, score; optional header) or TREC qrels (qid 0 docid rel)."""
+    """Read BEIR qrels (query-id, corpus-id, score; optional header) or TREC qrels (qid 0 docid rel).
+
+    A score is an integer from ``RELEVANCE_MIN`` to ``RELEVANCE_MAX`` (graded relevance; 0 or negative is not
+    relevant), written as plain digits with an optional sign: trec_eval's memory grows with the highest grade.
+    """
     path = Path(path)
     qrels: dict[str, dict[str, int]] = {}
     first_line: dict[tuple[str, str], int] = {}
@@ -156,16 +210,7 @@ def load_qrels(path: str | Path, corpus: dict[str, Document], queries: dict[str,
             raise DataError(path, f"unknown query id '{qid}' (not in queries.jsonl)", line=number, field="query-id")
         if did not in corpus:
             raise DataError(path, f"unknown document id '{did}' (not in corpus.jsonl)", line=number, field="corpus-id")
-        try:
-            value = float(score)
-            if not value.is_integer():  # 0.5 / 1.5 were silently truncated; inf raised OverflowError
-                raise ValueError(score)
-            rel = int(value)
-        except ValueError:
-            raise DataError(path, f"expected an integer relevance, got '{score}'", line=number, field="score") from None
-        if not RELEVANCE_MIN <= rel <= RELEVANCE_MAX:  # pytrec_eval keeps relevance in a C int
-            raise DataError(path, f"relevance '{score}' is out of range (an integer from {RELEVANCE_MIN} to "
-                                  f"{RELEVANCE_MAX})", line=number, field="score")
+        rel = _relevance(score, path, number)
         if (qid, did) in first_line:
             raise DataError(path, f"duplicate judgement of '{did}' for '{qid}' (first on line "
                                   f"{first_line[qid, did]})", line=number, field="corpus-id")
@@ -310,8 +355,8 @@ def load_training_examples(path: str | Path) -> TrainingExamples:
             else:
                 if not isinstance(value, str):
                     raise DataError(path, f"expected a string, got {type(value).__name__}", line=number, field=theirs)
-                if not value.strip():
-                    raise DataError(path, "empty", line=number, field=theirs)
+                if is_blank(value):
+                    raise DataError(path, "empty" + (_INVISIBLE if value else ""), line=number, field=theirs)
                 _valid_text(value, path, number, theirs)
             examples.columns[ours].append(value)
     if examples is None or len(examples) == 0:

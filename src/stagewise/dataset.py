@@ -7,9 +7,16 @@ Shared by the file loaders (:mod:`stagewise.data`) and the builder of the embedd
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from dataclasses import dataclass
 
 from stagewise.errors import DataError
+
+
+def is_blank(text: str) -> bool:
+    """Nothing to search for: only whitespace, separators, control or invisible format characters (zero-width
+    spaces, BOM). Every entry point (Python API, CLI, service, data files) refuses such a query or document alike."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Zs", "Zl", "Zp") for c in text)
 
 
 @dataclass(frozen=True)

@@ -24,3 +24,9 @@ class DataError(StagewiseError):
 
 class ModelError(StagewiseError):
     """A model spec cannot be resolved or loaded (missing package, offline hub id, wrong model kind)."""
+
+
+class Unavailable(StagewiseError):
+    """A store the index searches through (a Milvus server) is not answering now: the same call may work later.
+
+    The message is for clients, so it names no internal address; the service answers it with 503."""

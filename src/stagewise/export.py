@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import shutil
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from stagewise.models import (ModelSpec, _atomic_dir, _quiet_transformers, load_
                               resolve_model)
 from stagewise.progress import progress_bar
 from stagewise.rundir import cpu, versions
-from stagewise.runtimes import output_name, transformer_module
+from stagewise.runtimes import attach_runtime, load_runtime, output_name, transformer_module
 from stagewise.timing import span
 
 # where each variant's file goes: sentence-transformers' own layout, so its backends can load them one day
@@ -391,10 +392,7 @@ def export_model(model: str | ModelSpec, backend: Backend, out: str | Path, cali
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise StagewiseError(f"option '--out': {out} already exists and is not empty; choose a new folder")
-    existing = next((p for p in out.absolute().parents if p.exists()), None)  # where the new folder would go
-    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
-        why = "is a file, not a folder" if not existing.is_dir() else "is not writable"
-        raise StagewiseError(f"option '--out': cannot create {out}: {existing} {why}")
+    _check_writable(out)
     require_export(backend)
     threads = set_threads(threads)
     reference = _load(spec, kind)
@@ -414,7 +412,7 @@ def export_model(model: str | ModelSpec, backend: Backend, out: str | Path, cali
             file = _export_onnx(reference, tmp, backend.quantize, inputs, output)
         else:
             file = _export_openvino(reference, tmp, backend.quantize, inputs, output, kind, calibration)
-        manifest.update({
+        manifest.update({  # written once the equivalence is measured: a manifest without it is never on disk
             "format": 1,
             "kind": kind,
             "source": {"spec": spec.spec, "fingerprint": spec.fingerprint},
@@ -426,8 +424,10 @@ def export_model(model: str | ModelSpec, backend: Backend, out: str | Path, cali
             "versions": versions(),
             "cpu": cpu(),
         })
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        candidate = _load(str(tmp), kind, threads=threads)
+        # the export as its loaders will run it: the source's modules (the same files as the copies) around the
+        # runtime's session on the new file
+        candidate = _load(spec, kind, threads=threads)
+        candidate = attach_runtime(candidate, load_runtime(tmp, manifest["file"], backend, candidate, threads))
         sample = equivalence_sample(calibration)
         manifest["equivalence"] = {**equivalence(kind, reference, candidate, sample), "sample": sample.source}
         problems = failures(kind, manifest["equivalence"], tolerance)
@@ -438,8 +438,26 @@ def export_model(model: str | ModelSpec, backend: Backend, out: str | Path, cali
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
     with _quiet_transformers(), span("export", f"{spec.name}@{backend.label}", 1, "models"):
-        _atomic_dir(out, fill)  # tracing the model makes transformers talk about losses it will never compute
+        try:  # a killed export's temporary folder is removed by the next one (_atomic_dir)
+            _atomic_dir(out, fill)  # tracing the model makes transformers talk about losses it will never compute
+        except OSError as e:  # the disk filled up, or the folder went away under us
+            raise StagewiseError(f"option '--out': cannot write {out} ({e.strerror or e}: {e.filename})") from None
     return manifest
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an ``--out`` where no folder can be made, before any work: a probe folder is made and removed where
+    the new one would go (permissions alone say nothing on read-only or virtual file systems such as /proc)."""
+    existing = next((p for p in out.absolute().parents if p.exists()), None)  # where the new folder would go
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise StagewiseError(f"option '--out': cannot create {out}: {existing} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".stagewise-probe-", dir=existing))
+    except OSError as e:
+        raise StagewiseError(f"option '--out': cannot create {out}: {existing} does not take new folders "
+                             f"({e.strerror})") from None
 
 
 def prepare(model: str | ModelSpec, backend: Backend | None) -> tuple[ModelSpec, Backend]:

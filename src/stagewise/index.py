@@ -38,6 +38,7 @@ import numpy as np
 
 from stagewise.backends import Backend, fingerprints
 from stagewise.data import Document, load_corpus, load_dataset
+from stagewise.dataset import is_blank
 from stagewise.errors import StagewiseError
 from stagewise.pipeline import Hit, Pipeline, Query, StageTimings
 from stagewise.rerankers import require_trained
@@ -117,8 +118,7 @@ class Index:
         if not isinstance(pipeline, Pipeline):
             pipeline = Pipeline.load(pipeline)
         require_trained(pipeline.reranker, allow_untrained_reranker, f"index build {path}")
-        if not isinstance(corpus, dict):
-            corpus = load_corpus(corpus)
+        corpus = _documents(corpus)
         if not corpus:
             raise InvalidIndexError(f"{path}: the corpus is empty: nothing to index")
         created = _outermost_missing(path)  # what this build creates, and removes again if it fails
@@ -164,7 +164,7 @@ class Index:
             _check_same_first_stage(other, stored, path)
             other.first_stage = stored.first_stage
             stored = other
-        corpus = load_corpus(folder / "docs.jsonl")
+        corpus = load_corpus(folder / "docs.jsonl", invisible_ok=True)
         if len(corpus) != manifest["documents"]:
             raise InvalidIndexError(
                 f"{folder / 'docs.jsonl'}: {len(corpus)} documents, manifest says {manifest['documents']}")
@@ -176,9 +176,7 @@ class Index:
 
     def add(self, documents: dict[str, Document] | Iterable[Document] | str | Path, upsert: bool = False) -> "Index":
         """Add documents (encoding only them); existing ids are refused unless ``upsert`` replaces them."""
-        if isinstance(documents, (str, Path)):
-            documents = load_corpus(documents)
-        documents = documents if isinstance(documents, dict) else {d.id: d for d in documents}
+        documents = _documents(documents)
         existing = [d for d in documents if d in self.corpus]
         if existing and not upsert:
             raise InvalidIndexError(f"{len(existing)} document id(s) already in the index, e.g. '{existing[0]}' "
@@ -250,6 +248,18 @@ def load_pipeline_spec(spec: str | Path, backend: Backend | None = None, threads
     if str(spec).endswith((".yaml", ".yml")):
         raise StagewiseError(f"{spec}: pipeline file not found")
     return Pipeline(build_first_stage(str(spec), backend=backend, threads=threads))
+
+
+def _documents(documents: dict[str, Document] | Iterable[Document] | str | Path) -> dict[str, Document]:
+    """Documents to index, from a corpus file or the Python API; a blank one (no text and no title, or invisible
+    characters alone) is refused by either, as the file loader refuses it: nothing in it can be searched for."""
+    if isinstance(documents, (str, Path)):
+        return load_corpus(documents)
+    documents = documents if isinstance(documents, dict) else {d.id: d for d in documents}
+    blank = next((d for d in documents.values() if is_blank(d.text) and is_blank(d.title)), None)
+    if blank is not None:
+        raise InvalidIndexError(f"document '{blank.id}': empty (no text and no title, or invisible characters alone)")
+    return documents
 
 
 def load_corpus_spec(spec: str | Path) -> dict[str, Document]:

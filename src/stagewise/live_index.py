@@ -4,7 +4,8 @@ A new version (from ``index add``, ``index delete`` or ``index build --replace``
 the one being served, on a thread of its own; then one reference assignment swaps it in. A batch already
 running finishes on the version it started with, so no request is lost or answered from a half-loaded index;
 each answer names the version that gave it. A version that fails to load (corrupted, a model changed, an
-untrained reranker) is not served: the previous one keeps answering and ``/health`` says why.
+untrained reranker) is not served: the previous one keeps answering and ``/health`` says why. ``/health`` also
+probes a vector store the index searches through (a Milvus server), so an outage shows there, not only as 503s.
 """
 
 from __future__ import annotations
@@ -75,6 +76,18 @@ class LiveIndex:
                           backend=self._backend, threads=self._threads)
 
     def health(self) -> dict:
+        """The version served, and the state of its vector store where it has one of its own (may take a probe's
+        time: call it off the event loop)."""
+        stores = _remote_stores(self.index)
+        down = next((why for why in (store.ping() for store in stores) if why), None)
         return {"version": self.index.version, "documents": len(self.index), "reloads": self.reloads,
                 "loaded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
-                **({"reload_failed": self.failed} if self.failed else {})}
+                **({"reload_failed": self.failed} if self.failed else {}),
+                **({"vector_store": {"status": "down", "error": down} if down else {"status": "up"}} if stores else {})}
+
+
+def _remote_stores(index: Index) -> list:
+    """The first stage's vector stores that can fail apart from this process (they have ``ping``): Milvus."""
+    first = index.pipeline.first_stage
+    vectors = [getattr(stage, "vectors", None) for stage in getattr(first, "stages", [first])]
+    return [v for v in vectors if hasattr(v, "ping")]

@@ -23,6 +23,10 @@ def compute_metrics(
     The run's scores must order documents as ranked; ``run_from_rankings`` guarantees that.
     """
     cutoffs = sorted({10, 100, *recall_cutoffs})
+    if any(rel < -1 for docs in qrels.values() for rel in docs.values()):
+        # trec_eval reads every negative relevance as "judged, not relevant" (-1, 0 and no judgement score alike),
+        # but crashes (segfault) on a query whose judgements are all below -1
+        qrels = {qid: {did: max(rel, -1) for did, rel in docs.items()} for qid, docs in qrels.items()}
     evaluator = pytrec_eval.RelevanceEvaluator(
         qrels, {"ndcg_cut.10", "map_cut.100", "recall." + ",".join(map(str, cutoffs))}
     )

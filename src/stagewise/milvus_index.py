@@ -15,6 +15,11 @@ current directory, so a relative ``--milvus-uri`` is made absolute when the inde
 relative to its index is resolved against that index folder only (never against the current directory).
 Tested against Milvus Lite and against the standalone server that the ``milvus`` package runs
 (tests/test_milvus_server.py).
+
+A search never waits on an outage: each call has a deadline (``CALL_TIMEOUT_S``, reconnecting included), and a
+server that is down, restarting or still loading the collection raises :class:`~stagewise.errors.Unavailable`
+with a message for clients (no internal address), which the service answers with 503. pymilvus reconnects on
+the next call, so answers resume as soon as the server does, not after a request timeout.
 """
 
 from __future__ import annotations
@@ -22,14 +27,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 
-from stagewise.errors import StagewiseError
+from stagewise.errors import StagewiseError, Unavailable
 
 MAX_LIMIT = 16384  # Milvus' largest top-k
+# seconds a search (with its reconnect, or its wait for a reloading collection) may take before it is an outage:
+# well under the service's request timeout, so a client hears 503 rather than waiting for its 504
+CALL_TIMEOUT_S = 3.0
+PROBE_TIMEOUT_S = 2.0  # the /health probe's search
 _clients: dict[str, object] = {}
 
 
@@ -41,8 +51,8 @@ def client(uri: str):
         except ImportError:
             raise StagewiseError("the milvus index needs pymilvus: pip install 'stagewise[scale]' "
                                  "(pymilvus, and milvus-lite for a local file)") from None
-        try:
-            _clients[uri] = MilvusClient(uri)
+        try:  # a server's (re)connections wait at most CALL_TIMEOUT_S; Milvus Lite starts a local process: its default
+            _clients[uri] = MilvusClient(uri, timeout=CALL_TIMEOUT_S) if _is_server(uri) else MilvusClient(uri)
         except Exception as e:  # pymilvus raises its own MilvusException family, and OSError for Lite files
             raise StagewiseError(f"cannot open Milvus at {uri}: {e}") from None
     return _clients[uri]
@@ -73,6 +83,22 @@ def _hit_key(hit) -> int:
 def _not_loaded(error: Exception) -> bool:
     """A server that restarted loads its collections again in the background; until then searches fail so."""
     return getattr(error, "code", None) == 101 or "not loaded" in str(error)
+
+
+def _outage(error: Exception, seconds: float = CALL_TIMEOUT_S) -> str | None:
+    """Why a call failed, in words for clients, when Milvus is down, restarting, loading or too slow; None when it
+    failed for another reason. pymilvus raises gRPC errors and its own ``MilvusException`` (code 2: cannot connect)."""
+    import grpc  # pymilvus' transport
+
+    code = error.code() if isinstance(error, grpc.RpcError) else getattr(error, "code", None)
+    text = str(error)
+    if _not_loaded(error) or "loading collection" in text:
+        return "Milvus is loading the collection (after a restart)"
+    if code in (grpc.StatusCode.UNAVAILABLE, 2) or "Fail connecting" in text:
+        return "Milvus is not reachable"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED or "Retry timeout" in text:
+        return f"Milvus did not answer within {seconds:g} s"
+    return None
 
 
 def _index_root(folder: Path) -> Path | None:
@@ -151,13 +177,21 @@ class MilvusVectors:
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         if k == 0:
             return rows, scores
+        deadline = time.monotonic() + CALL_TIMEOUT_S
         try:
-            answers = self._search(queries, limit)
+            try:
+                answers = self._search(queries, limit, CALL_TIMEOUT_S)
+            except Exception as e:
+                if not _not_loaded(e):
+                    raise
+                # a restarted server loads it again by itself; asking makes sure, and waits what is left of the call
+                self.client.load_collection(self.collection, timeout=max(0.1, deadline - time.monotonic()))
+                answers = self._search(queries, limit, max(0.1, deadline - time.monotonic()))
         except Exception as e:
-            if not _not_loaded(e):
+            reason = _outage(e)
+            if reason is None:
                 raise
-            self.client.load_collection(self.collection)  # waits until the restarted server has it again
-            answers = self._search(queries, limit)
+            raise Unavailable(f"the vector store is unavailable: {reason}; retry shortly") from None
         retired = set(self.retired.tolist())
         for i, hits in enumerate(answers):
             kept = [(key, h["distance"]) for h in hits if (key := _hit_key(h)) not in retired][:k]
@@ -166,9 +200,19 @@ class MilvusVectors:
             scores[i, :len(kept)] = [score for _, score in kept]
         return rows, scores
 
-    def _search(self, queries: np.ndarray, limit: int):
-        return self.client.search(self.collection, data=queries.tolist(), limit=limit,
+    def _search(self, queries: np.ndarray, limit: int, timeout: float):
+        return self.client.search(self.collection, data=queries.tolist(), limit=limit, timeout=timeout,
                                   filter=f"key < {self.watermark}", output_fields=[], consistency_level="Strong")
+
+    def ping(self) -> str | None:
+        """None when Milvus answers a search of this collection within ``PROBE_TIMEOUT_S``; else why not (for
+        /health: a collection searchable as the service searches it is what matters, not only a server that
+        answers: after a restart, strongly consistent searches wait seconds longer than the rest)."""
+        try:
+            self._search(np.zeros((1, self.dim), dtype=np.float32), 1, PROBE_TIMEOUT_S)
+        except Exception as e:
+            return _outage(e, PROBE_TIMEOUT_S) or f"Milvus search failed ({type(e).__name__})"
+        return None
 
     def save(self, folder: Path) -> list[Path]:
         from dataclasses import asdict

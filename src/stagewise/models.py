@@ -24,10 +24,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from stagewise.backends import Backend
+from stagewise.backends import UNFINISHED, Backend
 from stagewise.cache import cache_dir
 from stagewise.errors import ModelError
 from stagewise.runtimes import apply_backend
+
+try:
+    import fcntl  # POSIX file locks: whether a temporary folder's run still lives
+except ImportError:  # pragma: no cover (Windows)
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -161,17 +166,58 @@ class ModelSpec:
 
 
 def _atomic_dir(target: Path, fill: Callable[[Path], None]) -> None:
-    """Fill a temporary sibling directory, then rename it into place: an interrupted run leaves nothing half-written."""
+    """Fill a temporary sibling directory, then rename it into place: an interrupted run leaves nothing half-written.
+
+    A killed run cannot remove its temporary folder, so the folder carries a marker that says it is unfinished
+    (nothing loads it), locked for as long as its process lives; the next run into the same parent removes the
+    folders whose marker no live process holds."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    marker = None
     try:
+        marker = _locked_marker(tmp)
         fill(tmp)
+        (tmp / UNFINISHED).unlink()
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
+        if marker is not None:
+            marker.close()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _locked_marker(folder: Path):
+    """The unfinished marker in ``folder``, locked before it appears under its name (so that no other process ever
+    sees it unlocked while this one lives); the open file keeps the lock until it is closed or the process ends."""
+    pending = folder / f"{UNFINISHED}.{os.getpid()}"
+    handle = pending.open("w")
+    if fcntl is not None:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    os.replace(pending, folder / UNFINISHED)
+    return handle
+
+
+def remove_stale_temporaries(parent: Path) -> list[Path]:
+    """Remove ``parent``'s temporary folders of killed runs: hidden folders holding our unfinished marker whose
+    lock no process holds. A folder in use, or any other folder, is left alone (without file locks, all are)."""
+    removed = []
+    if fcntl is None or not parent.is_dir():
+        return removed
+    for folder in parent.glob(".*-*"):
+        marker = folder / UNFINISHED
+        if folder.is_symlink() or not marker.is_file():
+            continue
+        try:
+            with marker.open("r+") as handle:  # never creates one: a run that just finished removed its own
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # refused while its run lives
+                shutil.rmtree(folder)
+                removed.append(folder)
+        except OSError:  # in use, or not ours to remove
+            continue
+    return removed
 
 
 @lru_cache(maxsize=64)
@@ -210,6 +256,8 @@ def installed_aliases() -> list[str]:
 def resolve_model(spec: str | Path) -> ModelSpec:
     """Alias → packaged model; existing directory → itself; ``org/name`` → Hugging Face cache or download."""
     text = str(spec)
+    if not text.strip():  # Path("") is the working directory: never a model asked for
+        raise ModelError(f"model {text!r}: an empty name; {_available_hint()}")
     if text in ALIASES:
         alias = ALIASES[text]
         path = alias.locate()
@@ -275,6 +323,37 @@ def has_transformer(path: Path) -> bool:
     return "model_type" in _read_json(path / "config.json")
 
 
+def check_cross_encoder(spec: ModelSpec) -> None:
+    """Refuse a static embedding model where a cross-encoder is needed: it has no transformer to read a query and
+    a document together (sentence-transformers fails deep inside loading it)."""
+    if not has_transformer(spec.path):
+        raise ModelError(f"'{spec.spec}' is a static embedding model (no transformer): it cannot read a query and a "
+                         "document together, so it cannot rerank or be trained as a cross-encoder")
+
+
+#: Architectures whose position ids start after the padding index (RoBERTa's scheme): that many positions fewer.
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "data2vec-text", "longformer")
+
+
+def token_limit(path: Path) -> int | None:
+    """The most tokens a model takes: its position embeddings (None: unknown, or none at all, as for static
+    embeddings). Longer inputs fail inside the model, whatever length was asked for. (A tokenizer's
+    ``model_max_length`` is no limit: sentence-transformers saves its own max_seq_length there.)"""
+    config = _read_json(path / "config.json")
+    positions = config.get("max_position_embeddings")
+    if not isinstance(positions, int) or isinstance(positions, bool) or positions < 1:
+        return None
+    if config.get("model_type") in _OFFSET_POSITIONS and isinstance(config.get("pad_token_id"), int):
+        positions -= config["pad_token_id"] + 1
+    return positions
+
+
+def _fitted_length(spec: ModelSpec, length: int | None) -> int | None:
+    """``length`` held to what the model takes (a longer one would fail on the first long text)."""
+    limit = token_limit(spec.path)
+    return length if length is None or limit is None else min(length, limit)
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -295,7 +374,7 @@ def load_bi_encoder(spec: ModelSpec | str, device: str | None = None, max_seq_le
     with _quiet_transformers():
         model = SentenceTransformer(str(spec.path), device=device, local_files_only=True)
     if max_seq_length and math.isfinite(model.max_seq_length or math.inf):  # static embeddings have no limit
-        model.max_seq_length = max_seq_length
+        model.max_seq_length = _fitted_length(spec, max_seq_length)
     return apply_backend(model, spec.path, backend, threads)
 
 
@@ -307,6 +386,8 @@ def load_cross_encoder(spec: ModelSpec | str, device: str | None = None, max_len
     from sentence_transformers import CrossEncoder
 
     spec = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
+    check_cross_encoder(spec)
+    max_length = _fitted_length(spec, max_length)
     kind = model_kind(spec.path)
     if kind != "cross-encoder" and warn_untrained:
         dropped = " (its pooling/normalisation modules are dropped)" if kind == "bi-encoder" else ""

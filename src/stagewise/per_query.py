@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from stagewise import pipeline_schema
 from stagewise.backends import Backend, fingerprints
 from stagewise.errors import StagewiseError
 from stagewise.models import ModelSpec
@@ -47,14 +48,11 @@ def setting(value, where: str) -> tuple[str, Backend] | None:
     """A ``per_query`` setting's model and backend, checked (None: the stage's own model does per-query work)."""
     if value is None:
         return None
-    if not isinstance(value, dict) or not isinstance(value.get("model"), str) or not value["model"].strip():
-        raise StagewiseError(f"{where}: field '{KEY}': a mapping with a 'model' (and its backend, quantize, dtype), "
-                             f"got {value!r}")
-    unknown = set(value) - {"model", "fingerprint", "backend", "quantize", "dtype"}
-    if unknown:
-        raise StagewiseError(f"{where}: field '{KEY}': unknown key '{sorted(unknown)[0]}' (known: model, backend, "
-                             "quantize, dtype)")
-    return value["model"], Backend.from_config(value, f"{where}: field '{KEY}'")
+    try:
+        pipeline_schema.check(value, pipeline_schema.PER_QUERY, KEY)
+    except StagewiseError as e:
+        raise StagewiseError(f"{where}: {e}") from None
+    return value["model"], Backend.from_config(value)
 
 
 def load(value, owner: ModelSpec, where: str, prepare: Callable, loader: Callable) -> PerQuery | None:

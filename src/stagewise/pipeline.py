@@ -1,24 +1,23 @@
 """A two-stage pipeline: a first stage retrieves, an optional cross-encoder reranks the top ``depth``.
 
 The reranked candidates are ordered by a ``Fusion`` of both stages' scores (pure reranking by default). Saved as
-``pipeline.yaml`` (first-stage and reranker configs, depth, fusion) so every command loads the same pipeline.
+``pipeline.yaml`` (first-stage and reranker configs, depth, fusion) so every command loads the same pipeline, each
+checking the whole file against one schema (:mod:`stagewise.pipeline_schema`) first.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import yaml
-
-from stagewise import per_query
+from stagewise import per_query, pipeline_schema
 from stagewise.backends import Backend
 from stagewise.cache import EmbeddingCache
 from stagewise.data import Document
+from stagewise.dataset import is_blank
 from stagewise.errors import StagewiseError
 from stagewise.fusion import Fusion
 from stagewise.rerankers import CrossEncoderReranker
@@ -43,12 +42,6 @@ class Hit:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def is_blank(text: str) -> bool:
-    """Nothing to search for: only whitespace, separators, control or invisible format characters (zero-width
-    spaces, BOM). Every entry point (Python API, CLI, service) refuses such a query the same way."""
-    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Zs", "Zl", "Zp") for c in text)
 
 
 @dataclass
@@ -229,51 +222,43 @@ class Pipeline:
             p = Path(model)
             return p.resolve().relative_to(here).as_posix() if p.is_dir() and p.resolve().is_relative_to(here) else model
 
+        try:  # what load would refuse is never written (an index would commit a version it cannot load)
+            text = pipeline_schema.dump(_map_models(self.config(), relative))
+        except StagewiseError as e:
+            raise StagewiseError(f"{path}: not saved: {e}") from None
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(yaml.safe_dump(_map_models(self.config(), relative), sort_keys=False))
+        tmp.write_text(text)
         tmp.replace(path)
         return path
 
     @classmethod
     def load(cls, path: str | Path, cache: EmbeddingCache | None = None, backend: Backend | None = None,
              threads: int | None = None, **options) -> "Pipeline":
-        """``backend`` (when given) runs every model stage on it instead of the backends the file names."""
-        path = Path(path)
-        try:
-            config = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
-            raise StagewiseError(f"{path}: cannot read pipeline ({str(e).splitlines()[0]})") from None
-        if not isinstance(config, dict) or "first_stage" not in config:
-            raise StagewiseError(f"{path}: not a pipeline file (no 'first_stage')")
-        depth = config.get("depth", 20)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise StagewiseError(f"{path}: field 'depth': must be an integer of at least 1, got {depth!r}")
-        fusion = Fusion.from_config(config.get("fusion"), f"{path}: field 'fusion'")  # missing: pure reranking
-        if not config.get("reranker") and not fusion.pure_rerank:
-            raise StagewiseError(f"{path}: field 'fusion': needs a reranker (this pipeline has none)")
-        here = path.parent
-        config = _map_models(config, lambda m: str(here / m) if not Path(m).is_absolute() and (here / m).is_dir() else m)
+        """``backend`` (when given) runs every model stage on it instead of the backends the file names.
+
+        The whole file is checked against its schema (:mod:`stagewise.pipeline_schema`) before any model loads; a
+        model that cannot serve its stage (missing, the wrong kind) is then refused naming the file, line and stage."""
+        file = pipeline_schema.read(path)
+        here = file.path.parent
+        config = _map_models(file.config, lambda m: str(here / m) if not Path(m).is_absolute() and (here / m).is_dir()
+                             else m)
         try:
             first_stage = build_first_stage(config["first_stage"], cache, backend=backend, threads=threads, **options)
-        except StagewiseError as e:  # name the file the bad stage came from
-            if str(path) in str(e):
-                raise
-            raise StagewiseError(f"{path}: {e}") from None
-        reranker_config = config.get("reranker")
-        reranker = None
-        if reranker_config is not None and (not isinstance(reranker_config, dict) or
-                                            not isinstance(reranker_config.get("model"), str)):
-            raise StagewiseError(f"{path}: field 'reranker': a mapping with a 'model' (or null for none), got "
-                                 f"{reranker_config!r}")
-        if reranker_config:
-            saved = Backend.from_config(reranker_config, f"{path}: field 'reranker'") if "backend" in reranker_config \
-                else None
-            reranker = CrossEncoderReranker(reranker_config["model"], max_length=reranker_config.get("max_length"),
-                                            backend=backend or saved, threads=threads,
-                                            per_query_setting=None if backend else reranker_config.get(per_query.KEY))
-            reranker.name = reranker_config.get("name") or reranker.name
-            warn_if_changed(reranker_config, reranker.spec)
-        return cls(first_stage, reranker, depth, fusion)
+        except StagewiseError as e:
+            raise file.error(("first_stage",), str(e)) from None
+        reranker, saved = None, config.get("reranker")
+        if saved:
+            try:
+                reranker = CrossEncoderReranker(saved["model"], max_length=saved.get("max_length"),
+                                                backend=backend or pipeline_schema.saved_backend(saved),
+                                                threads=threads,
+                                                per_query_setting=None if backend else saved.get(per_query.KEY))
+            except StagewiseError as e:  # its model (missing, the wrong kind) or what goes with it
+                raise file.error(("reranker",), str(e), line_at=("reranker", "model")) from None
+            reranker.name = saved.get("name") or reranker.name
+            warn_if_changed(saved, reranker.spec)
+        given = {"depth": config["depth"]} if "depth" in config else {}  # else the constructor's default
+        return cls(first_stage, reranker, fusion=Fusion.from_config(config.get("fusion")), **given)
 
 
 def _whole_queries(pairs: list, size: int) -> list[list]:

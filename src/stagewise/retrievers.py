@@ -19,7 +19,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from stagewise import batch_precision, engine, per_query
+from stagewise import batch_precision, engine, per_query, pipeline_schema
 from stagewise.backends import Backend, fingerprints, stage_name
 from stagewise.cache import CachedEmbeddings, EmbeddingCache, texts_hash
 from stagewise.data import Document
@@ -369,15 +369,14 @@ def build_first_stage(
     """
     shared = {} if shared is None else shared
     if isinstance(spec, dict):
+        pipeline_schema.check(spec, pipeline_schema.FIRST_STAGE, "first_stage")
         stage = _first_stage_from_config(spec, cache, shared, dense_options)
         stage.name = spec.get("name") or stage.name
         return stage
-    if not isinstance(spec, str):
-        raise StagewiseError(f"field 'first_stage': expected bm25, a model or a+b (or a saved stage's mapping), "
-                             f"got {spec!r}")
+    if not pipeline_schema.first_stage_spec_ok(spec):
+        raise StagewiseError(f"first stage {spec!r}: expected bm25, a model or a+b, with nothing empty between '+' "
+                             "(or a saved stage's mapping)")
     spec = spec.strip()
-    if not spec or any(not part.strip() for part in spec.split("+")):
-        raise StagewiseError(f"first stage {spec!r}: expected bm25, a model or a+b, with nothing empty between '+'")
     if spec not in shared:
         if "+" in spec:
             shared[spec] = HybridRetriever([build_first_stage(p, cache, shared, **dense_options) for p in spec.split("+")])
@@ -388,34 +387,21 @@ def build_first_stage(
     return shared[spec]
 
 
+def _given(spec: dict, *keys: str) -> dict:
+    """The settings a saved config gives (checked by its schema); the others keep the constructor's defaults."""
+    return {k: spec[k] for k in keys if k in spec}
+
+
 def _first_stage_from_config(spec: dict, cache, shared, dense_options) -> FirstStage:
-    kind = spec.get("type")
-    if kind == "bm25":
-        for key in ("k1", "b"):
-            value = spec.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise StagewiseError(f"field 'first_stage': bm25 '{key}' must be a number of at least 0, got {value!r}")
-        return BM25Retriever(spec.get("k1", 1.5), spec.get("b", 0.75), spec.get("stopwords", "en"))
-    if kind == "dense":
-        if not isinstance(spec.get("model"), str) or not spec["model"].strip():
-            raise StagewiseError(f"field 'first_stage': a dense stage needs 'model' (an alias, a directory or a hub "
-                                 f"id), got {spec.get('model')!r}")
-        length = spec.get("max_seq_length")  # a static embedding model saves .inf: no limit
-        if length is not None and (isinstance(length, bool) or not isinstance(length, (int, float)) or not length >= 1):
-            raise StagewiseError(f"field 'first_stage': 'max_seq_length' must be a number of at least 1, "
-                                 f"got {length!r}")
+    if spec["type"] == "bm25":
+        return BM25Retriever(**_given(spec, "k1", "b", "stopwords"))
+    if spec["type"] == "dense":
         options = {**dense_options, "max_seq_length": spec.get("max_seq_length")}
         if not options.get("backend"):  # an explicit backend option overrides the saved ones (both uses)
-            if "backend" in spec:
-                options["backend"] = Backend.from_config(spec, f"first stage '{spec.get('name')}'")
+            options["backend"] = pipeline_schema.saved_backend(spec)
             options["per_query_setting"] = spec.get(per_query.KEY)
         stage = DenseRetriever(spec["model"], cache=cache, **options)
         warn_if_changed(spec, stage.spec)
         return stage
-    if kind == "hybrid":
-        if not isinstance(spec.get("stages"), list) or len(spec["stages"]) < 2:
-            raise StagewiseError(f"field 'first_stage': a hybrid stage needs 'stages' (a list of at least two), "
-                                 f"got {spec.get('stages')!r}")
-        stages = [build_first_stage(s, cache, shared, **dense_options) for s in spec["stages"]]
-        return HybridRetriever(stages, spec.get("rrf_k", 60), spec.get("fusion_depth", 100))
-    raise StagewiseError(f"unknown first-stage type {kind!r} (expected bm25, dense or hybrid)")
+    stages = [build_first_stage(s, cache, shared, **dense_options) for s in spec["stages"]]
+    return HybridRetriever(stages, **_given(spec, "rrf_k", "fusion_depth"))

@@ -13,6 +13,7 @@ import yaml
 from stagewise import batch_precision
 from stagewise.backend_selection import parse_backend
 from stagewise.errors import StagewiseError
+from stagewise.limits import MAX_CANDIDATES, MAX_COUNT, MAX_SECONDS
 from stagewise.models import installed_aliases
 from stagewise.training import INIT_STRATEGIES, BiTrainConfig, CrossTrainConfig, check_train_config
 
@@ -145,6 +146,14 @@ def _fits(value, annotation: str) -> bool:
     return False
 
 
+#: Each number's range: (lowest, whether the lowest itself is excluded, highest); None values are not checked.
+#: Finite throughout: an infinite budget or a p-value threshold above 1 is a mistake, not a setting.
+_RANGES = {"finetune_top": (0, False, MAX_CANDIDATES), "latency_budget_ms": (0, True, MAX_SECONDS * 1000),
+           "time_budget_min": (0, True, MAX_SECONDS / 60), "alpha": (0, True, 1),
+           "latency_queries": (1, False, MAX_COUNT), "max_dev_queries": (1, False, MAX_COUNT),
+           "seed": (0, False, 2**32 - 1)}
+
+
 def _check_config(config: SelectConfig, path) -> None:
     where = f"{path}: " if path else ""
     for f in fields(SelectConfig):
@@ -153,20 +162,17 @@ def _check_config(config: SelectConfig, path) -> None:
             raise StagewiseError(f"{where}field '{f.name}': a {kind.__name__} is needed, got {value!r}")
         if not _fits(value, str(f.type)):
             raise StagewiseError(f"{where}field '{f.name}': expected {f.type}, got {value!r}")
-    for name, low, strict, high in (("finetune_top", 0, False, None), ("latency_budget_ms", 0, True, None),
-                                    ("time_budget_min", 0, True, None), ("alpha", 0, True, None),
-                                    ("max_dev_queries", 1, False, None), ("seed", 0, False, 2**32 - 1)):
+    for name, (low, strict, high) in _RANGES.items():
         value = getattr(config, name)
         if value is not None and (not (value > low if strict else value >= low)  # NaN fails every comparison
-                                  or (high is not None and not value <= high)):
-            rule = (f"greater than {low}" if strict else f"at least {low}") + (f" and at most {high}" if high else "")
-            raise StagewiseError(f"{where}field '{name}': must be {rule}, got {value!r}")
+                                  or not value <= high):
+            rule = f"greater than {low:g}" if strict else f"at least {low:g}"
+            raise StagewiseError(f"{where}field '{name}': must be {rule} and at most {high:g}, got {value!r}")
     if not math.isfinite(config.min_gain):
         raise StagewiseError(f"{where}field 'min_gain': must be a finite number, got {config.min_gain!r}")
-    if config.latency_queries < 1:
-        raise StagewiseError(f"{where}field 'latency_queries': at least 1 query must be timed")
-    if not config.depths or any(type(d) is not int or d < 1 for d in config.depths):
-        raise StagewiseError(f"{where}field 'depths': positive integers are needed, got {config.depths}")
+    if not config.depths or any(type(d) is not int or not 1 <= d <= MAX_CANDIDATES for d in config.depths):
+        raise StagewiseError(f"{where}field 'depths': integers from 1 to {MAX_CANDIDATES} are needed, "
+                             f"got {config.depths}")
     config.depths = sorted(set(config.depths))
     if config.latency_metric not in LATENCY_METRICS:
         raise StagewiseError(f"{where}field 'latency_metric': one of {', '.join(LATENCY_METRICS)}, "
@@ -189,6 +195,8 @@ def _check_config(config: SelectConfig, path) -> None:
             raise StagewiseError(f"{where}field '{name}': {e}") from None
     if not config.bm25 and not config.bi_encoders:
         raise StagewiseError(f"{where}no first stage to select from: enable bm25 or name bi_encoders")
+    if not config.backends:
+        raise StagewiseError(f"{where}field 'backends': at least one backend is needed ([torch] keeps PyTorch)")
     for label in config.backends:
         try:
             parse_backend(label)

@@ -38,7 +38,7 @@ from stagewise.data import RetrievalDataset, load_dataset
 from stagewise.errors import StagewiseError
 from stagewise.evaluation import SystemResult, compare, evaluate, evaluate_depths, evaluate_pipeline, split_queries
 from stagewise.fusion import Fusion
-from stagewise.models import display_name, has_transformer, model_kind, resolve_model
+from stagewise.models import check_cross_encoder, display_name, has_transformer, model_kind, resolve_model
 from stagewise.pipeline import Pipeline
 from stagewise.plan import SHARED, SelectionPlan
 from stagewise.progress import console, warnings_on_console
@@ -418,6 +418,11 @@ def select(config: SelectConfig, out: str | Path, resume: bool = False, report: 
     for model in config.bi_encoders:
         if model_kind(resolve_model(model).path) == "cross-encoder":
             raise StagewiseError(f"bi_encoders: '{model}' is a cross-encoder")
+    for model in config.cross_encoders:
+        try:
+            check_cross_encoder(resolve_model(model))
+        except StagewiseError as e:
+            raise StagewiseError(f"cross_encoders: {e}") from None
     run_config = {"command": "select", **asdict(config), "dataset_fingerprint": dataset.fingerprint()}
     with RunDir(out, run_config, resume=resume) as run, recording() as timings, warnings_on_console(), \
             batch_precision.use(config.batch_precision) as precision:

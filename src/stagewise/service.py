@@ -4,7 +4,9 @@ Concurrent requests are micro-batched through the models (:mod:`stagewise.batchi
 on its fields (query length, ``k``, ``depth``, batch size, body size) and on the work and the answer they add up
 to (reranking pairs, hits, text per hit), a timeout after which its work stops, and errors that say what is
 wrong, always as ``{"error": "..."}``, each documented in ``/openapi.json``. The index follows ``CURRENT``: a
-version committed by ``index add`` is served as soon as it is loaded. ``/docs`` serves Swagger UI from the
+version committed by ``index add`` is served as soon as it is loaded, and ``/openapi.json`` describes the version
+served (``rerank`` can only be false over one without a reranker). A vector store that is down (a Milvus server
+restarting) is a 503 that names no internal address, and ``/health`` says so. ``/docs`` serves Swagger UI from the
 package, offline. It binds to loopback unless told otherwise: it has no authentication.
 """
 
@@ -23,7 +25,8 @@ from typing import Annotated
 import numpy as np
 
 from stagewise.batching import Batcher, ServiceError
-from stagewise.errors import StagewiseError
+from stagewise.errors import StagewiseError, Unavailable
+from stagewise.limits import MAX_BATCH, MAX_CANDIDATES, MAX_COUNT, MAX_SECONDS, MAX_TEXT_CHARS
 from stagewise.index import Index
 from stagewise.live_index import LiveIndex
 from stagewise.pipeline import Query, is_blank
@@ -43,6 +46,7 @@ class ServiceSettings:
     max_request_hits: int = 1000  # queries × k: hits one request may return
     max_text_chars: int = 2000  # each hit's title and text are cut to this many characters
     max_body_bytes: int = 1 << 20
+    body_timeout_s: float = 5.0  # the whole body must arrive within this (one shorter than its Content-Length: 408)
     timeout_s: float = 10.0  # per request, queueing included; its work stops when it passes
     max_batch: int = 32  # queries run through the models together
     max_batch_pairs: int = 256  # pairs one micro-batch scores: a larger request is split, cheaper ones run between
@@ -55,7 +59,14 @@ class ServiceSettings:
     OPTIONS = {"max_k": "--max-k", "max_depth": "--max-depth", "timeout_s": "--timeout", "max_batch": "--max-batch",
                "batch_wait_ms": "--batch-wait-ms", "max_request_pairs": "--max-request-pairs",
                "max_request_hits": "--max-request-hits", "max_text_chars": "--max-text-chars",
-               "max_batch_queries": "--max-batch-queries", "reload_interval_s": "--reload-interval"}
+               "max_batch_queries": "--max-batch-queries", "reload_interval_s": "--reload-interval",
+               "body_timeout_s": "--body-timeout"}
+
+    # the most each setting can be and still be served (the rest: counts, at most limits.MAX_COUNT)
+    MOST = {"max_k": MAX_CANDIDATES, "max_depth": MAX_CANDIDATES, "max_batch": MAX_BATCH,
+            "max_batch_pairs": MAX_BATCH, "max_batch_queries": MAX_BATCH, "max_query_chars": MAX_TEXT_CHARS,
+            "max_text_chars": MAX_TEXT_CHARS, "max_body_bytes": 1 << 31, "timeout_s": MAX_SECONDS,
+            "body_timeout_s": MAX_SECONDS, "batch_wait_ms": 1000 * MAX_SECONDS, "reload_interval_s": MAX_SECONDS}
 
     def validate(self) -> "ServiceSettings":
         def bad(name: str, rule: str):
@@ -74,6 +85,8 @@ class ServiceSettings:
                 bad(f.name, "must be an integer")
             elif value <= 0:
                 bad(f.name, "must be more than 0 (0 would refuse every request)")
+            if value > self.MOST.get(f.name, MAX_COUNT):
+                bad(f.name, f"must be at most {self.MOST.get(f.name, MAX_COUNT):g} (what the service can serve)")
         if self.max_request_pairs < self.max_depth:
             bad("max_request_pairs", f"must be at least --max-depth ({self.max_depth}), or one query at full depth "
                                      "is refused")
@@ -150,10 +163,12 @@ def create_app(index: Index | LiveIndex | str | Path, settings: ServiceSettings 
     live = index
     settings = (settings or ServiceSettings()).validate()
     s = settings
-    served = live.index  # what the schema describes: the pipeline at start (a reload keeps its shape)
 
     def search(index: Index, queries, cancelled):  # on a lane's model thread; each request stays on one version
-        return index.search_many(queries, cancelled)
+        try:
+            return index.search_many(queries, cancelled)
+        except Unavailable as e:  # a vector store restarting: the same request may work in a moment
+            raise ServiceError(503, str(e), {"Retry-After": "2"}) from None
 
     batcher = Batcher(search, lambda: live.index, settings)
     started = time.time()
@@ -168,12 +183,26 @@ def create_app(index: Index | LiveIndex | str | Path, settings: ServiceSettings 
         blank = {"pattern": not_blank_pattern()}
         return Annotated[str, Field(min_length=low, max_length=high, json_schema_extra=blank)]
 
+    def has_reranker() -> bool:
+        return live.index.pipeline.reranker is not None
+
+    def depth_schema(schema: dict) -> None:  # called whenever /openapi.json is made: it describes the version served
+        schema["description"] = (f"candidates the reranker reads (default {live.index.pipeline.depth}); reranking "
+                                 f"costs queries × depth pairs, at most {s.max_request_pairs:,} per request, and "
+                                 "must fit the timeout at the measured speed (422 says what fits)" if has_reranker()
+                                 else "candidates the reranker reads: this index has no reranker, so it is not used")
+
+    def rerank_schema(schema: dict) -> None:
+        if not has_reranker():  # asking for it is refused (422): the schema says so
+            schema["anyOf"] = [{"type": "boolean", "enum": [False]}, {"type": "null"}]
+            schema["description"] = "run the reranker: this index has none, so false or omitted"
+
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)
         k: integer(1, s.max_k) = Field(10, description="results to return")
-        depth: integer(1, s.max_depth) | None = Field(
-            None, description=f"candidates the reranker reads (default {served.pipeline.depth})")
-        rerank: bool | None = Field(None, description="run the reranker (default: when the index has one)")
+        depth: integer(1, s.max_depth) | None = Field(None, json_schema_extra=depth_schema)
+        rerank: bool | None = Field(None, description="run the reranker (default: when the index has one)",
+                                    json_schema_extra=rerank_schema)
         include_text: bool = Field(True, description="return each hit's title and text (cut to "
                                                      f"{s.max_text_chars:,} characters each); false: ids and scores "
                                                      "only")
@@ -219,21 +248,29 @@ def create_app(index: Index | LiveIndex | str | Path, settings: ServiceSettings 
         error: str = Field(..., description="what is wrong, in one line")
 
     class HealthOut(BaseModel):
-        status: str
+        status: str = Field(..., description="ok; degraded while the vector store is down (searches answer 503)")
         documents: int
         version: str = Field(..., description="the index version being served")
         reloads: int = Field(..., description="new versions picked up since the start")
         loaded: str
         reload_failed: dict | None = Field(None, description="a newer version that could not be served, and why")
+        vector_store: dict | None = Field(None, description="an index whose vectors are in a Milvus server: its "
+                                                            "status (up, down) and, when down, why")
 
     def documented(*statuses: int) -> dict:
-        reasons = {400: "rerank asked of an index without a reranker", 413: "request body too large",
-                   422: "a field, the body, or the work it asks for is out of bounds (the message says which)",
-                   500: "the models failed on this batch", 503: "too busy: retry after Retry-After seconds",
+        reasons = {408: f"the body did not arrive within {s.body_timeout_s:g} s (shorter than its Content-Length)",
+                   413: "request body too large",
+                   422: "a field, the body, or the work it asks for is out of bounds (the message says which): also "
+                        "rerank on an index without a reranker, and reranking work that could not finish within the "
+                        "timeout even on an idle service at its measured speed (the message gives the cost and what "
+                        "fits: fewer queries or a smaller depth); retrying the same request does not help",
+                   500: "the models failed on this batch",
+                   503: "busy now (the work ahead would not leave this request time, or the queue is full), or the "
+                        "vector store is down: retry after Retry-After seconds",
                    504: "not answered within the timeout; its work was stopped"}
         return {status: {"model": ErrorOut, "description": reasons[status]} for status in statuses}
 
-    search_errors = documented(400, 413, 422, 500, 503, 504)
+    search_errors = documented(408, 413, 422, 500, 503, 504)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -252,9 +289,28 @@ def create_app(index: Index | LiveIndex | str | Path, settings: ServiceSettings 
             if live.stale():
                 await loop.run_in_executor(None, live.reload)
 
-    app = FastAPI(title="Stagewise search", version=served.version, lifespan=lifespan, docs_url=None,
-                  redoc_url=None, description=f"Two-stage search over {len(served):,} documents: "
-                                              f"{served.pipeline.name}. Every error is `{{\"error\": \"...\"}}`.")
+    def describe() -> str:
+        index = live.index
+        return (f"Two-stage search over {len(index):,} documents: {index.pipeline.name}. Every error is "
+                f"`{{\"error\": \"...\"}}`. Reranking work is admitted by its cost at the speed this service has "
+                f"measured on its own recent batches: a request that could not finish within the {s.timeout_s:g} s "
+                "timeout even with nothing else queued is refused with 422 saying what it costs and what fits; one "
+                "that fits is admitted whenever nothing is ahead of it; 503 with Retry-After means busy now. This "
+                "schema describes the index version served now (it follows reloads).")
+
+    app = FastAPI(title="Stagewise search", version=live.index.version, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, description=describe())
+    described = [live.index]
+    make_openapi = app.openapi
+
+    def openapi() -> dict:
+        """The schema of the version served: made again after a reload swapped in another one."""
+        if described[0] is not live.index:
+            described[0] = live.index
+            app.openapi_schema, app.version, app.description = None, live.index.version, describe()
+        return make_openapi()
+
+    app.openapi = openapi
 
     def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
         counts[f"error_{status}"] += 1
@@ -287,19 +343,33 @@ def create_app(index: Index | LiveIndex | str | Path, settings: ServiceSettings 
 
     @app.middleware("http")
     async def _read_body(request: Request, call_next):
-        """Bound the body (also when streamed in chunks), and keep it to say why when it is not JSON."""
+        """Bound the body (also when streamed in chunks) and the time it takes to arrive (a Content-Length larger
+        than the body sent would hold the connection open until the client gives up), and keep it to say why when
+        it is not JSON."""
         if request.method not in ("POST", "PUT", "PATCH"):
             return await call_next(request)
         too_big = f"request body exceeds the limit of {s.max_body_bytes:,} bytes"
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > s.max_body_bytes:
             return error(413, f"request body of {int(length):,} bytes: {too_big}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > s.max_body_bytes:
+        chunks: list[bytes] = []
+
+        async def read() -> bool:  # False: over the limit
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > s.max_body_bytes:
+                    return False
+                chunks.append(chunk)
+            return True
+
+        try:
+            if not await asyncio.wait_for(read(), s.body_timeout_s):
                 return error(413, too_big)
-            chunks.append(chunk)
+        except asyncio.TimeoutError:
+            expected = f" of the {int(length):,} its Content-Length announced" if length and length.isdigit() else ""
+            return error(408, f"body: {sum(map(len, chunks)):,} bytes{expected} arrived within the "
+                              f"{s.body_timeout_s:g} s allowed", {"Connection": "close"})
         body = b"".join(chunks)
         request._body = body  # Starlette hands the read body on to the endpoint
         request.scope["stagewise"] = {"body": body}  # parsed only if FastAPI fails to: to say why (a 422)
@@ -307,10 +377,10 @@ def create_app(index: Index | LiveIndex | str | Path, settings: ServiceSettings 
 
     def plan(options: Options, texts: list[str], field: str) -> tuple[list[Query], bool, int | None, int]:
         """The queries to run, and the pairs they cost; refuses what this index or the bounds cannot do."""
-        has_reranker = live.index.pipeline.reranker is not None
-        rerank = has_reranker if options.rerank is None else options.rerank
-        if rerank and not has_reranker:
-            raise ServiceError(400, "rerank: this index has no reranker (omit rerank or set it to false)")
+        reranker = has_reranker()
+        rerank = reranker if options.rerank is None else options.rerank
+        if rerank and not reranker:  # the schema of this version says so: a client is never answered unreranked
+            raise ServiceError(422, "rerank: this index has no reranker (omit rerank or set it to false)")
         blank = [i for i, text in enumerate(texts) if is_blank(text)]
         if blank:
             raise ServiceError(422, f"{field if field == 'query' else f'{field}.{blank[0]}'}: is blank (only spaces "
@@ -364,9 +434,12 @@ def create_app(index: Index | LiveIndex | str | Path, settings: ServiceSettings 
                                       for q, hits in zip(queries, results)])
 
     @app.get("/health", response_model=HealthOut, response_model_exclude_none=True,
-             summary="Liveness: the index version being served")
+             summary="Liveness: the index version being served, and its vector store's state (200 while the process "
+                     "runs: a Milvus outage is status degraded, not a reason to restart the service)")
     async def health():
-        return {"status": "ok", **live.health()}
+        state = await asyncio.get_running_loop().run_in_executor(None, live.health)  # a store's probe: off the loop
+        down = state.get("vector_store", {}).get("status") == "down"
+        return {"status": "degraded" if down else "ok", **state}
 
     @app.get("/stats", summary="Index, models, settings, request counts and latency percentiles (ms)")
     async def stats():
@@ -381,7 +454,8 @@ def create_app(index: Index | LiveIndex | str | Path, settings: ServiceSettings 
             "lanes": {name: {"queued": len(lane.pending), "queued_pairs": lane.queued_pairs,
                              "pairs_per_s": round(lane.pairs_per_s, 1) if lane.pairs_per_s else None,
                              "skipped_past_deadline": lane.stats.skipped, "stopped_past_deadline": lane.stats.stopped,
-                             "refused_busy": lane.stats.refused} for name, lane in lanes.items()},
+                             "refused_busy": lane.stats.refused, "refused_never_fits": lane.stats.never_fits}
+                      for name, lane in lanes.items()},
         }
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -30,7 +30,9 @@ from stagewise.batch_precision import pair_sample, spread_sample
 from stagewise.data import RetrievalDataset, TrainingExamples, load_dataset, load_training_examples
 from stagewise.errors import DataError, StagewiseError
 from stagewise.evaluation import compute_metrics, run_from_rankings
-from stagewise.models import ModelSpec, has_transformer, load_bi_encoder, model_kind, resolve_model
+from stagewise.limits import (MAX_BATCH, MAX_CANDIDATES, MAX_COUNT, MAX_EPOCHS, MAX_LEARNING_RATE, MAX_PATIENCE,
+                              MAX_SECONDS, MAX_TOKENS, MAX_WEIGHT)
+from stagewise.models import ModelSpec, check_cross_encoder, has_transformer, load_bi_encoder, model_kind, resolve_model
 from stagewise.progress import library_bars_off, map_chunks
 from stagewise.pseudo_queries import KINDS as PSEUDO_QUERY_KINDS
 from stagewise.pseudo_queries import make_pseudo_queries, mine_pseudo_negatives
@@ -130,36 +132,67 @@ class CrossTrainConfig(TrainArgs):
     dev_sample: int | None = None  # dev evaluations during training on a fixed sample of this many queries
 
 
-#: Each numeric setting's range: (lowest, whether the lowest itself is excluded, highest or None). None values
-#: (where a setting allows None) are not checked. The CLI's options carry the same bounds.
-_RANGES = {
-    "epochs": (0, True, None), "batch_size": (1, False, None), "learning_rate": (0, False, None),
-    "warmup_ratio": (0, False, 1), "eval_steps": (1, False, None), "early_stopping_patience": (0, False, None),
-    "logging_steps": (0, True, None), "seed": (0, False, 2**32 - 1), "max_seconds": (0, True, None),
-    "max_seq_length": (1, False, None), "num_negatives": (1, False, None), "range_min": (0, False, None),
-    "range_max": (1, False, None), "relative_margin": (0, False, 1), "dev_corpus_size": (1, False, None),
-    "depth": (1, False, None), "hard_negatives": (0, False, None), "random_negatives": (0, False, None),
-    "skip_top": (0, False, None), "pos_weight": (0, True, None), "max_length": (1, False, None),
-    "pretrain_queries": (0, False, None), "pretrain_epochs": (0, True, None), "pretrain_skip": (0, False, None),
-    "pretrain_max_seconds": (0, True, None), "max_train_queries": (1, False, None), "dev_sample": (1, False, None),
+#: Each numeric setting's range: (lowest, whether the lowest itself is excluded, highest). None values (where a
+#: setting allows None) are not checked. Every range is finite: what the trainers, samplers and tokenizers can
+#: really serve (an infinite epoch count or a billion-token length fails deep inside them). The training commands'
+#: options take their bounds from here (``cli._train_range``).
+RANGES = {
+    "epochs": (0, True, MAX_EPOCHS), "batch_size": (1, False, MAX_BATCH),
+    "learning_rate": (0, False, MAX_LEARNING_RATE), "warmup_ratio": (0, False, 1), "eval_steps": (1, False, MAX_COUNT),
+    "early_stopping_patience": (0, False, MAX_PATIENCE),
+    "logging_steps": (0, True, MAX_COUNT), "seed": (0, False, 2**32 - 1), "max_seconds": (0, True, MAX_SECONDS),
+    "max_seq_length": (1, False, MAX_TOKENS), "num_negatives": (1, False, MAX_CANDIDATES),
+    "range_min": (0, False, MAX_CANDIDATES), "range_max": (1, False, MAX_CANDIDATES), "relative_margin": (0, False, 1),
+    "dev_corpus_size": (1, False, MAX_COUNT), "depth": (1, False, MAX_CANDIDATES),
+    "hard_negatives": (0, False, MAX_CANDIDATES), "random_negatives": (0, False, MAX_CANDIDATES),
+    "skip_top": (0, False, MAX_CANDIDATES), "pos_weight": (0, True, MAX_WEIGHT), "max_length": (1, False, MAX_TOKENS),
+    "pretrain_queries": (0, False, MAX_COUNT), "pretrain_epochs": (0, True, MAX_EPOCHS),
+    "pretrain_skip": (0, False, MAX_CANDIDATES), "pretrain_max_seconds": (0, True, MAX_SECONDS),
+    "max_train_queries": (1, False, MAX_COUNT), "dev_sample": (1, False, MAX_COUNT),
 }
+#: How ``train bi`` mines hard negatives.
+MINERS = ("model", "bm25", "none")
+#: The training commands' option for each setting whose name it does not simply spell (None: no option).
+_OPTIONS = {"learning_rate": "--lr", "early_stopping_patience": "--patience", "warmup_ratio": None,
+            "logging_steps": None, "max_seconds": None, "pretrain_max_seconds": None}
+
+
+def _setting(name: str) -> str:
+    """``setting 'depth' (--depth)``: the name in a settings file and the option on the command line."""
+    option = _OPTIONS.get(name, "--" + name.replace("_", "-"))
+    return f"setting '{name}'" + (f" ({option})" if option else "")
 
 
 def check_train_config(config: TrainArgs) -> None:
-    """Refuse a numeric setting out of its range (NaN included) before any work starts, naming the setting."""
-    for name, (low, open_low, high) in _RANGES.items():
+    """Refuse a setting that training would refuse or fail on, before any work starts, naming the setting: numbers
+    out of their range (NaN and infinity included) and names that are not one of the choices. ``train bi``,
+    ``train cross`` and ``select`` (its ``bi_training`` and ``cross_training``) all check through here."""
+    for name, (low, open_low, high) in RANGES.items():
         value = getattr(config, name, None)
         if value is None or isinstance(value, str):  # BiTrainConfig.hard_negatives names a miner
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise StagewiseError(f"setting '{name}': expected a number, got {value!r}")
-        if not (value > low if open_low else value >= low) or (high is not None and not value <= high):
+            raise StagewiseError(f"{_setting(name)}: expected a number, got {value!r}")
+        if not (value > low if open_low else value >= low) or not value <= high:
             rule = f"greater than {low:g}" if open_low else f"at least {low:g}"
-            raise StagewiseError(f"setting '{name}': must be {rule}" + (f" and at most {high:g}" if high is not None
-                                                                          else "") + f", got {value!r}")
-    if isinstance(config, BiTrainConfig) and config.range_min >= config.range_max:
-        raise StagewiseError(f"setting 'range_min' ({config.range_min}) must be below 'range_max' "
-                             f"({config.range_max}): no candidate lies between them to mine")
+            raise StagewiseError(f"{_setting(name)}: must be {rule} and at most {high:g}, got {value!r}")
+    if isinstance(config, BiTrainConfig):
+        if config.loss is not None and config.loss not in BI_LOSSES:
+            raise StagewiseError(f"unknown bi-encoder loss '{config.loss}' (choose from {', '.join(BI_LOSSES)})")
+        if config.hard_negatives not in MINERS:
+            raise StagewiseError(f"--hard-negatives must be {', '.join(MINERS[:-1])} or {MINERS[-1]}, "
+                                 f"not '{config.hard_negatives}'")
+        if config.range_min >= config.range_max:
+            raise StagewiseError(f"setting 'range_min' ({config.range_min}) must be below 'range_max' "
+                                 f"({config.range_max}): no candidate lies between them to mine")
+    if isinstance(config, CrossTrainConfig):
+        if config.loss is not None and config.loss not in CROSS_LOSSES:
+            raise StagewiseError(f"unknown cross-encoder loss '{config.loss}' (choose from {', '.join(CROSS_LOSSES)})")
+        if config.init not in INIT_STRATEGIES:
+            raise StagewiseError(f"--init must be one of {', '.join(INIT_STRATEGIES)}, not '{config.init}'")
+        if config.pretrain_kind not in PSEUDO_QUERY_KINDS:
+            raise StagewiseError(f"--pretrain-kind must be one of {', '.join(PSEUDO_QUERY_KINDS)}, "
+                                 f"not '{config.pretrain_kind}'")
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,13 +225,12 @@ def _binary(scores: list[float]) -> bool:
 
 
 def choose_bi_loss(examples: TrainingExamples, requested: str | None) -> str:
-    """The loss follows from the data's shape unless named; a named loss must fit the data."""
+    """The loss follows from the data's shape unless named; a named loss (a known one: ``check_train_config``)
+    must fit the data."""
     if requested is None:
         if examples.kind == "scored":
             return "online-contrastive" if _binary(examples.columns["score"]) else "cosent"
         return "mnrl"
-    if requested not in BI_LOSSES:
-        raise StagewiseError(f"unknown bi-encoder loss '{requested}' (choose from {', '.join(BI_LOSSES)})")
     if examples.kind == "scored" and requested in _PAIR_LOSSES:
         raise StagewiseError(f"loss '{requested}' needs (query, positive) data; {examples.source} has scored pairs")
     if examples.kind != "scored" and requested not in _PAIR_LOSSES:
@@ -676,8 +708,6 @@ def train_bi(config: BiTrainConfig, out: str | Path, resume: bool = False) -> di
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers
 
-    if config.hard_negatives not in ("model", "bm25", "none"):
-        raise StagewiseError(f"--hard-negatives must be model, bm25 or none, not '{config.hard_negatives}'")
     check_train_config(config)
     seed_everything(config.seed)
     dataset = load_dataset(config.data)
@@ -747,8 +777,6 @@ def _before_after_bi(dataset: RetrievalDataset, config: BiTrainConfig, spec: Mod
 
 def resolve_cross_init(config: CrossTrainConfig) -> tuple[ModelSpec, str | None]:
     """The starting checkpoint for each initialisation strategy, and the warning it deserves, if any."""
-    if config.init not in INIT_STRATEGIES:
-        raise StagewiseError(f"--init must be one of {', '.join(INIT_STRATEGIES)}, not '{config.init}'")
     if config.init == "base":
         spec = resolve_model(config.model)
     else:
@@ -756,6 +784,7 @@ def resolve_cross_init(config: CrossTrainConfig) -> tuple[ModelSpec, str | None]
             raise StagewiseError(f"--init {config.init} needs --bi-run: the train-bi run directory to start from")
         bi_config = _read_bi_run(config.bi_run)
         spec = resolve_model(bi_config["model"] if config.init == "same-as-bi" else str(Path(config.bi_run) / "model"))
+    check_cross_encoder(spec)  # a static embedding model fails inside sentence-transformers, after the run began
     warning = None
     if model_kind(spec.path) == "bi-encoder":
         warning = (f"the cross-encoder starts from a bi-encoder ('{spec.spec}'): sentence-transformers keeps its "
@@ -930,30 +959,17 @@ def train_cross(config: CrossTrainConfig, out: str | Path, resume: bool = False)
 
     from stagewise.retrievers import build_first_stage, retrieve_once
 
-    if config.depth < 1:
-        raise StagewiseError(f"--depth must be at least 1, got {config.depth}")
+    check_train_config(config)
     seed_everything(config.seed)
     dataset = load_dataset(config.data)
     examples = load_train_examples(config, dataset)
     dev = dataset.split(config.dev_split) if config.dev_split else None
     loss_name = config.loss or ("mse" if examples.kind == "scored" else "bce")
-    if loss_name not in CROSS_LOSSES:
-        raise StagewiseError(f"unknown cross-encoder loss '{loss_name}' (choose from {', '.join(CROSS_LOSSES)})")
     if examples.kind == "scored" and loss_name != "mse" and loss_name != "bce":
         raise StagewiseError(f"loss '{loss_name}' needs (query, positive) data to mine lists from; "
                              f"{examples.source} has scored pairs")
     if loss_name == "bce" and examples.kind == "scored" and not all(0.0 <= x <= 1.0 for x in examples.columns["score"]):
         raise StagewiseError(f"loss 'bce' needs scores in [0, 1]; {examples.source} has others (use --loss mse)")
-    for option, value, low in (("--pretrain-queries", config.pretrain_queries, 0), ("--skip-top", config.skip_top, 0),
-                               ("--pretrain-skip", config.pretrain_skip, 0)):
-        if value < low:
-            raise StagewiseError(f"{option} must be {low} or more, got {value}")
-    if config.pretrain_epochs <= 0 or (config.pos_weight is not None and config.pos_weight <= 0):
-        raise StagewiseError("--pretrain-epochs and --pos-weight must be positive")
-    if config.pretrain_kind not in PSEUDO_QUERY_KINDS:
-        raise StagewiseError(f"--pretrain-kind must be one of {', '.join(PSEUDO_QUERY_KINDS)}, "
-                             f"not '{config.pretrain_kind}'")
-    check_train_config(config)
     spec, init_warning = resolve_cross_init(config)
     if config.max_train_queries:
         examples = sample_queries(examples, config.max_train_queries, config.seed)

@@ -21,6 +21,10 @@ from stagewise.errors import StagewiseError
 EMBEDDED_KINDS = ("exact", "hnsw")  # searched in this process
 KINDS = (*EMBEDDED_KINDS, "milvus")  # milvus: vectors in a Milvus collection (milvus_index.py)
 QUANTIZATIONS = ("none", "int8", "binary")
+#: Each HNSW / rescoring number's range, with the command-line option that sets it. usearch refuses fewer than 2
+#: edges per node and allocates per edge (a billion ran out of memory); beams past a few thousand only cost time.
+RANGES = {"rescore": (1, 1000, "--rescore"), "connectivity": (2, 256, "--connectivity"),
+          "expansion_add": (1, 4096, "--ef-construction"), "expansion_search": (1, 4096, "--ef-search")}
 
 
 @dataclass
@@ -42,9 +46,11 @@ class VectorIndexConfig:
                 f"unknown quantization {self.quantization!r} (expected one of: {', '.join(QUANTIZATIONS)})")
         if self.kind == "milvus" and self.quantization != "none":
             raise StagewiseError("a milvus index stores float32 vectors: quantization must be 'none'")
-        for name in ("rescore", "connectivity", "expansion_add", "expansion_search"):
-            if int(getattr(self, name)) < 1:
-                raise StagewiseError(f"index option {name} must be at least 1, got {getattr(self, name)}")
+        for name, (low, high, option) in RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise StagewiseError(f"option '{option}': index option {name} must be at least {low} and at most "
+                                     f"{high}, got {value!r}")
 
     @property
     def label(self) -> str:
