@@ -160,3 +160,24 @@ def test_search_prints_its_results_on_stdout(tmp_path):
     assert "d2" not in result.stderr
     failed = runner.invoke(app, ["search", str(tmp_path / "nowhere"), "q"])  # errors stay on stderr
     assert failed.exit_code == 2 and failed.stdout == "" and "no such index" in failed.stderr
+
+
+def test_every_command_that_reports_results_prints_them_on_stdout(tmp_path):
+    """Results of eval, compare, data describe, models and index info can be piped like search's; progress stays
+    on stderr (the results went there with it)."""
+    from conftest import write_beir
+    from stagewise.index import load_pipeline_spec
+
+    data = write_beir(tmp_path / "ds")
+    Index.build(load_pipeline_spec("bm25"), data / "corpus.jsonl", tmp_path / "idx")
+    run = tmp_path / "run"
+    cases = {("eval", "--data", data, "-f", "bm25", "--out", run): "nDCG@10",
+             ("data", "describe", data): "documents", ("models",): "minilm-l6",
+             ("index", "info", tmp_path / "idx"): "documents; first stage bm25"}
+    for args, word in cases.items():
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        assert word in result.stdout and word not in result.stderr, (args, result.stdout, result.stderr)
+    per_query = run / "per_query" / "bm25.json"
+    result = runner.invoke(app, ["compare", str(per_query), str(per_query)])
+    assert result.exit_code == 0 and "ndcg@10" in result.stdout and result.stderr == "", result.output

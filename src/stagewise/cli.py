@@ -79,8 +79,8 @@ THREADS_OPTION = typer.Option(None, "--threads", min=1, max=MAX_THREADS,
                               help="Intra-op threads for every backend (default: OMP_NUM_THREADS, else all cores).")
 #: Seeds: what numpy, random and torch all accept.
 SEED_RANGE = {"min": 0, "max": 2**32 - 1}
-#: Results (search's hits) go to stdout, so that they can be piped or saved; progress, warnings and errors stay on
-#: stderr (``console``).
+#: Results (hits, metrics tables, a verdict, what an index holds) go to stdout, so that they can be piped or saved;
+#: progress, warnings and errors stay on stderr (``console``).
 results_console = Console()
 if not results_console.is_terminal:  # pipes and files: wide enough that tables are not truncated
     results_console.width = 160
@@ -192,8 +192,8 @@ def models_command(as_json: bool = typer.Option(False, "--json", help="Print JSO
         table.add_row(r["alias"], r["package"], r["params"], str(r["dims"]), str(r["size_mb"]),
                       "[green]yes[/]" if r["installed"] else "[red]no[/]",
                       r["description"] if r["installed"] else f"[yellow]{r['install']}[/]")
-    console.print(table)
-    console.print("Any local model directory or Hugging Face id (when online) works too.")
+    results_console.print(table)
+    results_console.print("Any local model directory or Hugging Face id (when online) works too.")
 
 
 @data_app.command("describe")
@@ -218,13 +218,13 @@ def describe_command(
         s = info[key]
         table.add_row(label, str(count), str(s["mean_words"]), str(s["median_words"]), str(s["p95_words"]),
                       str(s["max_words"]))
-    console.print(table)
+    results_console.print(table)
     splits = Table(title="splits")
     for col in ("split", "queries", "judgements", "relevant per query"):
         splits.add_column(col)
     for name, s in info["splits"].items():
         splits.add_row(escape(printable(name)), str(s["queries"]), str(s["judgements"]), str(s["relevant_per_query"]))
-    console.print(splits)
+    results_console.print(splits)
 
 
 @app.command("eval")
@@ -302,7 +302,7 @@ def eval_command(
                        if r.first_stage]
     path = save_results(results, run.path, {**run.config, "wall_seconds": run.wall_seconds}, comparisons)
     run.finish({"results": str(path)})
-    console.print(results_table(results, f"{dataset.name} / {split}"))
+    results_console.print(results_table(results, f"{dataset.name} / {split}"))
     for c in comparisons:
         console.print(printable(f"{c.b}: nDCG@10 {c.mean_diff:+.4f} vs first stage (95% CI {c.ci95[0]:+.4f}.."
                                 f"{c.ci95[1]:+.4f}, p={c.p_value:.3g}; {c.wins} wins / {c.losses} losses / {c.ties} "
@@ -321,7 +321,7 @@ def compare_command(
     from stagewise.evaluation import compare_per_query, load_per_query
 
     c = compare_per_query(a.stem, load_per_query(a), b.stem, load_per_query(b), metric)
-    console.print(printable(f"{c.metric}: {c.a} {c.mean_a:.4f} → {c.b} {c.mean_b:.4f}  diff {c.mean_diff:+.4f} "
+    results_console.print(printable(f"{c.metric}: {c.a} {c.mean_a:.4f} → {c.b} {c.mean_b:.4f}  diff {c.mean_diff:+.4f} "
                             f"(95% CI {c.ci95[0]:+.4f}..{c.ci95[1]:+.4f}, paired t-test p={c.p_value:.3g}); "
                             f"B wins {c.wins}, loses {c.losses}, ties {c.ties}"), highlight=False, markup=False)
 
@@ -563,10 +563,10 @@ def select_command(
         table.add_row(("▶ " if chosen else "") + escape(printable(row["name"])), f"{row['ndcg@10']:.4f}",
                       f"{row['latency_ms']:.1f}", "yes" if row["within_budget"] else "[red]no[/]",
                       "✓" if row["pareto"] else "", style="bold" if chosen else None)
-    console.print(table)
-    console.print("[bold]Verdict[/]")
+    results_console.print(table)
+    results_console.print("[bold]Verdict[/]")
     for line in result["verdict"]["summary"]:
-        console.print(f"  {printable(line)}", highlight=False, markup=False)
+        results_console.print(f"  {printable(line)}", highlight=False, markup=False)
     kinds = sorted((result.get("time") or {}).get("by_kind", {}).items(), key=lambda kv: -kv[1]["seconds"])
     if kinds:
         console.print(f"[bold]Time[/]: {result['wall_seconds'] / 60:.1f} min, of which "
@@ -743,7 +743,7 @@ def _print_index(index) -> None:
     reranker = f"{d['reranker']} @ depth {d['depth']}" if d["reranker"] else "none"
     if d["fusion"] and d["fusion"]["weight"] < 1:
         reranker += f" fused with the first stage (reranker weight {d['fusion']['weight']:.2f})"
-    console.print(printable(f"index {d['path']} {d['version']} ({change}): {d['documents']:,} documents; first stage "
+    results_console.print(printable(f"index {d['path']} {d['version']} ({change}): {d['documents']:,} documents; first stage "
                             f"{d['first_stage']} ({d['vectors'] or 'lexical'}); reranker {reranker}; "
                             f"{d['disk_bytes'] / 1e6:.1f} MB on disk, {d['memory_bytes'] / 1e6:.1f} MB searched in "
                             "memory"), highlight=False, markup=False)
