@@ -96,13 +96,14 @@ def test_a_bi_encoder_ladder_shortens_its_training_only():
 
 def test_stage3_reserve_is_its_work_at_the_measured_rates():
     """Stage 3's reserve follows what it does: nothing without candidates; more with every candidate, a bigger
-    corpus or slower models; an exported candidate costs more than a torch one (its export)."""
+    corpus or slower models; an exported candidate costs more than a torch one (its export). The first stage's
+    part and the reranker's are apart (the reranker's is measured only if one is chosen)."""
     from types import SimpleNamespace
 
     from stagewise.backend_selection import stage3_reserve
 
     def reserve(backends, sizes=SIZES, docs=50.0, corpus=150.0, pairs=800.0):
-        return stage3_reserve(SimpleNamespace(backends=backends), sizes, docs, corpus, pairs)
+        return sum(stage3_reserve(SimpleNamespace(backends=backends), sizes, docs, corpus, pairs))
 
     assert reserve(["torch"]) == 0.0
     one, two = reserve(["torch", "torch-bf16"]), reserve(["torch", "torch-bf16", "onnx-int8"])
@@ -111,5 +112,7 @@ def test_stage3_reserve_is_its_work_at_the_measured_rates():
     bigger = Sizes(**{**SIZES.__dict__, "corpus": SIZES.corpus * 4})
     assert reserve(["torch", "torch-bf16"], bigger) > one
     assert reserve(["torch", "torch-bf16"], docs=25.0, corpus=75.0) > one
-    first_only = reserve(["torch", "torch-bf16"], pairs=None)
-    assert 0 < first_only < one and reserve(["torch", "torch-bf16"], docs=None, corpus=None) == pytest.approx(one - first_only)
+    first, reranker = stage3_reserve(SimpleNamespace(backends=["torch", "torch-bf16"]), SIZES, 50.0, 150.0, 800.0)
+    assert first > 0 and reranker > 0 and first + reranker == pytest.approx(one)
+    assert reserve(["torch", "torch-bf16"], pairs=None) == pytest.approx(first)
+    assert reserve(["torch", "torch-bf16"], docs=None, corpus=None) == pytest.approx(reranker)

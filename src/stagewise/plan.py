@@ -102,9 +102,11 @@ class SelectionPlan:
                                                          _precision(bi_levels(training, rates, self._sizes), rates),
                                                          tier=0, priority=10 - i)
         self.restage(candidates)
-        reserve = self._stage3_reserve(promising)
-        if reserve:
-            self.steps[STAGE3] = Step(STAGE3, [Level(reserve)], tier=0, priority=5)
+        first, reranker = self._stage3_reserve(promising)
+        if first or reranker:  # the reranker's part only from what training leaves: it runs only if one is chosen
+            levels = [Level(first + reranker)] + ([Level(first, cuts=["the reranker's backends measured with the "
+                                                                     "time left"])] if reranker else [])
+            self.steps[STAGE3] = Step(STAGE3, levels, tier=0, priority=5)
 
     def restage(self, candidates: list[dict]) -> None:
         """The second stage's steps for these cross-encoder starts (again once the first stage is chosen: the starts
@@ -130,7 +132,7 @@ class SelectionPlan:
             self.steps[SHARED] = Step(SHARED, [replace(lv, seconds=lv.seconds * len(shared)) for lv in levels],
                                       tier=1, priority=2, stage=2)
 
-    def _stage3_reserve(self, promising: list[dict]) -> float:
+    def _stage3_reserve(self, promising: list[dict]) -> tuple[float, float]:
         """Stage 3's time at the slowest promising bi-encoder's rates (its corpus rate as stage 1 measured it, and
         that less what bf16 batch work gained: float32's) and the slowest cross-encoder start's float32 per-query
         scoring rate."""
