@@ -26,14 +26,15 @@ import sys
 import time
 from pathlib import Path
 
-from stagewise import batch_precision
-from stagewise.data import load_dataset
-from stagewise.evaluation import compare, evaluate, evaluate_depths
-from stagewise.pipeline import Pipeline
-from stagewise.rerankers import CrossEncoderReranker
-from stagewise.retrievers import build_first_stage
+from stagewise.data.loaders import load_dataset
+from stagewise.evaluation.runs import compare, evaluate, evaluate_depths
+from stagewise.models import batch_precision
 from stagewise.rundir import cpu, versions
-from stagewise.training import CrossTrainConfig, train_cross
+from stagewise.search.pipeline import Pipeline
+from stagewise.search.rerankers import CrossEncoderReranker
+from stagewise.search.retrievers import build_first_stage
+from stagewise.training.config import CrossTrainConfig
+from stagewise.training.cross import train_cross
 
 RECIPE = {"epochs": 3, "learning_rate": 1e-4, "hard_negatives": 7, "random_negatives": 2, "depth": 20}
 DEPTHS = [10, 20, 50]

@@ -10,7 +10,7 @@ For the bi-encoder and the cross-encoder, each candidate (``torch`` float32 — 
 SciFact with ``load_calibration``) is exported once (kept under ``--work``, ignored by git) and loaded in this
 one process, so that the ratios hold on a noisy machine:
 
-1. Speed for both uses, measured with ``stagewise.backend_timing`` (what ``select``'s stage 3 uses): batch work
+1. Speed for both uses, measured with ``stagewise.selection.backend_timing`` (what ``select``'s stage 3 uses): batch work
    (bi-encoder docs/s encoding a fixed sample of ``--docs`` corpus documents; cross-encoder pairs/s scoring
    ``--pairs`` (dev query, candidate) pairs from the float32 first stage's top 20) and per-query work (one dev
    query's encoding; one dev query's 20 pairs), ``--query-sample`` queries per round. One warm-up per
@@ -45,16 +45,16 @@ from pathlib import Path
 
 import numpy as np
 
-from stagewise.backend_timing import USES, batch_work, interleaved, query_work
-from stagewise.backends import Backend, read_manifest
 from stagewise.cache import EmbeddingCache
-from stagewise.data import RetrievalDataset, load_dataset
-from stagewise.export import equivalence, export_model, load_calibration
-from stagewise.metrics import compute_metrics, run_from_rankings
-from stagewise.models import resolve_model
-from stagewise.rerankers import CrossEncoderReranker
-from stagewise.retrievers import DenseRetriever
+from stagewise.data.loaders import RetrievalDataset, load_dataset
+from stagewise.evaluation.metrics import compute_metrics, run_from_rankings
+from stagewise.models.backends import Backend, read_manifest
+from stagewise.models.export import equivalence, export_model, load_calibration
+from stagewise.models.specs import resolve_model
 from stagewise.rundir import cpu, versions
+from stagewise.search.rerankers import CrossEncoderReranker
+from stagewise.search.retrievers import DenseRetriever
+from stagewise.selection.backend_timing import USES, batch_work, interleaved, query_work
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -188,7 +188,7 @@ def build_candidates(stage: str, source: str, names: list[str], work: Path, cali
 
 
 def timing(candidates: dict, batch_fn, query_fn, queries: dict, rounds: int) -> dict:
-    """Both uses in interleaved rounds against torch float32 (``stagewise.backend_timing``)."""
+    """Both uses in interleaved rounds against torch float32 (``stagewise.selection.backend_timing``)."""
     ready = {n: r for n, r in candidates.items() if "object" in r}
     out = {}
     for use in USES:

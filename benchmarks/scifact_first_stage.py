@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from stagewise import build_first_stage, evaluate, load_beir, save_results
-from stagewise.cli import results_table
+from stagewise.cli.evaluate import results_table
 from stagewise.progress import console
 
 REFERENCE = {"bm25": (0.673, 0.910), "minilm-l6": (0.672, 0.945)}

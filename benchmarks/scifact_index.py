@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from stagewise import CrossEncoderReranker, Pipeline, build_first_stage, compute_metrics, load_beir
-from stagewise.evaluation import run_from_rankings
-from stagewise.index import Index
-from stagewise.vector_index import VectorIndex, VectorIndexConfig
+from stagewise.evaluation.runs import run_from_rankings
+from stagewise.search.vector_index import VectorIndex, VectorIndexConfig
+from stagewise.serving.index import Index
 
 HERE = Path(__file__).resolve().parent
 SELECT_RUN = HERE / "results" / "scifact_select" / "train"

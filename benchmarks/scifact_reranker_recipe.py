@@ -22,13 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from stagewise.data import load_dataset
-from stagewise.fusion import choose_fusion
-from stagewise.metrics import compute_metrics, run_from_rankings
-from stagewise.models import load_cross_encoder
-from stagewise.retrievers import build_first_stage
+from stagewise.data.loaders import load_dataset
+from stagewise.evaluation.metrics import compute_metrics, run_from_rankings
+from stagewise.models.specs import load_cross_encoder
 from stagewise.rundir import cpu, versions
-from stagewise.training import CrossTrainConfig, rerank_with, train_cross
+from stagewise.search.fusion import choose_fusion
+from stagewise.search.retrievers import build_first_stage
+from stagewise.training.config import CrossTrainConfig
+from stagewise.training.cross import train_cross
+from stagewise.training.evaluators import rerank_with
 
 HERE = Path(__file__).resolve().parent
 DEPTH = 20
@@ -129,9 +131,9 @@ LATENCY_BUDGET_MS = 500
 def ablation(dataset, first_stage, runs: dict[str, dict], rows=ABLATION) -> list[dict]:
     """Each row as ``select`` would measure it: every depth scored once, latency measured end to end, the best
     depth within the budget, compared query by query with the first stage alone."""
-    from stagewise.evaluation import compare, evaluate, evaluate_depths
-    from stagewise.pipeline import Pipeline
-    from stagewise.rerankers import CrossEncoderReranker
+    from stagewise.evaluation.runs import compare, evaluate, evaluate_depths
+    from stagewise.search.pipeline import Pipeline
+    from stagewise.search.rerankers import CrossEncoderReranker
 
     first = evaluate(dataset, "dev", [first_stage], recall_cutoffs=DEPTHS)[0]
     measured: dict[str, list] = {}
@@ -160,8 +162,8 @@ def cross_validated_fusion(model_dir: str, max_length: int, dataset, first_stage
     first stage alone."""
     import random
 
-    from stagewise.evaluation import compare_per_query
-    from stagewise.fusion import Fusion, fused_rankings
+    from stagewise.evaluation.runs import compare_per_query
+    from stagewise.search.fusion import Fusion, fused_rankings
 
     qrels, _, candidates, below = dev_candidates(model_dir, max_length, dataset, first_stage, depth)
     qids = sorted(qrels)

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stagewise import build_first_stage, compute_metrics, engine, load_beir
-from stagewise.evaluation import run_from_rankings
-from stagewise.milvus_index import MilvusVectors
-from stagewise.vector_index import VectorIndex, VectorIndexConfig
+from stagewise import build_first_stage, compute_metrics, load_beir
+from stagewise.evaluation.runs import run_from_rankings
+from stagewise.scale import engine
+from stagewise.scale.milvus import MilvusVectors
+from stagewise.search.vector_index import VectorIndex, VectorIndexConfig
 
 HERE = Path(__file__).resolve().parent
 FINETUNED = HERE / "results" / "scifact_select" / "train" / "bi-minilm-l6" / "model"

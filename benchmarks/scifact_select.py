@@ -3,7 +3,7 @@
     python benchmarks/scifact_select.py [--data ../shared/datasets/scifact] [--out benchmarks/results/scifact_select]
 
 Train on SciFact's train split, choose on dev. The report lands in --out (report.html, report.md,
-selection.json); a screenshot of it goes to docs/scifact_select_report.png when Chromium is installed.
+selection.json); a screenshot of it goes to docs/images/scifact_select_report.png when Chromium is installed.
 An interrupted run continues where it stopped (finished steps are not redone).
 """
 
@@ -13,8 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from stagewise.report import render_screenshot
-from stagewise.selection import load_select_config, select
+from stagewise.selection.config import load_select_config
+from stagewise.selection.report.write import render_screenshot
+from stagewise.selection.strategy import select
 
 HERE = Path(__file__).resolve().parent
 
@@ -23,7 +24,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(HERE.parents[0] / ".." / "shared" / "datasets" / "scifact"))
     parser.add_argument("--out", default="benchmarks/results/scifact_select")
-    parser.add_argument("--screenshot", default=str(HERE.parent / "docs" / "scifact_select_report.png"))
+    parser.add_argument("--screenshot", default=str(HERE.parent / "docs" / "images" / "scifact_select_report.png"))
     args = parser.parse_args()
     if not Path(args.data).is_dir():
         print(f"SciFact not found at {args.data}; pass --data", file=sys.stderr)

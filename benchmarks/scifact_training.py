@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 
 from stagewise import CrossEncoderReranker, DenseRetriever, build_first_stage, evaluate, load_beir
-from stagewise.cli import results_table
+from stagewise.cli.evaluate import results_table
 from stagewise.progress import console
-from stagewise.training import BiTrainConfig, CrossTrainConfig, train_bi, train_cross
+from stagewise.training.bi import train_bi
+from stagewise.training.config import BiTrainConfig, CrossTrainConfig
+from stagewise.training.cross import train_cross
 
 CROSS = {
     "bert-tiny": dict(model="bert-tiny", init="base", epochs=3, learning_rate=1e-4, batch_size=16),

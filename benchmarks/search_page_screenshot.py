@@ -1,6 +1,6 @@
 """Screenshot of the search page: serve an index on loopback, search in headless Chromium, save a PNG.
 
-    python benchmarks/search_page_screenshot.py INDEX "query" docs/search_page.png [--k 8] [--depth 20]
+    python benchmarks/search_page_screenshot.py INDEX "query" docs/images/search_page.png [--k 8] [--depth 20]
 
 Needs the ``browser`` extra (playwright) and Debian's ``chromium``.
 """
@@ -31,7 +31,7 @@ def main() -> int:
     import uvicorn
     from playwright.sync_api import sync_playwright
 
-    from stagewise.service import create_app
+    from stagewise.serving.service import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

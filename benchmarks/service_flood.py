@@ -67,8 +67,8 @@ def main() -> int:
     import httpx
 
     from stagewise import CrossEncoderReranker, Pipeline, build_first_stage
-    from stagewise.data import load_dataset
-    from stagewise.index import Index
+    from stagewise.data.loaders import load_dataset
+    from stagewise.serving.index import Index
 
     data = args.data if args.data == "default" or Path(args.data).is_dir() else "default"
     dataset = load_dataset(data)

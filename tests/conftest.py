@@ -18,7 +18,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 
 def _tokenizer_dir() -> Path:
-    from stagewise.models import resolve_model
+    from stagewise.models.specs import resolve_model
 
     return resolve_model("minilm-l6").path
 
@@ -117,8 +117,8 @@ SERVICE_CORPUS = CORPUS + [
 
 
 def _build_service_index(tmp_path_factory, name: str, pipeline_factory):
-    from stagewise.data import load_corpus
-    from stagewise.index import Index
+    from stagewise.data.loaders import load_corpus
+    from stagewise.serving.index import Index
 
     folder = tmp_path_factory.mktemp(name)
     with pytest.MonkeyPatch.context() as mp:  # session scope: no per-test cache yet, keep the build out of ~/.cache
@@ -130,9 +130,9 @@ def _build_service_index(tmp_path_factory, name: str, pipeline_factory):
 @pytest.fixture(scope="session")
 def reranked_index(tiny_bi_encoder, tiny_cross_encoder, tmp_path_factory):
     """The tiny bi-encoder reranked by the tiny cross-encoder at depth 3, over SERVICE_CORPUS."""
-    from stagewise.pipeline import Pipeline
-    from stagewise.rerankers import CrossEncoderReranker
-    from stagewise.retrievers import build_first_stage
+    from stagewise.search.pipeline import Pipeline
+    from stagewise.search.rerankers import CrossEncoderReranker
+    from stagewise.search.retrievers import build_first_stage
 
     return _build_service_index(tmp_path_factory, "reranked-index", lambda: Pipeline(
         build_first_stage(str(tiny_bi_encoder)), CrossEncoderReranker(str(tiny_cross_encoder)), depth=3))
@@ -141,8 +141,8 @@ def reranked_index(tiny_bi_encoder, tiny_cross_encoder, tmp_path_factory):
 @pytest.fixture(scope="session")
 def bm25_index(tmp_path_factory):
     """BM25 alone over SERVICE_CORPUS: an index without a reranker."""
-    from stagewise.pipeline import Pipeline
-    from stagewise.retrievers import build_first_stage
+    from stagewise.search.pipeline import Pipeline
+    from stagewise.search.retrievers import build_first_stage
 
     return _build_service_index(tmp_path_factory, "bm25-index", lambda: Pipeline(build_first_stage("bm25")))
 

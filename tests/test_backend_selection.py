@@ -7,16 +7,16 @@ import time
 
 import pytest
 import yaml
-
-from stagewise.backend_selection import BackendSelection, parse_backend
-from stagewise.backend_timing import ROUNDS, USES, RoundResult, RoundWork, interleaved
-from stagewise.errors import StagewiseError
-from stagewise.pipeline import Pipeline
-from stagewise.selection import Selection, SelectConfig, _slug, load_select_config, select
-from stagewise.rundir import RunDir
-from stagewise.data import load_dataset
-
 from test_selection import select_data, tiny_config  # noqa: F401  (the module's data fixture)
+
+from stagewise.data.loaders import load_dataset
+from stagewise.errors import StagewiseError
+from stagewise.rundir import RunDir
+from stagewise.search.pipeline import Pipeline
+from stagewise.selection.backend_stage import BackendSelection, parse_backend
+from stagewise.selection.backend_timing import ROUNDS, USES, RoundResult, RoundWork, interleaved
+from stagewise.selection.config import SelectConfig, load_select_config
+from stagewise.selection.strategy import Selection, _slug, select
 
 CANDIDATES = ["torch", "torch-bf16", "onnx", "onnx-int8"]
 

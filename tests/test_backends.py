@@ -1,4 +1,4 @@
-"""Tests for stagewise.backends and stagewise.export: ONNX Runtime / OpenVINO exports (float32 and int8) and
+"""Tests for stagewise.models.backends and stagewise.models.export: ONNX Runtime / OpenVINO exports (float32 and int8) and
 PyTorch bfloat16, on the tiny random models.
 
 Every exported variant is made once per module (``exports``) and compared with float32 PyTorch on held-out texts
@@ -22,21 +22,30 @@ import pytest
 import torch
 import yaml
 
-import stagewise.export as export_module
+import stagewise.models.export as export_module
 from conftest import CORPUS, QUERIES, _tiny_bert_config, _tokenizer_dir, running_server, write_beir
-from stagewise.backends import Backend, backend_of, read_manifest, require, set_threads
 from stagewise.cache import cache_dir
-from stagewise.data import Document
+from stagewise.data.loaders import Document
 from stagewise.errors import DataError, ModelError, StagewiseError
-from stagewise.export import (FILES, Calibration, Tolerance, builtin_calibration, equivalence, equivalence_sample,
-                              export_model, failures, load_calibration, prepare)
-from stagewise.index import Index
-from stagewise.models import load_bi_encoder, load_cross_encoder, resolve_model
-from stagewise.pipeline import Pipeline, Query
-from stagewise.rerankers import CrossEncoderReranker
-from stagewise.retrievers import DenseRetriever
-
-from stagewise.runtimes import OnnxRuntimeModel, OpenVINOModel, transformer_module
+from stagewise.models.backends import Backend, backend_of, read_manifest, require, set_threads
+from stagewise.models.export import (
+    FILES,
+    Calibration,
+    Tolerance,
+    builtin_calibration,
+    equivalence,
+    equivalence_sample,
+    export_model,
+    failures,
+    load_calibration,
+    prepare,
+)
+from stagewise.models.runtimes import OnnxRuntimeModel, OpenVINOModel, transformer_module
+from stagewise.models.specs import load_bi_encoder, load_cross_encoder, resolve_model
+from stagewise.search.pipeline import Pipeline, Query
+from stagewise.search.rerankers import CrossEncoderReranker
+from stagewise.search.retrievers import DenseRetriever
+from stagewise.serving.index import Index
 
 BI, CROSS = "bi-encoder", "cross-encoder"
 VARIANTS = {
@@ -701,7 +710,7 @@ def test_an_index_of_exported_models_round_trips_and_serves(exports, tmp_path):
     assert Backend.from_config(saved["reranker"]) == Backend("openvino")
     assert Backend.from_config(loaded.manifest["first_stage"]) == Backend("onnx")
 
-    from stagewise.service import create_app
+    from stagewise.serving.service import create_app
 
     with running_server(create_app(tmp_path / "idx")) as base:  # the service loads the folder itself
         for query in SEARCHES[:4]:
@@ -732,8 +741,8 @@ def test_an_index_keeps_the_bfloat16_backend_of_both_stages(tiny_bi_encoder, spr
 
 KILLED_EXPORT = """
 import os, signal, sys
-from stagewise import export
-from stagewise.backends import Backend
+from stagewise.models import export
+from stagewise.models.backends import Backend
 
 export.equivalence = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # killed mid-export
 export.export_model(sys.argv[1], Backend("onnx"), sys.argv[2])
@@ -802,8 +811,8 @@ def test_eval_refuses_a_half_export_as_reranker_in_one_line(exports, beir_dir, t
 
 def test_a_temporary_folder_in_use_is_left_alone(tmp_path):
     """Only folders whose run is dead go: the lock on the marker says which (a live run holds it)."""
-    from stagewise.backends import UNFINISHED
-    from stagewise.models import _locked_marker, remove_stale_temporaries
+    from stagewise.models.backends import UNFINISHED
+    from stagewise.models.specs import _locked_marker, remove_stale_temporaries
 
     live, dead, other = tmp_path / ".live-abcd1234", tmp_path / ".dead-abcd1234", tmp_path / ".other-abcd1234"
     for folder in (live, dead, other):

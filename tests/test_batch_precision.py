@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stagewise import batch_precision
-from stagewise.batch_precision import BatchPrecision, measure
+from stagewise.models import batch_precision
+from stagewise.models.batch_precision import BatchPrecision, measure
 from stagewise.progress import map_chunks, pair_length
 
 
@@ -70,7 +70,7 @@ def test_a_machine_too_busy_to_measure_keeps_float32():
 def test_a_choice_is_measured_once_per_model_and_remembered_on_disk(tiny_bi_encoder, tmp_path, monkeypatch):
     import torch
 
-    from stagewise.models import load_bi_encoder
+    from stagewise.models.specs import load_bi_encoder
 
     model = load_bi_encoder(str(tiny_bi_encoder))
     calls = []
@@ -89,7 +89,7 @@ def test_a_choice_is_measured_once_per_model_and_remembered_on_disk(tiny_bi_enco
 
 
 def test_length_grouped_batches_give_the_same_scores_as_unsorted_ones(tiny_cross_encoder, tiny_bi_encoder):
-    from stagewise.models import load_bi_encoder, load_cross_encoder
+    from stagewise.models.specs import load_bi_encoder, load_cross_encoder
 
     cross = load_cross_encoder(str(tiny_cross_encoder), max_length=64)
     pairs = [(f"query {i % 5}", "word " * (3 + (i * 7) % 40)) for i in range(50)]
@@ -120,8 +120,7 @@ def test_pair_sample_keeps_whole_queries():
 
 
 def test_the_probes_measure_positive_rates_on_tiny_models(tiny_bi_encoder, tiny_cross_encoder):
-    from stagewise import probes
-
+    from stagewise.selection import probes
     queries = [f"what about topic {i}" for i in range(12)]
     documents = [f"a document on topic {i} with some more words" for i in range(30)]
     bi = probes.bi_training_rates(str(tiny_bi_encoder), 32, queries, documents, negatives=1)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from stagewise.budget import Level, Rates, Sizes, Step, bi_levels, cross_levels, share_out
-from stagewise.training import BiTrainConfig, CrossTrainConfig
+from stagewise.selection.budget import Level, Rates, Sizes, Step, bi_levels, cross_levels, share_out
+from stagewise.training.config import BiTrainConfig, CrossTrainConfig
 
 SIZES = Sizes(corpus=5000, train_queries=600, train_pairs=690, dev_queries=200, latency_queries=20,
               depths=[5, 10, 20, 50, 100], query_seconds=0.02)
@@ -100,7 +100,7 @@ def test_stage3_reserve_is_its_work_at_the_measured_rates():
     part and the reranker's are apart (the reranker's is measured only if one is chosen)."""
     from types import SimpleNamespace
 
-    from stagewise.backend_selection import stage3_reserve
+    from stagewise.selection.backend_stage import stage3_reserve
 
     def reserve(backends, sizes=SIZES, docs=50.0, corpus=150.0, pairs=800.0):
         return sum(stage3_reserve(SimpleNamespace(backends=backends), sizes, docs, corpus, pairs))

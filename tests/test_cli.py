@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from typer.testing import CliRunner
 
 from stagewise.cli import app
@@ -132,12 +131,12 @@ def test_eval_pipeline_gives_exactly_the_numbers_of_evaluate_pipeline(beir_dir, 
                                                                       tmp_path):
     from dataclasses import asdict
 
-    from stagewise.data import load_dataset
-    from stagewise.evaluation import _slug, evaluate_pipeline
-    from stagewise.fusion import Fusion
-    from stagewise.pipeline import Pipeline
-    from stagewise.rerankers import CrossEncoderReranker
-    from stagewise.retrievers import build_first_stage
+    from stagewise.data.loaders import load_dataset
+    from stagewise.evaluation.runs import _slug, evaluate_pipeline
+    from stagewise.search.fusion import Fusion
+    from stagewise.search.pipeline import Pipeline
+    from stagewise.search.rerankers import CrossEncoderReranker
+    from stagewise.search.retrievers import build_first_stage
 
     folder = tmp_path / "chosen"
     Pipeline(build_first_stage(str(tiny_bi_encoder)), CrossEncoderReranker(str(tiny_cross_encoder)), depth=4,
@@ -184,7 +183,7 @@ def test_long_work_shows_our_progress_bars_only(beir_dir, tiny_bi_encoder, tiny_
 
 
 def test_a_batch_of_pairs_is_scored_on_our_bar(tiny_cross_encoder, capfd):
-    from stagewise.rerankers import CrossEncoderReranker
+    from stagewise.search.rerankers import CrossEncoderReranker
 
     reranker = CrossEncoderReranker(str(tiny_cross_encoder), batch_size=2)
     scores = reranker.score_pairs([("q", f"text {i}") for i in range(7)], batch_job=True)

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from stagewise.cli import app
-from stagewise.index import Index
+from stagewise.serving.index import Index
 
 runner = CliRunner()
 
@@ -151,7 +151,7 @@ def test_a_bad_pipeline_file_is_one_line_naming_the_field(built, beir_dir, tiny_
 def test_search_prints_its_results_on_stdout(tmp_path):
     """Issue 20.11: the table went to stderr with the progress, so `stagewise search … > hits.txt` kept nothing."""
     from conftest import write_beir
-    from stagewise.index import load_pipeline_spec
+    from stagewise.serving.index import load_pipeline_spec
 
     Index.build(load_pipeline_spec("bm25"), write_beir(tmp_path / "ds") / "corpus.jsonl", tmp_path / "idx")
     result = runner.invoke(app, ["search", str(tmp_path / "idx"), "animals that bark", "--k", "2"])
@@ -166,7 +166,7 @@ def test_every_command_that_reports_results_prints_them_on_stdout(tmp_path):
     """Results of eval, compare, data describe, models and index info can be piped like search's; progress stays
     on stderr (the results went there with it)."""
     from conftest import write_beir
-    from stagewise.index import load_pipeline_spec
+    from stagewise.serving.index import load_pipeline_spec
 
     data = write_beir(tmp_path / "ds")
     Index.build(load_pipeline_spec("bm25"), data / "corpus.jsonl", tmp_path / "idx")

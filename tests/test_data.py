@@ -1,4 +1,4 @@
-"""Tests for stagewise.data: BEIR loading, training examples, describe, and error reporting.
+"""Tests for stagewise.data.loaders: BEIR loading, training examples, describe, and error reporting.
 
 Every error test checks the exact ``path:line:`` prefix, the field name where one applies, and that
 the files on disk are byte-for-byte unchanged after the failed load.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stagewise.data import (
+from stagewise.data.loaders import (
     Document,
     RetrievalDataset,
     TrainingExamples,

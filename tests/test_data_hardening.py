@@ -11,14 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+from test_inputs import one_line_error, snapshot
 from typer.testing import CliRunner
 
 from conftest import QRELS, write_beir
 from stagewise.cli import app
-from stagewise.data import RELEVANCE_MAX, RELEVANCE_MIN, load_beir
+from stagewise.data.loaders import RELEVANCE_MAX, RELEVANCE_MIN, load_beir
 from stagewise.errors import DataError
 from stagewise.rundir import UNFINISHED, RunDir
-from test_inputs import one_line_error, snapshot
 
 runner = CliRunner()
 ZERO_WIDTH = "\u200b\u200c\u2060\ufeff"  # zero-width space, non-joiner, word joiner, BOM: nothing to see or search
@@ -36,7 +36,7 @@ def _eval(data: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture
 def bm25_idx(beir_dir, tmp_path) -> Path:
-    from stagewise.index import Index, load_pipeline_spec
+    from stagewise.serving.index import Index, load_pipeline_spec
 
     return Index.build(load_pipeline_spec("bm25"), beir_dir / "corpus.jsonl", tmp_path / "idx").path
 
@@ -77,7 +77,7 @@ def test_graded_relevance_and_trec_negative_grades_are_read_as_before(tmp_path, 
 
 _METRICS = """
 import json, sys
-from stagewise.metrics import compute_metrics, run_from_rankings
+from stagewise.evaluation.metrics import compute_metrics, run_from_rankings
 run = run_from_rankings({"q1": ["d1", "d2", "d3"], "q2": ["d2", "d1"]})
 print(json.dumps([compute_metrics({"q1": {"d1": 1}, "q2": {"d2": rel}}, run)[1] for rel in json.loads(sys.argv[1])]))
 """
@@ -135,10 +135,10 @@ def test_a_document_of_zero_width_characters_is_refused_like_an_empty_one(beir_d
 def test_the_python_api_refuses_a_blank_document_and_an_index_holding_one_still_loads(tmp_path, monkeypatch):
     """Index.build and add refuse a blank document as the file loader does (an empty one used to be written and
     then fail the build's own read-back); an index that earlier builds wrote with a zero-width document loads."""
-    from stagewise import index as index_module
-    from stagewise.data import Document
+    from stagewise.data.loaders import Document
     from stagewise.errors import StagewiseError
-    from stagewise.index import Index, load_pipeline_spec
+    from stagewise.serving import index as index_module
+    from stagewise.serving.index import Index, load_pipeline_spec
 
     owls = Document("d1", "", "Owls hunt at night.")
     for blank in (Document("d9", "", ""), Document("d9", "\u200b", ZERO_WIDTH)):
@@ -165,19 +165,19 @@ def test_an_unknown_engine_leaves_no_run_folder(beir_dir, tmp_path):
 
 
 def test_an_eval_that_failed_mid_run_is_replaced_by_its_rerun(beir_dir, tmp_path, monkeypatch):
-    import stagewise.evaluation
+    import stagewise.evaluation.runs
 
-    real = stagewise.evaluation.evaluate
+    real = stagewise.evaluation.runs.evaluate
 
     def failing(*args, **kwargs):
         raise RuntimeError("died mid-run")
 
     out = tmp_path / "run"
-    monkeypatch.setattr(stagewise.evaluation, "evaluate", failing)
+    monkeypatch.setattr(stagewise.evaluation.runs, "evaluate", failing)
     assert isinstance(runner.invoke(app, _eval(beir_dir, out)).exception, RuntimeError)
     assert (out / "config.json").is_file() and (out / UNFINISHED).is_file()
     (out / "stale.txt").write_text("from the failed run")
-    monkeypatch.setattr(stagewise.evaluation, "evaluate", real)
+    monkeypatch.setattr(stagewise.evaluation.runs, "evaluate", real)
     result = runner.invoke(app, _eval(beir_dir, out))
     assert result.exit_code == 0, result.output
     assert (out / "results.json").is_file() and (out / "result.json").is_file()
@@ -186,13 +186,13 @@ def test_an_eval_that_failed_mid_run_is_replaced_by_its_rerun(beir_dir, tmp_path
 
 _HANG = """
 import pathlib, sys, time
-import stagewise.evaluation
+import stagewise.evaluation.runs
 
 def hang(*args, **kwargs):
     pathlib.Path(sys.argv[1]).write_text("running")
     time.sleep(600)
 
-stagewise.evaluation.evaluate = hang
+stagewise.evaluation.runs.evaluate = hang
 from stagewise.cli import app
 app(sys.argv[2:])
 """

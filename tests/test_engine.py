@@ -1,4 +1,4 @@
-"""Tests for stagewise.engine: batch work on Ray Data gives exactly what the same work gives in this process.
+"""Tests for stagewise.scale.engine: batch work on Ray Data gives exactly what the same work gives in this process.
 
 One local Ray (two CPUs) serves the whole module. The tiny random models from conftest are deterministic, so
 Ray-encoded embeddings and Ray-computed cross-encoder scores must equal the local ones to float precision,
@@ -19,15 +19,15 @@ pytest.importorskip("ray.data")
 from typer.testing import CliRunner  # noqa: E402
 
 from conftest import CORPUS, QUERIES, SERVICE_CORPUS, write_beir  # noqa: E402
-from stagewise import engine  # noqa: E402
 from stagewise.cli import app  # noqa: E402
-from stagewise.data import Document, load_dataset  # noqa: E402
+from stagewise.data.loaders import Document, load_dataset  # noqa: E402
 from stagewise.errors import StagewiseError  # noqa: E402
-from stagewise.evaluation import evaluate, evaluate_depths  # noqa: E402
-from stagewise.index import Index  # noqa: E402
-from stagewise.pipeline import Pipeline, Query  # noqa: E402
-from stagewise.rerankers import CrossEncoderReranker  # noqa: E402
-from stagewise.retrievers import DenseRetriever, build_first_stage  # noqa: E402
+from stagewise.evaluation.runs import evaluate, evaluate_depths  # noqa: E402
+from stagewise.scale import engine  # noqa: E402
+from stagewise.search.pipeline import Pipeline, Query  # noqa: E402
+from stagewise.search.rerankers import CrossEncoderReranker  # noqa: E402
+from stagewise.search.retrievers import DenseRetriever, build_first_stage  # noqa: E402
+from stagewise.serving.index import Index  # noqa: E402
 
 WORDS = ("river mountain violin train garden glacier owl bridge tea coffee cat dog python rust memory safety "
          "lava ice valley beans leaves water").split()

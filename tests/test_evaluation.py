@@ -1,4 +1,4 @@
-"""Tests for stagewise.evaluation: metrics against hand-computed values, evaluation as deployed, saving, comparing."""
+"""Tests for stagewise.evaluation.runs: metrics against hand-computed values, evaluation as deployed, saving, comparing."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from stagewise.data import load_beir
-from stagewise.evaluation import (
+from stagewise.data.loaders import load_beir
+from stagewise.evaluation.runs import (
     SystemResult,
     _slug,
     compare,
@@ -21,10 +21,10 @@ from stagewise.evaluation import (
     run_from_rankings,
     save_results,
 )
-from stagewise.fusion import WEIGHT_GRID, Fusion, choose_fusion, fused_rankings
-from stagewise.pipeline import Pipeline
-from stagewise.rerankers import CrossEncoderReranker
-from stagewise.retrievers import BM25Retriever
+from stagewise.search.fusion import WEIGHT_GRID, Fusion, choose_fusion, fused_rankings
+from stagewise.search.pipeline import Pipeline
+from stagewise.search.rerankers import CrossEncoderReranker
+from stagewise.search.retrievers import BM25Retriever
 
 # --------------------------------------------------------------------------------------------
 # compute_metrics against hand-computed values

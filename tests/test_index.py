@@ -1,4 +1,4 @@
-"""Tests for stagewise.index: a persistent, versioned, updatable index built from a pipeline's first stage.
+"""Tests for stagewise.serving.index: a persistent, versioned, updatable index built from a pipeline's first stage.
 
 Built with the tiny random models from conftest: the scores mean nothing, but they are deterministic, so a
 stored index must answer exactly like the same pipeline in memory, before and after updates, crashes and moves.
@@ -19,16 +19,16 @@ import numpy as np
 import pytest
 import yaml
 
-import stagewise.index as index_module
+import stagewise.serving.index as index_module
 from conftest import CORPUS, QUERIES
-from stagewise.data import Document
+from stagewise.data.loaders import Document
 from stagewise.errors import StagewiseError
-from stagewise.fusion import Fusion
-from stagewise.index import Index, InvalidIndexError, _writer_lock
-from stagewise.pipeline import Pipeline, Query
-from stagewise.rerankers import CrossEncoderReranker
-from stagewise.retrievers import DenseRetriever, build_first_stage
-from stagewise.vector_index import VectorIndex, VectorIndexConfig
+from stagewise.search.fusion import Fusion
+from stagewise.search.pipeline import Pipeline, Query
+from stagewise.search.rerankers import CrossEncoderReranker
+from stagewise.search.retrievers import DenseRetriever, build_first_stage
+from stagewise.search.vector_index import VectorIndex, VectorIndexConfig
+from stagewise.serving.index import Index, InvalidIndexError, _writer_lock
 
 TEXTS = [q["text"] for q in QUERIES] + ["hot drink made from leaves"]
 NEW_DOCS = [
@@ -449,8 +449,8 @@ def _run(script: str, *args) -> subprocess.CompletedProcess:
 KILL_BEFORE_CURRENT = """
     import os, signal, sys
     from pathlib import Path
-    import stagewise.index as index
-    from stagewise.data import Document
+    import stagewise.serving.index as index
+    from stagewise.data.loaders import Document
 
     real = index._atomic_write
     def write(path, text):
@@ -485,11 +485,11 @@ KILL_INSIDE_BUILD = """
     import os, signal, sys
     from pathlib import Path
     import numpy as np
-    from stagewise.data import Document
-    from stagewise.index import Index
-    from stagewise.pipeline import Pipeline
-    from stagewise.retrievers import build_first_stage
-    from stagewise.vector_index import VectorIndex
+    from stagewise.data.loaders import Document
+    from stagewise.serving.index import Index
+    from stagewise.search.pipeline import Pipeline
+    from stagewise.search.retrievers import build_first_stage
+    from stagewise.search.vector_index import VectorIndex
 
     def save(self, folder):  # die half-way through writing the new version's vectors
         folder.mkdir(parents=True, exist_ok=True)

@@ -70,9 +70,9 @@ def test_a_lone_surrogate_anywhere_names_the_file_line_and_field(beir_dir, tmp_p
 
 
 def test_a_failed_build_removes_the_folder_it_created_and_only_that(beir_dir, tmp_path, monkeypatch):
-    import stagewise.index as index_module
-    from stagewise.data import load_corpus
-    from stagewise.index import Index, load_pipeline_spec
+    import stagewise.serving.index as index_module
+    from stagewise.data.loaders import load_corpus
+    from stagewise.serving.index import Index, load_pipeline_spec
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -124,7 +124,7 @@ def test_json_nested_too_deeply_is_a_line_error_not_a_recursion_error(beir_dir):
 
 
 def test_a_null_or_missing_title_is_no_title(tmp_path):
-    from stagewise.data import load_corpus
+    from stagewise.data.loaders import load_corpus
 
     root = write_beir(tmp_path / "ds", corpus=[{"_id": "a", "title": None, "text": "x"}, {"_id": "b", "text": "y"}])
     assert [d.title for d in load_corpus(root / "corpus.jsonl").values()] == ["", ""]
@@ -167,10 +167,10 @@ def test_eval_max_queries_must_be_at_least_one(beir_dir, tmp_path, value):
 
 @pytest.mark.parametrize("max_queries", [0, -1, 1.5, "2", True])
 def test_the_python_api_never_slices_queries_with_a_bad_count(beir_dir, max_queries):
-    from stagewise.data import load_beir
+    from stagewise.data.loaders import load_beir
     from stagewise.errors import StagewiseError
-    from stagewise.evaluation import evaluate, split_queries
-    from stagewise.retrievers import BM25Retriever
+    from stagewise.evaluation.runs import evaluate, split_queries
+    from stagewise.search.retrievers import BM25Retriever
 
     dataset = load_beir(beir_dir)
     with pytest.raises(StagewiseError, match="max_queries"):
@@ -223,7 +223,7 @@ def test_usage_mistakes_are_one_line_too():
 
 @pytest.mark.parametrize("command", ["eval", "index build", "search"])
 def test_a_pipeline_yaml_with_a_bad_depth_names_the_file_and_field(command, beir_dir, tmp_path):
-    from stagewise.index import Index, load_pipeline_spec
+    from stagewise.serving.index import Index, load_pipeline_spec
 
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text("first_stage: {type: bm25}\ndepth: zero\n")
@@ -254,7 +254,7 @@ def test_a_pipeline_yaml_with_a_malformed_first_stage(beir_dir, tmp_path, conten
 
 @pytest.fixture
 def bm25_idx(beir_dir, tmp_path) -> Path:
-    from stagewise.index import Index, load_pipeline_spec
+    from stagewise.serving.index import Index, load_pipeline_spec
 
     return Index.build(load_pipeline_spec("bm25"), beir_dir / "corpus.jsonl", tmp_path / "idx").path
 
@@ -350,7 +350,7 @@ def _raw_controls(text: str) -> list[str]:
 
 
 def test_search_shows_escape_sequences_in_documents_as_text_but_json_keeps_them(tmp_path):
-    from stagewise.index import Index, load_pipeline_spec
+    from stagewise.serving.index import Index, load_pipeline_spec
 
     corpus = [{**CORPUS[0], "_id": "d\x1b[1m1", "title": f"Cats {ESCAPES}"}] + CORPUS[1:]
     root = write_beir(tmp_path / "ds", corpus=corpus, qrels={"dev": [("q1", "d2", 1)]})
@@ -364,7 +364,7 @@ def test_search_shows_escape_sequences_in_documents_as_text_but_json_keeps_them(
 
 
 def test_describe_info_and_errors_never_print_raw_control_characters(tmp_path):
-    from stagewise.index import Index, load_pipeline_spec
+    from stagewise.serving.index import Index, load_pipeline_spec
 
     root = write_beir(tmp_path / "data\x1b[2J")
     result = runner.invoke(app, ["data", "describe", str(root)])
@@ -383,8 +383,7 @@ def test_select_example_hits_go_through_the_same_helper():
     """select's table, verdict and example hits print through ``printable`` (select itself runs for minutes)."""
     import inspect
 
-    from stagewise import cli
-
+    from stagewise.cli import selection as cli
     source = inspect.getsource(cli.select_command)
     assert source.count("printable(") >= 4
 
@@ -394,8 +393,7 @@ def test_select_example_hits_go_through_the_same_helper():
 
 def _commands(typer_app=None, prefix=()):
     """Every command: its words on the command line and its function (from the app itself, so none is missed)."""
-    from stagewise import cli
-
+    from stagewise.cli import main as cli
     typer_app = typer_app or cli.app
     for info in typer_app.registered_commands:
         yield [*prefix, info.name], info.callback
@@ -445,8 +443,7 @@ def _path_parameters():
     """Every parameter that names a file or folder: a ``Path``, or a text parsed as a path (cli.TEXT_PATH)."""
     from pathlib import Path as P
 
-    from stagewise import cli
-
+    from stagewise.cli import options as cli
     for words, callback in _commands():
         for name, hint, info in _params(callback):
             if hint is P or getattr(info, "parser", None) is getattr(cli, "TEXT_PATH", P):
@@ -511,7 +508,7 @@ def test_training_options_past_their_bound_leave_no_run_folder(tmp_path):
 
 def test_a_static_embedding_model_is_no_reranker(beir_dir, tmp_path):
     """Issue 20.5: `eval -r static-64` was a traceback from transformers (no model_type to load)."""
-    from stagewise.models import installed_aliases
+    from stagewise.models.specs import installed_aliases
 
     if "static-64" not in installed_aliases():
         pytest.skip("static-64 is not installed")
@@ -526,7 +523,7 @@ def test_a_static_embedding_model_is_no_reranker(beir_dir, tmp_path):
 def test_a_length_past_what_the_model_takes_is_held_to_its_limit(tiny_bi_encoder, tiny_cross_encoder):
     """Within the options' bound, a length the model cannot take (the tiny models have 128 positions) is held to
     what it takes: a long text is truncated there instead of failing inside the model."""
-    from stagewise.models import load_bi_encoder, load_cross_encoder
+    from stagewise.models.specs import load_bi_encoder, load_cross_encoder
 
     bi = load_bi_encoder(str(tiny_bi_encoder), max_seq_length=20_000)
     cross = load_cross_encoder(str(tiny_cross_encoder), max_length=20_000)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from stagewise import DenseRetriever, compute_metrics, load_beir
-from stagewise.evaluation import run_from_rankings
+from stagewise.evaluation.runs import run_from_rankings
 
 
 @pytest.fixture(scope="module")

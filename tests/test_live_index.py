@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 from conftest import SERVICE_CORPUS, running_server, write_beir
-from stagewise.index import Index
-from stagewise.live_index import LiveIndex
-from stagewise.service import ServiceSettings, create_app
+from stagewise.serving.index import Index
+from stagewise.serving.live_index import LiveIndex
+from stagewise.serving.service import ServiceSettings, create_app
 
 QUERIES = ["which animal purrs", "language with memory safety", "history of trains", "drink from roasted beans"]
 NEW = [{"_id": f"new{i}", "title": "New", "text": q} for i, q in enumerate(QUERIES)]  # each matches a query best
@@ -25,10 +25,10 @@ NEW = [{"_id": f"new{i}", "title": "New", "text": q} for i, q in enumerate(QUERI
 
 @pytest.fixture
 def index_path(tmp_path, tiny_bi_encoder, tiny_cross_encoder):
-    from stagewise.data import load_corpus
-    from stagewise.pipeline import Pipeline
-    from stagewise.rerankers import CrossEncoderReranker
-    from stagewise.retrievers import build_first_stage
+    from stagewise.data.loaders import load_corpus
+    from stagewise.search.pipeline import Pipeline
+    from stagewise.search.rerankers import CrossEncoderReranker
+    from stagewise.search.retrievers import build_first_stage
 
     corpus = load_corpus(write_beir(tmp_path / "data", corpus=SERVICE_CORPUS) / "corpus.jsonl")
     pipeline = Pipeline(build_first_stage(str(tiny_bi_encoder)), CrossEncoderReranker(str(tiny_cross_encoder)), depth=3)
@@ -111,9 +111,9 @@ def test_a_version_that_cannot_be_served_leaves_the_old_one_answering(tmp_path, 
 
 
 def test_a_pipeline_given_at_start_is_kept_over_new_versions(tmp_path, index_path, tiny_cross_encoder):
-    from stagewise.fusion import Fusion
-    from stagewise.pipeline import Pipeline
-    from stagewise.rerankers import CrossEncoderReranker
+    from stagewise.search.fusion import Fusion
+    from stagewise.search.pipeline import Pipeline
+    from stagewise.search.rerankers import CrossEncoderReranker
 
     stored = Index.load(index_path)
     other = Pipeline(stored.pipeline.first_stage, CrossEncoderReranker(str(tiny_cross_encoder)), depth=5,
@@ -136,7 +136,7 @@ def base_model(tmp_path_factory):
     """A plain BERT (no scoring head): what a user gets by naming a base encoder as the reranker."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from stagewise.models import resolve_model
+    from stagewise.models.specs import resolve_model
 
     out = tmp_path_factory.mktemp("base-bert")
     BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -148,7 +148,7 @@ def base_model(tmp_path_factory):
 def test_an_untrained_head_scores_the_same_on_every_load(base_model):
     import warnings
 
-    from stagewise.rerankers import CrossEncoderReranker
+    from stagewise.search.rerankers import CrossEncoderReranker
 
     pairs = [("cats", "Cats purr."), ("cats", "Dogs bark."), ("tea", "Tea is a drink.")]
     with warnings.catch_warnings():
@@ -163,9 +163,9 @@ def test_index_build_and_serve_refuse_an_untrained_reranker_unless_allowed(tmp_p
     from typer.testing import CliRunner
 
     from stagewise.cli import app
-    from stagewise.pipeline import Pipeline
-    from stagewise.rerankers import CrossEncoderReranker
-    from stagewise.retrievers import build_first_stage
+    from stagewise.search.pipeline import Pipeline
+    from stagewise.search.rerankers import CrossEncoderReranker
+    from stagewise.search.retrievers import build_first_stage
 
     data = write_beir(tmp_path / "data", corpus=SERVICE_CORPUS)
     with pytest.warns(UserWarning):
@@ -181,7 +181,7 @@ def test_index_build_and_serve_refuse_an_untrained_reranker_unless_allowed(tmp_p
     assert allowed.exit_code == 0, allowed.output
 
     served = []
-    monkeypatch.setattr("stagewise.service.serve", lambda live, *args, **kwargs: served.append(live))
+    monkeypatch.setattr("stagewise.serving.service.serve", lambda live, *args, **kwargs: served.append(live))
     refused = runner.invoke(app, ["serve", str(tmp_path / "idx"), "--port", "0"])
     assert refused.exit_code == 2 and "--port" in refused.output  # the port is checked before the models load
     refused = runner.invoke(app, ["serve", str(tmp_path / "idx"), "--port", "8765"])

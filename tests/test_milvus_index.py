@@ -1,4 +1,4 @@
-"""Tests for stagewise.milvus_index: an index whose vectors live in Milvus (Milvus Lite on a temporary file).
+"""Tests for stagewise.scale.milvus: an index whose vectors live in Milvus (Milvus Lite on a temporary file).
 
 Mirrors test_index.py: a stored index answers exactly like the same pipeline in memory (exact search), before
 and after updates, crashes and rebuilds. Milvus-specific: versions share one collection, readers filter
@@ -26,19 +26,18 @@ pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
 from milvus_lite.server_manager import server_manager_instance  # noqa: E402
-
-import stagewise.index as index_module  # noqa: E402
-from stagewise import milvus_index  # noqa: E402
-from stagewise.data import Document  # noqa: E402
-from stagewise.errors import StagewiseError  # noqa: E402
-from stagewise.index import Index, InvalidIndexError  # noqa: E402
-from stagewise.milvus_index import MilvusVectors  # noqa: E402
-from stagewise.pipeline import Pipeline  # noqa: E402
-from stagewise.rerankers import CrossEncoderReranker  # noqa: E402
-from stagewise.retrievers import build_first_stage  # noqa: E402
-from stagewise.vector_index import VectorIndex, VectorIndexConfig  # noqa: E402
-
 from test_index import NEW_DOCS, TEXTS, answers, assert_same_answers, docs, versions  # noqa: E402
+
+import stagewise.serving.index as index_module  # noqa: E402
+from stagewise.data.loaders import Document  # noqa: E402
+from stagewise.errors import StagewiseError  # noqa: E402
+from stagewise.scale import milvus as milvus_index  # noqa: E402
+from stagewise.scale.milvus import MilvusVectors  # noqa: E402
+from stagewise.search.pipeline import Pipeline  # noqa: E402
+from stagewise.search.rerankers import CrossEncoderReranker  # noqa: E402
+from stagewise.search.retrievers import build_first_stage  # noqa: E402
+from stagewise.search.vector_index import VectorIndex, VectorIndexConfig  # noqa: E402
+from stagewise.serving.index import Index, InvalidIndexError  # noqa: E402
 
 MILVUS = VectorIndexConfig(kind="milvus")
 
@@ -255,8 +254,8 @@ def _run(script: str, *args) -> subprocess.CompletedProcess:
 KILL_BEFORE_CURRENT = """
     import os, signal, sys
     from pathlib import Path
-    import stagewise.index as index
-    from stagewise.data import Document
+    import stagewise.serving.index as index
+    from stagewise.data.loaders import Document
 
     real = index._atomic_write
     def write(path, text):
@@ -308,7 +307,7 @@ def test_a_reader_left_on_a_pruned_version_never_invents_hits(built):
 LOCKED = """
     import sys
     from stagewise.errors import StagewiseError
-    from stagewise.milvus_index import client
+    from stagewise.scale.milvus import client
     try:
         client(sys.argv[1])
     except StagewiseError as e:
@@ -488,7 +487,7 @@ def test_a_milvus_outage_is_a_503_naming_no_address_and_health_says_so(built, mo
     from pymilvus.exceptions import MilvusException
 
     from conftest import running_server
-    from stagewise.service import ServiceSettings, create_app
+    from stagewise.serving.service import ServiceSettings, create_app
 
     index = Index.load(built)
     v = vectors_of(index)

@@ -1,4 +1,4 @@
-"""Tests for stagewise.milvus_index against a Milvus server in its own process, not Milvus Lite in ours.
+"""Tests for stagewise.scale.milvus against a Milvus server in its own process, not Milvus Lite in ours.
 
 The server is the standalone Milvus that the PyPI package ``milvus`` embeds (``pip install
 'stagewise[milvus-server]'``, part of the ``test`` extra on Linux x86-64): started once for this module on a free
@@ -32,16 +32,16 @@ if importlib.util.find_spec("milvus") is None:
     pytest.skip("the Milvus server package is not installed: pip install 'stagewise[milvus-server]' "
                 "(Linux x86-64 only)", allow_module_level=True)
 
-from stagewise import milvus_index  # noqa: E402
-from stagewise.data import Document  # noqa: E402
-from stagewise.index import Index  # noqa: E402
-from stagewise.milvus_index import MilvusVectors  # noqa: E402
-from stagewise.pipeline import Pipeline  # noqa: E402
-from stagewise.retrievers import build_first_stage  # noqa: E402
-from stagewise.vector_index import VectorIndexConfig  # noqa: E402
+from test_index import NEW_DOCS, TEXTS, answers, assert_same_answers, docs, versions  # noqa: E402
 
 from conftest import write_beir  # noqa: E402
-from test_index import NEW_DOCS, TEXTS, answers, assert_same_answers, docs, versions  # noqa: E402
+from stagewise.data.loaders import Document  # noqa: E402
+from stagewise.scale import milvus as milvus_index  # noqa: E402
+from stagewise.scale.milvus import MilvusVectors  # noqa: E402
+from stagewise.search.pipeline import Pipeline  # noqa: E402
+from stagewise.search.retrievers import build_first_stage  # noqa: E402
+from stagewise.search.vector_index import VectorIndexConfig  # noqa: E402
+from stagewise.serving.index import Index  # noqa: E402
 
 # Run in a process of its own: ``default_server.start()`` changes the working directory while it starts the
 # binary, and the server must outlive nothing of ours (it stops when its stdin closes, also if pytest dies).
@@ -305,7 +305,7 @@ def test_the_service_answers_while_index_add_commits_from_another_process(server
     import httpx
 
     from conftest import running_server
-    from stagewise.service import ServiceSettings, create_app
+    from stagewise.serving.service import ServiceSettings, create_app
 
     path = tmp_path / "idx"
     Index.build(make(), docs(), path, vectors=config)
@@ -389,7 +389,7 @@ def test_an_outage_is_a_503_and_health_says_so_then_answers_resume(server, confi
     import httpx
 
     from conftest import running_server
-    from stagewise.service import ServiceSettings, create_app
+    from stagewise.serving.service import ServiceSettings, create_app
 
     path = tmp_path / "idx"
     Index.build(make(), docs(), path, vectors=config)

@@ -1,4 +1,4 @@
-"""Tests for stagewise.models: resolving specs (aliases, directories, hub ids), fingerprints, model kinds, loading."""
+"""Tests for stagewise.models.specs: resolving specs (aliases, directories, hub ids), fingerprints, model kinds, loading."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from stagewise.errors import ModelError, StagewiseError
-from stagewise.models import (
+from stagewise.models.specs import (
     ALIASES,
     ModelSpec,
     installed_aliases,

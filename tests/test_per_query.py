@@ -9,18 +9,27 @@ from __future__ import annotations
 import httpx
 import pytest
 import yaml
+from test_backends import (  # noqa: F401
+    BI,
+    CROSS,
+    SEARCHES,
+    _keep_torch_threads,
+    calibration,
+    calibration_dir,
+    docs,
+    exports,
+    sources,
+    spread_cross_encoder,
+)
 
 from conftest import running_server
-from stagewise.backends import Backend
 from stagewise.errors import StagewiseError
-from stagewise.index import Index
-from stagewise.pipeline import Pipeline
-from stagewise.rerankers import CrossEncoderReranker
-from stagewise.retrievers import DenseRetriever, build_first_stage
-from stagewise.runtimes import OnnxRuntimeModel, transformer_module
-
-from test_backends import (BI, CROSS, SEARCHES, _keep_torch_threads, calibration, calibration_dir, docs,  # noqa: F401
-                           exports, sources, spread_cross_encoder)
+from stagewise.models.backends import Backend
+from stagewise.models.runtimes import OnnxRuntimeModel, transformer_module
+from stagewise.search.pipeline import Pipeline
+from stagewise.search.rerankers import CrossEncoderReranker
+from stagewise.search.retrievers import DenseRetriever, build_first_stage
+from stagewise.serving.index import Index
 
 BF16 = Backend("torch", dtype="bfloat16")
 
@@ -82,7 +91,7 @@ def test_per_use_backends_round_trip_through_the_yaml_the_index_and_the_service(
         assert stage.backend == Backend("onnx") and stage.per_query.backend == BF16
         assert stage.spec.path.is_relative_to(version) and stage.per_query.spec.path.is_relative_to(version)
     expected = [[(h.doc_id, round(h.score, 4)) for h in built.search(q, k=5)] for q in SEARCHES[:4]]
-    from stagewise.service import create_app
+    from stagewise.serving.service import create_app
 
     with running_server(create_app(tmp_path / "idx")) as base:
         stats = httpx.get(base + "/stats", timeout=30).json()

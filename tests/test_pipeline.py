@@ -1,4 +1,4 @@
-"""Tests for stagewise.pipeline: two-stage search (retrieve, rerank the top depth), hits, persistence."""
+"""Tests for stagewise.search.pipeline: two-stage search (retrieve, rerank the top depth), hits, persistence."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import pytest
 import yaml
 
 from conftest import CORPUS
-from stagewise.data import Document
+from stagewise.data.loaders import Document
 from stagewise.errors import StagewiseError
-from stagewise.fusion import Fusion
-from stagewise.pipeline import Hit, Pipeline
-from stagewise.rerankers import CrossEncoderReranker
-from stagewise.retrievers import BM25Retriever
+from stagewise.search.fusion import Fusion
+from stagewise.search.pipeline import Hit, Pipeline
+from stagewise.search.rerankers import CrossEncoderReranker
+from stagewise.search.retrievers import BM25Retriever
 
 QUERY = "domesticated programming language"
 
@@ -123,7 +123,7 @@ def test_load_rejects_a_file_that_is_not_a_pipeline(tmp_path):
 def test_load_warns_when_a_saved_model_has_changed(tiny_bi_encoder, tmp_path):
     import shutil
 
-    from stagewise.retrievers import DenseRetriever
+    from stagewise.search.retrievers import DenseRetriever
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_bi_encoder, model_dir)

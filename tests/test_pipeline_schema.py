@@ -14,18 +14,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_inputs import one_line_error
 
 from conftest import CORPUS
-from stagewise import pipeline_schema
-from stagewise.backends import Backend
-from stagewise.data import Document
+from stagewise.data.loaders import Document
 from stagewise.errors import DataError, StagewiseError
-from stagewise.fusion import Fusion
-from stagewise.index import Index
-from stagewise.pipeline import Pipeline
-from stagewise.rerankers import CrossEncoderReranker
-from stagewise.retrievers import BM25Retriever, DenseRetriever, HybridRetriever
-from test_inputs import one_line_error
+from stagewise.models.backends import Backend
+from stagewise.search import pipeline_schema
+from stagewise.search.fusion import Fusion
+from stagewise.search.pipeline import Pipeline
+from stagewise.search.rerankers import CrossEncoderReranker
+from stagewise.search.retrievers import BM25Retriever, DenseRetriever, HybridRetriever
+from stagewise.serving.index import Index
 
 
 def corpus() -> dict[str, Document]:
@@ -93,7 +93,7 @@ ITEMS = {
 def bad_file(saved: str, item: str, folder: Path) -> tuple[Path, int, list[str]]:
     start, new, words = ITEMS[item]
     if item == "static-reranker":
-        from stagewise.models import installed_aliases
+        from stagewise.models.specs import installed_aliases
 
         if "static-64" not in installed_aliases():
             pytest.skip("static-64 is not installed")
@@ -111,7 +111,7 @@ def test_each_item_of_the_issue_is_refused_by_every_reader(item, saved, existing
     """One line naming the file, line and field, exit 2 from eval, index build (over an index, and new), search and
     serve; no run folder and no index written, the existing index byte for byte as it was."""
     bad, line, words = bad_file(saved, item, tmp_path)
-    monkeypatch.setattr("stagewise.service.serve", lambda *a, **k: pytest.fail("served a refused pipeline"))
+    monkeypatch.setattr("stagewise.serving.service.serve", lambda *a, **k: pytest.fail("served a refused pipeline"))
     before = tree_hash(existing)
     for args in (["index", "build", "--pipeline", bad, "--corpus", beir_dir, "--out", existing, "--replace"],
                  ["index", "build", "--pipeline", bad, "--corpus", beir_dir, "--out", tmp_path / "new"],

@@ -7,11 +7,10 @@ import json
 
 import pytest
 
-from stagewise.data import Document
-from stagewise.errors import DataError, StagewiseError
-from stagewise.pseudo_queries import make_pseudo_queries, mine_pseudo_negatives, pseudo_query, split_sentences
-
 from conftest import write_beir
+from stagewise.data.loaders import Document
+from stagewise.errors import DataError, StagewiseError
+from stagewise.training.pseudo_queries import make_pseudo_queries, mine_pseudo_negatives, pseudo_query, split_sentences
 
 TOPICS = ["volcanoes", "glaciers", "violins", "owls", "bridges", "trains", "gardens", "rivers", "deserts", "bees",
           "comets", "corals"]
@@ -121,7 +120,8 @@ def topical(tmp_path):
 
 
 def test_train_cross_pretrains_on_pseudo_queries_then_fine_tunes(topical, tiny_cross_encoder, tmp_path):
-    from stagewise.training import CrossTrainConfig, train_cross
+    from stagewise.training.config import CrossTrainConfig
+    from stagewise.training.cross import train_cross
 
     config = CrossTrainConfig(data=str(topical), model=str(tiny_cross_encoder), batch_size=4, epochs=1,
                               learning_rate=1e-3, max_length=64, depth=5, hard_negatives=2, random_negatives=1,
@@ -142,7 +142,8 @@ def test_train_cross_pretrains_on_pseudo_queries_then_fine_tunes(topical, tiny_c
 
 
 def test_too_few_pseudo_queries_is_refused_before_the_run_directory(topical, tiny_cross_encoder, tmp_path):
-    from stagewise.training import CrossTrainConfig, train_cross
+    from stagewise.training.config import CrossTrainConfig
+    from stagewise.training.cross import train_cross
 
     short = write_beir(tmp_path / "short", [{"_id": f"d{i}", "title": "x", "text": "One short line."} for i in range(9)],
                        [{"_id": f"q{i}", "text": "line"} for i in range(9)],

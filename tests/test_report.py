@@ -1,4 +1,4 @@
-"""Tests for stagewise.report: the files it writes, what they say, and that they need no network."""
+"""Tests for stagewise.selection.report: the files it writes, what they say, and that they need no network."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stagewise.report import render_screenshot, write_report
+from stagewise.selection.report.write import render_screenshot, write_report
 
 FIXTURE = Path(__file__).parent / "fixtures" / "selection_example.json"
 

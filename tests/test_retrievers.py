@@ -1,4 +1,4 @@
-"""Tests for stagewise.retrievers and the embedding cache: BM25, exact dense search, RRF fusion, building stages."""
+"""Tests for stagewise.search.retrievers and the embedding cache: BM25, exact dense search, RRF fusion, building stages."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 
 from conftest import CORPUS
 from stagewise.cache import EmbeddingCache
-from stagewise.data import Document
+from stagewise.data.loaders import Document
 from stagewise.errors import StagewiseError
-from stagewise.retrievers import BM25Retriever, DenseRetriever, HybridRetriever, build_first_stage
+from stagewise.search.retrievers import BM25Retriever, DenseRetriever, HybridRetriever, build_first_stage
 
 QUERIES = ["which animal purrs", "systems language memory safety", "roasted coffee beans", "hot water leaves"]
 
@@ -311,8 +311,8 @@ def test_copy_of_a_model_resolves_and_shares_cache(tiny_bi_encoder, tmp_path, co
 
 
 def test_retrieve_once_searches_each_batch_once(beir_dir, monkeypatch):
-    from stagewise.data import load_dataset
-    from stagewise.retrievers import BM25Retriever, retrieve_once
+    from stagewise.data.loaders import load_dataset
+    from stagewise.search.retrievers import BM25Retriever, retrieve_once
 
     corpus = load_dataset(str(beir_dir)).corpus
     stage = BM25Retriever()

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from conftest import _build_service_index, running_server
-from stagewise.service import create_app
+from stagewise.serving.service import create_app
 
 if os.environ.get("STAGEWISE_REQUIRE_BROWSER"):
     import playwright.sync_api as sync_api
@@ -175,10 +175,10 @@ def test_page_over_an_index_without_reranker(page, bm25_index):
 
 def test_page_shows_the_fused_score_of_a_fused_index(page, tiny_bi_encoder, tiny_cross_encoder, tmp_path_factory):
     """Over a fused pipeline the header names the fusion and each fused hit shows its fused score as a third score."""
-    from stagewise.fusion import Fusion
-    from stagewise.pipeline import Pipeline
-    from stagewise.rerankers import CrossEncoderReranker
-    from stagewise.retrievers import build_first_stage
+    from stagewise.search.fusion import Fusion
+    from stagewise.search.pipeline import Pipeline
+    from stagewise.search.rerankers import CrossEncoderReranker
+    from stagewise.search.retrievers import build_first_stage
 
     index = _build_service_index(tmp_path_factory, "fused-page-index", lambda: Pipeline(
         build_first_stage(str(tiny_bi_encoder)), CrossEncoderReranker(str(tiny_cross_encoder)), depth=3,

@@ -9,12 +9,15 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import write_beir
-from stagewise import selection
 from stagewise.cli import app
 from stagewise.errors import StagewiseError
-from stagewise.fusion import Fusion
-from stagewise.pipeline import Pipeline
-from stagewise.selection import SelectConfig, load_select_config, select
+from stagewise.search.fusion import Fusion
+from stagewise.search.pipeline import Pipeline
+from stagewise.selection import outcome
+from stagewise.selection import strategy as selection
+from stagewise.selection import verdict as verdicts
+from stagewise.selection.config import SelectConfig, load_select_config
+from stagewise.selection.strategy import select
 
 TOPICS = ["cats purr", "dogs bark", "rust memory", "python typing", "tea leaves", "coffee beans", "rain clouds",
           "sun heat", "moon tides", "trees roots", "fish gills", "birds wings", "cars engines", "ships sails",
@@ -101,7 +104,7 @@ def result_first(result):
 
 
 def test_run_directory_holds_report_steps_and_a_loadable_pipeline(dense_run, select_data):
-    from stagewise.data import load_dataset
+    from stagewise.data.loaders import load_dataset
 
     _, out, result = dense_run
     for name in ("config.json", "result.json", "log.txt", "report.html", "report.md", "selection.json"):
@@ -203,14 +206,14 @@ def test_a_recommended_reranker_goes_into_pipeline_yaml(dense_run, select_data, 
     """The tiny rerankers never earn a recommendation, so hand the pipeline writer a verdict that does."""
     from types import SimpleNamespace
 
-    from stagewise.data import load_dataset
+    from stagewise.data.loaders import load_dataset
 
     _, out, result = dense_run
     chosen = json.loads((out / "steps" / f"first-{selection._slug(result['verdict']['first_stage'])}.json").read_text())
     reranker = result["rerankers"][0]
     verdict = {"reranker_worth_it": True, "reranker": reranker["name"], "depth": 5,
                "fusion": {"weight": 0.3, "normalization": "zscore", "first_stage": "score"}}
-    pipeline = selection._pipeline(SimpleNamespace(cache=None), chosen, result["rerankers"], verdict)
+    pipeline = outcome.chosen_pipeline(SimpleNamespace(cache=None), chosen, result["rerankers"], verdict)
     path = pipeline.save(out / "recommended.yaml")
     loaded = Pipeline.load(path).index(load_dataset(str(select_data)).corpus)
     assert loaded.reranker.name == reranker["name"] and loaded.depth == 5 and loaded.fusion == Fusion(0.3, "zscore")
@@ -255,8 +258,8 @@ def test_the_chosen_pipeline_and_its_fusion_go_into_pipeline_yaml(confirmed_run)
 def test_the_confirmation_split_is_evaluate_pipeline_and_eval_pipeline(confirmed_run, select_data, tmp_path):
     from dataclasses import asdict
 
-    from stagewise.data import load_dataset
-    from stagewise.evaluation import evaluate_pipeline
+    from stagewise.data.loaders import load_dataset
+    from stagewise.evaluation.runs import evaluate_pipeline
 
     _, out, result = confirmed_run
     conf = result["confirmation"]
@@ -275,7 +278,7 @@ def test_the_confirmation_split_is_evaluate_pipeline_and_eval_pipeline(confirmed
     assert evaluated["comparisons"] == [json.loads(json.dumps(conf["comparison"]))]
     # reported, never used to choose: the verdict is what the dev records alone give, plus one line
     assert conf["summary"] == result["verdict"]["summary"][-1] and "never used to choose" in conf["summary"]
-    again = selection.verdict(load_select_config(**{**asdict(confirmed_run[0]), "test_split": None}),
+    again = verdicts.verdict(load_select_config(**{**asdict(confirmed_run[0]), "test_split": None}),
                               result_first(result), json.loads(json.dumps(result["rerankers"])))
     assert again["summary"] == result["verdict"]["summary"][:-1]
     assert {k: v for k, v in again.items() if k != "summary"} == {  # stage 3 adds the backends
@@ -290,8 +293,8 @@ def test_the_plan_reserves_the_second_stage_and_the_shared_starts_share_one_shor
         select_data, tiny_bi_encoder, tiny_cross_encoder, tmp_path, monkeypatch):
     """Rates as slow as a 2-core CPU's with MiniLM for the bi-encoder's base as a cross-encoder, so that a 3-minute
     budget cannot run the shared starts' full recipe."""
-    from stagewise import probes
-    from stagewise.budget import Rates
+    from stagewise.selection import probes
+    from stagewise.selection.budget import Rates
 
     def cross_rates(model, *args, **kwargs):
         slow = model == str(tiny_bi_encoder)
@@ -358,7 +361,7 @@ def test_select_refuses_what_the_training_commands_refuse_before_any_work(conten
                                                                           tiny_bi_encoder, tmp_path):
     """Each was accepted and started work (zero-shot evaluation, training) until the step that used it failed."""
     if "static-64" in content:
-        from stagewise.models import installed_aliases
+        from stagewise.models.specs import installed_aliases
 
         if "static-64" not in installed_aliases():
             pytest.skip("static-64 is not installed")
@@ -375,7 +378,7 @@ def test_select_refuses_what_the_training_commands_refuse_before_any_work(conten
 
 def test_the_training_commands_and_select_share_one_check():
     """One check, not two kept in step: the settings `select` refuses are the ones `train_bi` / `train_cross` do."""
-    from stagewise.training import BiTrainConfig, CrossTrainConfig, check_train_config
+    from stagewise.training.config import BiTrainConfig, CrossTrainConfig, check_train_config
 
     for bad in (BiTrainConfig(loss="hinge"), BiTrainConfig(hard_negatives="psychic"),
                 BiTrainConfig(epochs=float("inf")), CrossTrainConfig(loss="hinge"), CrossTrainConfig(pretrain_kind="klingon"),

@@ -12,15 +12,16 @@ import pytest
 import yaml
 
 from conftest import CORPUS
-from stagewise.data import Document, load_dataset
+from stagewise.data.loaders import Document, load_dataset
 from stagewise.errors import StagewiseError
-from stagewise.evaluation import Comparison, evaluate, evaluate_depths
-from stagewise.pipeline import Pipeline
-from stagewise.rerankers import CrossEncoderReranker
-from stagewise.retrievers import BM25Retriever, DenseRetriever
-from stagewise.select_config import CROSS_TRAINING
-from stagewise.selection import (PRESETS, SelectConfig, TimeBudget, display_name, load_select_config, pareto_front,
-                                 verdict)
+from stagewise.evaluation.runs import Comparison, evaluate, evaluate_depths
+from stagewise.models.specs import display_name
+from stagewise.search.pipeline import Pipeline
+from stagewise.search.rerankers import CrossEncoderReranker
+from stagewise.search.retrievers import BM25Retriever, DenseRetriever
+from stagewise.selection.budget import TimeBudget
+from stagewise.selection.config import CROSS_TRAINING, PRESETS, SelectConfig, load_select_config
+from stagewise.selection.verdict import pareto_front, verdict
 
 # --------------------------------------------------------------------------------------------
 # Hand-built records, shaped like the ones Selection stores
@@ -519,7 +520,7 @@ def test_display_name(tiny_bi_encoder, tmp_path):
 
 
 def test_a_reranker_not_evaluated_is_never_called_not_worth_it(tmp_path):
-    from stagewise.report import write_report
+    from stagewise.selection.report.write import write_report
 
     why = ("not evaluated: needs about 38.2 min even shortened, and 2.9 min of the time budget were left for it; "
            "give --time-budget 90 to allow it")

@@ -19,9 +19,9 @@ import httpx
 import pytest
 
 from conftest import SERVICE_CORPUS, _build_service_index, running_server, write_beir
-from stagewise.fusion import Fusion
-from stagewise.index import Index
-from stagewise.service import ServiceSettings, create_app, is_loopback, serve
+from stagewise.search.fusion import Fusion
+from stagewise.serving.index import Index
+from stagewise.serving.service import ServiceSettings, create_app, is_loopback, serve
 
 QUERIES = ["which animal purrs", "animals that bark", "language with memory safety", "drink from roasted beans",
            "history of trains", "care of violins", "myths about owls", "dynamic typing"]
@@ -192,9 +192,9 @@ FUSION = Fusion(0.4)
 def fused(tiny_bi_encoder, tiny_cross_encoder, tmp_path_factory):
     """(index, in-process pipeline): the reranked index's models with a fusion, built once, and the same pipeline
     over the same documents in memory."""
-    from stagewise.pipeline import Pipeline
-    from stagewise.rerankers import CrossEncoderReranker
-    from stagewise.retrievers import build_first_stage
+    from stagewise.search.pipeline import Pipeline
+    from stagewise.search.rerankers import CrossEncoderReranker
+    from stagewise.search.retrievers import build_first_stage
 
     def pipeline():
         return Pipeline(build_first_stage(str(tiny_bi_encoder)), CrossEncoderReranker(str(tiny_cross_encoder)),
@@ -327,10 +327,10 @@ def test_the_schema_says_what_the_index_served_can_rerank_and_follows_a_reload(t
     """Over an index without a reranker /openapi.json allows ``rerank`` false or omitted only, and ``rerank: true``
     is refused with 422 as the schema says (never answered unreranked); ``depth`` is valid and unused. After a
     reload to a version with a reranker the schema allows true, and true reranks."""
-    from stagewise.data import load_corpus
-    from stagewise.pipeline import Pipeline
-    from stagewise.rerankers import CrossEncoderReranker
-    from stagewise.retrievers import build_first_stage
+    from stagewise.data.loaders import load_corpus
+    from stagewise.search.pipeline import Pipeline
+    from stagewise.search.rerankers import CrossEncoderReranker
+    from stagewise.search.retrievers import build_first_stage
 
     corpus = load_corpus(write_beir(tmp_path / "data", corpus=SERVICE_CORPUS) / "corpus.jsonl")
     path = tmp_path / "idx"

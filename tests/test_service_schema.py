@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from conftest import running_server
-from stagewise.service import ServiceSettings, create_app
+from stagewise.serving.service import ServiceSettings, create_app
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402  (schemathesis brings hypothesis)

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from conftest import SERVICE_CORPUS, running_server, write_beir
-from stagewise.service import ServiceSettings, create_app
+from stagewise.serving.service import ServiceSettings, create_app
 
 DOCS = {d["_id"]: d for d in SERVICE_CORPUS}
 
@@ -87,10 +87,10 @@ def test_requests_within_the_work_bounds_are_answered(start, reranked_index):
 @pytest.fixture(scope="module")
 def big_document_index(tmp_path_factory):
     """BM25 over the service corpus plus one 5 MB document that matches every query about 'violins'."""
-    from stagewise.data import load_corpus
-    from stagewise.index import Index
-    from stagewise.pipeline import Pipeline
-    from stagewise.retrievers import build_first_stage
+    from stagewise.data.loaders import load_corpus
+    from stagewise.search.pipeline import Pipeline
+    from stagewise.search.retrievers import build_first_stage
+    from stagewise.serving.index import Index
 
     folder = tmp_path_factory.mktemp("big-doc")
     big = {"_id": "big", "title": "Violins " * 100, "text": "violins and their care " * 220_000}
@@ -126,7 +126,7 @@ def test_text_per_hit_is_bounded_and_ids_only_is_an_option(start, big_document_i
 def test_the_cost_model_tells_a_batch_fixed_cost_from_its_pairs():
     """Small batches cost more per pair (a part is per batch): a rate measured on 3-pair batches alone would call a
     240-pair batch four times dearer than it is. With one batch size only, the line through the origin."""
-    from stagewise.batching import CostModel
+    from stagewise.serving.batching import CostModel
 
     model = CostModel()
     for pairs in (3, 3, 30, 90, 240, 3):
@@ -141,7 +141,7 @@ def test_the_cost_model_tells_a_batch_fixed_cost_from_its_pairs():
 def test_a_cost_measured_on_small_batches_only_never_refuses_a_large_request_for_good():
     """Until the lane has measured batches of about a request's size, it does not call the request impossible: it
     tries it on an idle lane (and measures it); once measured at that size, a request that cannot fit is a 422."""
-    from stagewise.batching import Lane, ServiceError
+    from stagewise.serving.batching import Lane, ServiceError
 
     lane = Lane("rerank", None, None, max_batch=32, max_batch_pairs=256, batch_wait_ms=2, max_queued=1024,
                 max_queued_pairs=32768, timeout_s=2.0)
@@ -164,7 +164,7 @@ def test_the_running_batch_counts_only_its_wanted_pairs_and_the_time_they_still_
     ahead for its cost less the time it has run."""
     import concurrent.futures as futures
 
-    from stagewise.batching import Lane, ServiceError, Work
+    from stagewise.serving.batching import Lane, ServiceError, Work
 
     lane = Lane("rerank", None, None, max_batch=32, max_batch_pairs=256, batch_wait_ms=2, max_queued=1024,
                 max_queued_pairs=32768, timeout_s=1.0)
@@ -415,7 +415,7 @@ def test_serve_refuses_its_own_bad_settings_in_one_line(bm25_index, monkeypatch,
     from stagewise.cli import app
 
     started = []
-    monkeypatch.setattr("stagewise.service.serve", lambda *args, **kwargs: started.append(args))
+    monkeypatch.setattr("stagewise.serving.service.serve", lambda *args, **kwargs: started.append(args))
     result = CliRunner().invoke(app, ["serve", str(bm25_index.path), *options])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and not started
@@ -430,7 +430,7 @@ def test_serve_refuses_a_port_in_use(bm25_index, monkeypatch):
 
     from stagewise.cli import app
 
-    monkeypatch.setattr("stagewise.service.serve", lambda *args, **kwargs: pytest.fail("served"))
+    monkeypatch.setattr("stagewise.serving.service.serve", lambda *args, **kwargs: pytest.fail("served"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

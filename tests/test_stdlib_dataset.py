@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from stagewise import stdlib_dataset as sd
-from stagewise.data import load_dataset
+from stagewise.data import stdlib as sd
+from stagewise.data.loaders import load_dataset
 
 
 @pytest.fixture(scope="module")
@@ -419,16 +419,16 @@ def _stagewise_imports(module) -> list[tuple[str, bool]]:
 
 
 def test_data_and_the_stdlib_dataset_do_not_import_each_other():
-    """The dataset types live in stagewise.dataset; data.py uses the builder, the builder never uses data.py."""
-    import stagewise.data as data
-    import stagewise.dataset as dataset_types
+    """The dataset types live in stagewise.data.dataset; data.py uses the builder, the builder never uses data.py."""
+    import stagewise.data.dataset as dataset_types
+    import stagewise.data.loaders as data
 
     builder = _stagewise_imports(sd)
-    assert not any(name == "stagewise.data" for name, _ in builder), builder
+    assert not any(name == "stagewise.data.loaders" for name, _ in builder), builder
     loaders = _stagewise_imports(data)
-    assert ("stagewise.stdlib_dataset", False) in loaders  # a plain module-level import
+    assert ("stagewise.data.stdlib", False) in loaders  # a plain module-level import
     assert not any(inner for _, inner in loaders), loaders  # no function-level import hack left
-    assert not any(name in ("stagewise.data", "stagewise.stdlib_dataset") for name, _ in
+    assert not any(name in ("stagewise.data.loaders", "stagewise.data.stdlib") for name, _ in
                    _stagewise_imports(dataset_types))
     assert data.Document is dataset_types.Document and data.RetrievalDataset is dataset_types.RetrievalDataset
     assert sd.RetrievalDataset is data.RetrievalDataset  # the same classes whichever module a caller names

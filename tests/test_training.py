@@ -13,9 +13,13 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import write_beir
+from stagewise.data.loaders import TrainingExamples
 from stagewise.errors import DataError, StagewiseError
-from stagewise.training import (BiTrainConfig, CrossTrainConfig, TrainingExamples, detect_collapse, health_warning,
-                                mine_from_first_stage, train_bi, train_cross)
+from stagewise.training.bi import train_bi
+from stagewise.training.config import BiTrainConfig, CrossTrainConfig
+from stagewise.training.cross import train_cross
+from stagewise.training.evaluators import detect_collapse, health_warning
+from stagewise.training.examples import mine_from_first_stage
 
 # --------------------------------------------------------------------------------------------
 # Toy data: 24 documents on distinct topics; each query shares words with its one relevant document
@@ -501,12 +505,13 @@ def test_a_finished_run_is_not_overwritten_and_resumes_only_with_the_same_config
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint_on_the_same_data(toy, tiny_bi_encoder, tmp_path, monkeypatch):
-    import stagewise.training as training
+    import stagewise.training.bi as bi
+    import stagewise.training.fit as fit
 
     config = bi_config(toy, tiny_bi_encoder, hard_negatives="bm25", range_min=0, range_max=10, epochs=2)
     reference = train_bi(config, tmp_path / "uninterrupted")
 
-    original = training._progress_with_loss
+    original = fit._progress_with_loss
 
     def interrupting():
         class InterruptAfterFirstCheckpoint(original()):
@@ -516,19 +521,19 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_on_the_same_data(toy, ti
         return InterruptAfterFirstCheckpoint
 
     out = tmp_path / "run"
-    monkeypatch.setattr(training, "_progress_with_loss", interrupting)
+    monkeypatch.setattr(fit, "_progress_with_loss", interrupting)
     with pytest.raises(KeyboardInterrupt):
         train_bi(config, out)
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
     assert len(checkpoints) == 1 and not (out / "result.json").exists()
     train_data = (out / "train_data.json").read_bytes()
 
-    monkeypatch.setattr(training, "_progress_with_loss", original)
+    monkeypatch.setattr(fit, "_progress_with_loss", original)
 
     def no_mining(*args, **kwargs):
         raise AssertionError("a resumed run must reuse train_data.json, not mine again")
 
-    monkeypatch.setattr(training, "mine_from_first_stage", no_mining)
+    monkeypatch.setattr(bi, "mine_from_first_stage", no_mining)
     with pytest.raises(StagewiseError, match="already holds a run"):
         train_bi(config, out)
     result = train_bi(config, out, resume=True)
@@ -618,7 +623,7 @@ def test_a_time_limit_stops_training_after_a_last_evaluation(eval_steps, toy, ti
 
 
 def test_a_static_embedding_model_trains_at_its_own_learning_rate(toy, tmp_path):
-    from stagewise.models import resolve_model
+    from stagewise.models.specs import resolve_model
 
     try:
         resolve_model("static-64")
@@ -641,7 +646,7 @@ def _logged_losses(run: Path, phase: str = "train") -> list[dict]:
 def test_the_loss_is_logged_often_enough_to_show_its_course(toy, tiny_bi_encoder, tiny_cross_encoder, tmp_path):
     """By default every ceil(steps / 20) steps: every step of the tiny bi run (8 steps), every 2nd of the cross
     run (28 steps); the logged values are the ones result.json and metrics.jsonl keep."""
-    from stagewise.training import LOSS_POINTS
+    from stagewise.training.config import LOSS_POINTS
 
     for kind, train, config in (("bi", train_bi, bi_config(toy, tiny_bi_encoder, epochs=2, logging_steps=None)),
                                 ("cross", train_cross, cross_config(toy, tiny_cross_encoder, epochs=2,
@@ -661,9 +666,10 @@ def test_a_long_run_logs_its_loss_about_twenty_times(tmp_path):
     from sentence_transformers import SentenceTransformerTrainingArguments
     from transformers.trainer_callback import TrainerState
 
-    from stagewise.training import LOSS_POINTS, _training_arguments
+    from stagewise.training.config import LOSS_POINTS
+    from stagewise.training.fit import training_arguments
 
-    args = _training_arguments(SentenceTransformerTrainingArguments, BiTrainConfig(), SimpleNamespace(path=tmp_path),
+    args = training_arguments(SentenceTransformerTrainingArguments, BiTrainConfig(), SimpleNamespace(path=tmp_path),
                                False, {})
     assert args.disable_tqdm
     for max_steps, every in ((1000, 50), (30, 2), (7, 1)):

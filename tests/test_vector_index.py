@@ -1,4 +1,4 @@
-"""Tests for stagewise.vector_index: exact / HNSW search, int8 / binary codes with full-precision rescoring,
+"""Tests for stagewise.search.vector_index: exact / HNSW search, int8 / binary codes with full-precision rescoring,
 persistence and in-place updates. Pure numpy on seeded random unit vectors: no models involved."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from stagewise.errors import StagewiseError
-from stagewise.vector_index import EMBEDDED_KINDS, QUANTIZATIONS, VectorIndex, VectorIndexConfig
+from stagewise.search.vector_index import EMBEDDED_KINDS, QUANTIZATIONS, VectorIndex, VectorIndexConfig
 
 DIM = 32
 COMBOS = [(kind, q) for kind in EMBEDDED_KINDS for q in QUANTIZATIONS]  # milvus: tests/test_milvus_index.py

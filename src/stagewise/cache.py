@@ -42,6 +42,8 @@ class CachedEmbeddings:
 
 
 class EmbeddingCache:
+    """Corpus embeddings on disk, keyed by model fingerprint, encoding options and the texts' hash."""
+
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else cache_dir() / "embeddings"
 

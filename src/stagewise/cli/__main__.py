@@ -1,0 +1,5 @@
+"""``python -m stagewise.cli``: the ``stagewise`` command."""
+
+from stagewise.cli.main import main
+
+main()

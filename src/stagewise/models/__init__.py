@@ -1,0 +1,1 @@
+"""Models: specs (aliases, paths, hub ids), backends and runtimes, exports, and the fastest exact-enough path per use."""

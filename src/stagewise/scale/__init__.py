@@ -1,0 +1,1 @@
+"""Scale-out: batch work on Ray and vectors in Milvus."""

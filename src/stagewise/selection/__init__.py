@@ -1,0 +1,1 @@
+"""Selection: the staged strategy under a time budget, the verdict, the backend stage and the report."""

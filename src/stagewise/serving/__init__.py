@@ -1,0 +1,1 @@
+"""Serving: the persistent index, the live index a service follows, micro-batching and the HTTP service."""
