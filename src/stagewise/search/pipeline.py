@@ -193,9 +193,15 @@ class Pipeline:
         return out
 
     def warm_up(self) -> None:
-        """A few searches of different lengths through every model and path (one query; a micro-batch), so that
-        the first requests do not pay first-call costs: allocations, kernels planned per input shape, runtime
-        thread pools starting."""
+        """The first requests should not pay first-call costs (allocations, kernels planned per input shape,
+        runtime thread pools starting): the first stage's per-query encoder gets one query of every token length up
+        to :data:`stagewise.models.warm_up.QUERY_TOKENS` (encoded alone: a search each would run the reranker as
+        often), then a few searches of different lengths go through every model and path (one query; a
+        micro-batch)."""
+        warm = getattr(self.first_stage, "warm_up_queries", None)  # BM25 has no encoder to warm
+        if warm is not None:
+            with self.first_stage_lock:
+                warm()
         if self.corpus is None or not self.corpus:
             return
         for text in WARM_UP_QUERIES:

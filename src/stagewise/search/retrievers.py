@@ -22,7 +22,7 @@ import numpy as np
 from stagewise.cache import CachedEmbeddings, EmbeddingCache, texts_hash
 from stagewise.data.loaders import Document
 from stagewise.errors import StagewiseError
-from stagewise.models import batch_precision, per_query
+from stagewise.models import batch_precision, per_query, warm_up
 from stagewise.models.backends import Backend, fingerprints, stage_name
 from stagewise.models.export import prepare
 from stagewise.models.specs import ModelSpec, load_bi_encoder
@@ -207,6 +207,16 @@ class DenseRetriever:
             return encode(queries)
         return np.concatenate([encode([q]) for q in queries])
 
+    def warm_up_queries(self, n: int = warm_up.QUERY_TOKENS) -> int:
+        """Encode one query of each token length 1..``n`` as :meth:`encode_queries` encodes one query (on the
+        per-query model where there is one), so that no request pays for a length's first kernels (see
+        :mod:`stagewise.models.warm_up`); returns how many lengths were warmed."""
+        texts = warm_up.query_texts(self.query_model, n)
+        seconds = warm_up.warm_queries(self.encode_queries, texts)
+        if texts:
+            logger.info("%s: warmed %d query lengths in %.2f s", self.name, len(texts), seconds)
+        return len(texts)
+
     def embed_corpus(self, texts: Sequence[str]) -> CachedEmbeddings:
         """A corpus's embeddings, from the cache or encoded (in bf16 where the batch precision in use chose it)."""
         options = {"max_seq_length": self.model.max_seq_length, "normalize": self._normalize(), "kind": "document",
@@ -301,6 +311,10 @@ class HybridRetriever:
     def update_index(self, corpus: dict[str, Document], removed_rows: np.ndarray, added: list[Document]) -> None:
         for stage in self.stages:
             stage.update_index(corpus, removed_rows, added)
+
+    def warm_up_queries(self, n: int = warm_up.QUERY_TOKENS) -> int:
+        """Each stage's per-query path warmed (a stage without one, BM25, needs none)."""
+        return sum(stage.warm_up_queries(n) for stage in self.stages if hasattr(stage, "warm_up_queries"))
 
     def retrieve(self, queries: Sequence[str], k: int) -> list[Ranking]:
         depth = max(k, self.fusion_depth)

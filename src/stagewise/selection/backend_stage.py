@@ -27,6 +27,7 @@ from stagewise.models import per_query
 from stagewise.models.backends import Backend, read_manifest, require_export
 from stagewise.models.export import export_model, load_calibration
 from stagewise.models.specs import has_transformer, resolve_model
+from stagewise.models.warm_up import QUERY_TOKENS
 from stagewise.progress import console
 from stagewise.search.fusion import Fusion
 from stagewise.search.pipeline import Pipeline
@@ -61,13 +62,14 @@ def stage3_reserve(config, sizes, docs_per_second: float | None, corpus_docs_per
     exports, backends = sum(b.exported for b in candidates), len(candidates) + 1
     first = reranker = 0.0
     if docs_per_second:
-        timing = ROUNDS * (THROUGHPUT_SAMPLE + QUERY_SAMPLE / QUERY_TEXT_SPEEDUP)
+        timing = ((ROUNDS + 1) * THROUGHPUT_SAMPLE + ROUNDS * QUERY_SAMPLE / QUERY_TEXT_SPEEDUP  # + a warm-up round
+                  + QUERY_TOKENS / QUERY_TEXT_SPEEDUP)  # its per-query warm-up: a query of every length
         first = (exports * (EXPORT_SECONDS + EXPORT_ITEMS / docs_per_second)
                  + backends * (_pool(sizes.corpus) + timing) / docs_per_second
                  + sizes.corpus / (corpus_docs_per_second or docs_per_second))
     if pairs_per_second:
         depth = max(sizes.depths)
-        timing = ROUNDS * (THROUGHPUT_SAMPLE + QUERY_SAMPLE * depth)
+        timing = (ROUNDS + 1) * THROUGHPUT_SAMPLE + ROUNDS * QUERY_SAMPLE * depth  # + a batch warm-up round
         reranker = (exports * (EXPORT_SECONDS + EXPORT_ITEMS / pairs_per_second)
                     + (backends * (QUALITY_SAMPLE * depth + timing) + sizes.dev_queries * depth) / pairs_per_second)
     return first, reranker
@@ -208,7 +210,9 @@ class BackendSelection:
                 ids = random.Random(self.config.seed).sample(sorted(corpus), min(THROUGHPUT_SAMPLE, len(corpus)))
                 return batch_work(lambda texts: obj.encode_documents(texts, show_progress=False),
                                   [corpus[d].full_text() for d in ids])
-            return query_work(obj.encode_queries, [self.s.dev_queries[q] for q in timed], self.config.latency_metric)
+            # warmed as a service warms it at load (every query length), so it is timed as that service answers
+            return query_work(obj.encode_queries, [self.s.dev_queries[q] for q in timed], self.config.latency_metric,
+                              warm_up=obj.warm_up_queries)
         if use == "batch":
             pairs = [p for q in sorted(self.s.dev_queries) for p in self._pairs(q)][:THROUGHPUT_SAMPLE]
             return batch_work(lambda items: obj.score_pairs(items, per_query_work=False), pairs)

@@ -43,19 +43,25 @@ class RoundResult:
 
 
 def batch_work(fn: Callable[[list], object], items: list) -> RoundWork:
-    """Batch use: ``fn(items)`` once per round, measured in items per second."""
+    """Batch use: ``fn(items)`` once per round, measured in items per second. Warmed by one whole untimed round:
+    the round's shapes get their kernels planned, and a reranker's documents their tokens cached
+    (:mod:`stagewise.models.pair_tokens`), as in the repeated work the timing stands for."""
 
     def run() -> RoundResult:
         start = time.perf_counter()
         fn(items)
         return RoundResult(len(items) / max(time.perf_counter() - start, 1e-9))
 
-    return RoundWork(run, lambda: fn(items[:2]))
+    return RoundWork(run, lambda: fn(items))
 
 
-def query_work(fn: Callable[[list], object], queries: list, statistic: str = "p50_ms") -> RoundWork:
+def query_work(fn: Callable[[list], object], queries: list, statistic: str = "p50_ms",
+               warm_up: Callable[[], object] | None = None) -> RoundWork:
     """Per-query use: ``fn([q])`` for each query of the round; the round's value is ``statistic`` of its
-    milliseconds (p50 or p95), every query's milliseconds kept for the pooled percentiles."""
+    milliseconds (p50 or p95), every query's milliseconds kept for the pooled percentiles.
+
+    ``warm_up`` (when given) runs before the usual first queries: the warm-up a service does at load (a
+    bi-encoder's every query length, :mod:`stagewise.models.warm_up`), so that the timing sees what it sees."""
     percent = _percent(statistic)
 
     def run() -> RoundResult:
@@ -66,11 +72,13 @@ def query_work(fn: Callable[[list], object], queries: list, statistic: str = "p5
             samples.append((time.perf_counter() - start) * 1000)
         return RoundResult(float(np.percentile(samples, percent)), samples)
 
-    def warm_up() -> None:  # first calls allocate and plan kernels for new shapes: not what a warm service sees
+    def warm() -> None:  # first calls allocate and plan kernels for new shapes: not what a warm service sees
+        if warm_up is not None:
+            warm_up()
         for q in queries[:3]:
             fn([q])
 
-    return RoundWork(run, warm_up)
+    return RoundWork(run, warm)
 
 
 def _percent(statistic: str) -> float:
