@@ -59,13 +59,25 @@ def _calls(monkeypatch, stage, attribute: str) -> dict:
     return counts
 
 
+def _scored(monkeypatch, reranker) -> dict:
+    """Count the reranker's scoring calls on its batch model and on its per-query model."""
+    counts, original = {"batch": 0, "query": 0}, reranker.tokens.predict
+
+    def counted(model, pairs, batch_size):
+        counts["batch" if model is reranker.model else "query"] += 1
+        return original(model, pairs, batch_size)
+
+    monkeypatch.setattr(reranker.tokens, "predict", counted)
+    return counts
+
+
 def test_the_batch_backend_does_batch_work_only(per_use, monkeypatch):
     first, reranker = per_use.first_stage, per_use.reranker
     assert isinstance(transformer_module(first.model).model, OnnxRuntimeModel)
     assert first.per_query.backend == BF16 and reranker.per_query.backend == BF16
     encode_docs, encode_queries = _calls(monkeypatch, first, "encode_document"), _calls(monkeypatch, first,
                                                                                        "encode_query")
-    scored = _calls(monkeypatch, reranker, "predict")
+    scored = _scored(monkeypatch, reranker)
     per_use.index(docs())
     assert encode_docs == {"batch": 1, "query": 0}  # the corpus: batch work
     per_use.search(SEARCHES[0], k=3)
@@ -134,14 +146,14 @@ def test_on_a_batch_variant_backend_each_query_is_computed_alone(sources, monkey
                         CrossEncoderReranker(str(sources[CROSS]), backend=BF16), depth=3).index(docs())
     assert not BF16.batch_invariant and Backend().batch_invariant
     seen = {"encode_query": [], "predict": []}
-    for stage, attribute in ((pipeline.first_stage, "encode_query"), (pipeline.reranker, "predict")):
-        original = getattr(stage.model, attribute)
+    for owner, attribute in ((pipeline.first_stage.model, "encode_query"), (pipeline.reranker.tokens, "predict")):
+        original = getattr(owner, attribute)
 
-        def spy(texts, *args, _original=original, _name=attribute, **kwargs):
-            seen[_name].append(list(texts))
-            return _original(texts, *args, **kwargs)
+        def spy(*args, _original=original, _name=attribute, **kwargs):
+            seen[_name].append(list(args[0] if _name == "encode_query" else args[1]))
+            return _original(*args, **kwargs)
 
-        monkeypatch.setattr(stage.model, attribute, spy)
+        monkeypatch.setattr(owner, attribute, spy)
     together = pipeline.search_batch(SEARCHES[:3], k=3)
     assert [len(texts) for texts in seen["encode_query"]] == [1, 1, 1]
     assert [len({q for q, _ in pairs}) for pairs in seen["predict"]] == [1, 1, 1]

@@ -10,6 +10,7 @@ from stagewise.errors import StagewiseError
 from stagewise.models import batch_precision, per_query
 from stagewise.models.backends import Backend, stage_name
 from stagewise.models.export import prepare
+from stagewise.models.pair_tokens import PairTokens
 from stagewise.models.specs import ModelSpec, load_cross_encoder, model_kind
 from stagewise.progress import map_chunks, pair_length
 from stagewise.scale import engine
@@ -37,6 +38,7 @@ class CrossEncoderReranker:
             lambda spec, b: load_cross_encoder(spec, device=device, max_length=self.model.max_length, backend=b,
                                                threads=threads))
         self.name = per_query.name(stage_name(self.spec, self.backend), self.per_query and self.per_query.label)
+        self.tokens = PairTokens(self.model)  # documents tokenized once, shared by every copy of this model
 
     def config(self) -> dict:
         return {"type": "cross-encoder", "name": self.name, "model": self.spec.spec, "fingerprint": self.spec.fingerprint,
@@ -63,9 +65,8 @@ class CrossEncoderReranker:
         if not batch_job and not (self.per_query.backend if on_query else self.backend).batch_invariant:
             return self._per_query_batches(pairs, model)
 
-        def predict(chunk) -> np.ndarray:  # sentence-transformers' own tqdm bar off: ours shows a batch job
-            return np.asarray(model.predict(list(chunk), batch_size=self.batch_size, show_progress_bar=False,
-                                            convert_to_numpy=True), dtype=np.float32).reshape(-1)
+        def predict(chunk) -> np.ndarray:
+            return self.tokens.predict(model, chunk, self.batch_size)
 
         if not batch_job:
             return predict(pairs)
@@ -85,8 +86,7 @@ class CrossEncoderReranker:
             groups.setdefault(query, []).append(i)
         out = np.zeros(len(pairs), dtype=np.float32)
         for rows in groups.values():
-            out[rows] = np.asarray(model.predict([pairs[i] for i in rows], batch_size=self.batch_size,
-                                                 show_progress_bar=False, convert_to_numpy=True)).reshape(-1)
+            out[rows] = self.tokens.predict(model, [pairs[i] for i in rows], self.batch_size)
         return out
 
     def batch_model(self, pairs: Sequence[tuple[str, str]]):
