@@ -116,3 +116,22 @@ def test_stage3_reserve_is_its_work_at_the_measured_rates():
     assert first > 0 and reranker > 0 and first + reranker == pytest.approx(one)
     assert reserve(["torch", "torch-bf16"], pairs=None) == pytest.approx(first)
     assert reserve(["torch", "torch-bf16"], docs=None, corpus=None) == pytest.approx(reranker)
+
+
+def test_stage3_reserves_the_rerankers_part_at_the_protected_starts_rate():
+    """The reranker's part of stage 3 is planned at the first base start's scoring rate (the start trained in
+    full), not the slowest start's: a slower start that wins measures its backends with the time left."""
+    from types import SimpleNamespace
+
+    from stagewise.selection.plan import SelectionPlan
+
+    config = SimpleNamespace(cross_training={"max_length": 64, "pretrain_queries": 0}, depths=[5, 10])
+    plan = SelectionPlan(SimpleNamespace(config=config))
+    plan.rates = {"cross-bert-tiny-64": {"score_query": 900.0}, "cross-minilm-l6-64": {"score_query": 60.0},
+                  "bi-minilm-l6": {"encode": 100.0}}
+    tiny = {"name": "cross bert-tiny", "model": "bert-tiny", "init": "base"}
+    same = {"name": "cross minilm-l6", "model": "minilm-l6", "init": "same-as-bi"}
+    assert plan._protected_score_rate([tiny, same]) == 900.0
+    assert plan._protected_score_rate([same, tiny]) == 900.0  # the first *base* start
+    assert plan._protected_score_rate([{**tiny, "skip": "too long"}, same]) == 60.0  # none: the slowest
+    assert plan._protected_score_rate([same]) == 60.0
